@@ -1,0 +1,1 @@
+"""Lightning callbacks: attention pictures, VOS results, checkpoints."""

@@ -1,0 +1,1 @@
+"""The `dvos` command line."""

@@ -1,0 +1,1 @@
+"""Reading videos, frame folders and VOS datasets; clip sampling, augmentation, DataModules."""

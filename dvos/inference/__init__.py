@@ -1,0 +1,1 @@
+"""Frame-by-frame inference with bounded memory and background writing of results."""

@@ -1,0 +1,1 @@
+"""LightningModules: teacher pretraining and deformable-attention distillation."""

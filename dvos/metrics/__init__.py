@@ -1,0 +1,1 @@
+"""J&F (region similarity and boundary accuracy) identical to the official DAVIS toolkit."""

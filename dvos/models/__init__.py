@@ -1,0 +1,1 @@
+"""Networks: backbones, the deformable-attention student and the label-propagation teacher."""

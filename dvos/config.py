@@ -1,0 +1,344 @@
+"""Typed configuration: dataclass schemas, YAML groups under `conf/`, dot-list overrides.
+
+A run's config is built in this order, each step overriding the one before (docs/configuration.md):
+
+1. the dataclass defaults below (the schema: every valid key, its type and default);
+2. `conf/config.yaml` without its `defaults:` list;
+3. one file per group, `conf/<group>/<choice>.yaml`, merged into `cfg.<group>`; the choice comes
+   from `conf/config.yaml`'s `defaults:`, then the experiment file's `defaults:`, then the command
+   line (`data=davis2016`); a choice may also be a path to a YAML file;
+4. the experiment file `conf/experiment/<name>.yaml` (if `experiment=<name>`), merged at the root;
+5. dot-list overrides from the command line (`trainer.max_epochs=2`).
+
+Because the schema is a dataclass, a misspelled key or a value of the wrong type fails at once with
+one line naming the key (and the nearest valid ones), instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import platform
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from dvos import __version__
+from dvos.utils.errors import ConfigError
+from dvos.utils.io import atomic_write
+
+GROUPS = ("data", "model", "teacher", "trainer", "logger", "callbacks")
+DEFAULT_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"  # cache of generated data (the embedded synthetic set)
+    runs_dir: str = "runs"  # one folder per run: runs/<date>-<time>-<name>/
+
+
+@dataclass
+class SynthConfig:
+    """The embedded procedural dataset; built once into `out` when `generate` is true."""
+
+    generate: bool = False
+    out: str = "${paths.data_dir}/synthetic"
+    num_train: int = 24
+    num_val: int = 6
+    seed: int = 0
+    height: int = 240
+    width: int = 432
+    train_frames: int = 48
+    val_frames: int = 32
+
+
+@dataclass
+class DataConfig:
+    """Unlabelled training clips (`train_root`) and a VOS evaluation set (`root`)."""
+
+    name: str = "synthetic"
+    # Evaluation set (semi-supervised VOS: first-frame masks given).
+    format: str = "davis"  # davis | youtubevos
+    root: str = MISSING  # set by the data group file or data.root=PATH
+    year: int = 2017  # DAVIS: 2016 merges all objects into one
+    split: str = "val"
+    resolution: str = "480p"
+    sequences: list[str] | None = None  # restrict evaluation to these sequence names
+    # Training clips: mp4/avi/webm/mkv files or frame folders under train_root (labels never read).
+    train_root: str = MISSING
+    clip_len: int = 3
+    max_gap: int = 4
+    reverse_prob: float = 0.5
+    clips_per_video: int = 8
+    crop_size: list[int] = field(default_factory=lambda: [224, 224])
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip_p: float = 0.5
+    photometric_p: float = 0.8
+    per_frame_photometric: bool = True
+    batch_size: int = 4  # per device; global batch = batch_size × devices × num_nodes × accumulate
+    num_workers: int = 2
+    decord_threads: int = 1
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The student: MobileNet-V2 encoder + one gated deformable propagation layer + FPN decoder."""
+
+    name: str = "deaot_t_deform"
+    pretrained: str = "auto"  # auto | package | none | <path to mobilenet_v2-b0353104.pth>
+    d_model: int = 256
+    max_objects: int = 10
+    num_heads: int = 8
+    deform_stride: int = 2  # reference points every `deform_stride` memory tokens
+    offset_range: float = 4.0  # maximum offset, in memory-map cells (tanh × range)
+    offset_kernel: int = 5  # depth-wise kernel of the offset network
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen self-supervised label-propagation teacher."""
+
+    name: str = "label_propagation"
+    encoder: str = "resnet"  # resnet (trained by `dvos pretrain`) | vit_small | vit_base
+    patch_size: int = 16  # ViT patch size (8 or 16)
+    checkpoint: str | None = None  # teacher encoder weights (a `dvos pretrain` checkpoint or a DINO .pth)
+    topk: int = 5
+    radius: int = 12  # local window (in feature cells) for affinities
+    temperature: float = 0.07
+    n_recent: int = 7  # context = reference frame + n most recent frames
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments passed to `lightning.Trainer` (see Lightning's documentation for each)."""
+
+    accelerator: str = "auto"
+    devices: Any = 1  # int, list of ids or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
+    precision: str = "32-true"  # never bf16 on a CPU (0.3 GFLOP/s here)
+    max_epochs: int = 10
+    max_steps: int = -1
+    val_check_interval: Any = 1.0
+    check_val_every_n_epoch: int | None = 1
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    fast_dev_run: Any = False
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    deterministic: bool = False
+    benchmark: bool | None = None
+    num_sanity_val_steps: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    """Weights & Biases. mode=auto: online with an API key, offline without (never prompts)."""
+
+    name: str = "wandb"
+    enabled: bool = True
+    project: str = "dvos"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "auto"  # auto | online | offline | disabled
+
+
+@dataclass
+class CallbacksConfig:
+    """Each callback switchable on/off."""
+
+    checkpoint: bool = True
+    lr_monitor: bool = True
+    progress_bar: bool = True
+    skipped_videos: bool = True  # report corrupt videos skipped during the epoch
+
+
+@dataclass
+class Config:
+    name: str = "dvos"  # run name, part of the run folder's name
+    seed: int = 0
+    run_dir: str | None = None  # default: ${paths.runs_dir}/<date>-<time>-<name>
+    ckpt_path: str | None = None  # resume: a path or "last"
+    experiment: str | None = None
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a config
+# --------------------------------------------------------------------------------------------------
+def _valid_keys(schema: type, prefix: str = "") -> list[str]:
+    """All dotted keys of a dataclass schema, nested ones included."""
+    keys = []
+    for f in fields(schema):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys += _valid_keys(type(default), prefix=f"{full}.")
+    return keys
+
+
+def _suggest(key: str) -> str:
+    candidates = _valid_keys(Config)
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] in difflib.get_close_matches(
+            leaf, [c.rsplit(".", 1)[-1] for c in candidates if c.startswith(parent)], n=3, cutoff=0.6
+        ) and c.startswith(parent)][:3]
+    return f"; did you mean: {', '.join(close)}?" if close else ""
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    """Turn an OmegaConf error into one line naming the key and where it came from."""
+    key = getattr(err, "full_key", None) or ""
+    message = str(err).split("\n", 1)[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"unknown config key '{key}' in {source}{_suggest(key)}")
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"config key '{key}' has no value: set it on the command line, e.g. {key}=/path")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"bad value for config key '{key}' in {source}: {message}")
+    return ConfigError(f"{source}: {message}" + (f" (key '{key}')" if key else ""))
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: cannot parse YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got a {type(loaded).__name__}")
+    return loaded
+
+
+def _group_file(conf_dir: Path, group: str, choice: str) -> Path:
+    """`conf/<group>/<choice>.yaml`, or `choice` itself when it is a path to a YAML file."""
+    if choice.endswith((".yaml", ".yml")) and Path(choice).is_file():
+        return Path(choice)
+    path = conf_dir / group / f"{choice}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        raise ConfigError(f"no {group} config named '{choice}' ({path}); available: {', '.join(available) or 'none'}")
+    return path
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, update)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from err
+
+
+def split_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split command-line words into group choices (`data=davis2016`) and dot-list overrides."""
+    choices, dotlist = {}, []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"cannot read override '{arg}': expected key=value (e.g. trainer.max_epochs=2)")
+        key, value = arg.split("=", 1)
+        if key in GROUPS or key == "experiment":
+            choices[key] = value
+        else:
+            dotlist.append(arg)
+    return choices, dotlist
+
+
+def load_config(overrides: list[str] | None = None, *, conf_dir: str | os.PathLike | None = None) -> DictConfig:
+    """Build the run config from `conf/` and command-line `overrides` (see the module docstring).
+
+    Returns a structured DictConfig: assigning an unknown key or a wrongly typed value raises.
+    """
+    conf_dir = Path(conf_dir) if conf_dir else DEFAULT_CONF_DIR
+    choices_cli, dotlist = split_overrides(list(overrides or []))
+
+    cfg: DictConfig = OmegaConf.structured(Config)
+    root = _load_yaml(conf_dir / "config.yaml")
+    defaults = dict(root.pop("defaults", None) or {})
+    cfg = _merge(cfg, root, str(conf_dir / "config.yaml"))
+
+    experiment_name = choices_cli.get("experiment", defaults.get("experiment"))
+    experiment = None
+    if experiment_name:
+        experiment_path = _group_file(conf_dir, "experiment", str(experiment_name))
+        experiment = _load_yaml(experiment_path)
+        defaults.update(dict(experiment.pop("defaults", None) or {}))
+    defaults.update({k: v for k, v in choices_cli.items() if k != "experiment"})
+
+    for group in GROUPS:
+        choice = defaults.get(group)
+        if choice is None:
+            continue
+        path = _group_file(conf_dir, group, str(choice))
+        cfg = _merge(cfg, {group: _load_yaml(path)}, str(path))
+    if experiment is not None:
+        cfg = _merge(cfg, experiment, str(experiment_path))
+        cfg.experiment = str(experiment_name)
+    if dotlist:
+        try:
+            cli = OmegaConf.from_dotlist(dotlist)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse command-line overrides {dotlist}: {err}") from err
+        cfg = _merge(cfg, cli, "the command line")
+    check_resolvable(cfg)
+    return cfg
+
+
+def check_resolvable(cfg: DictConfig) -> None:
+    """Resolve every interpolation once so a broken `${...}` fails now, naming its key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "the resolved config") from err
+
+
+def to_dict(cfg: DictConfig | ListConfig) -> dict:
+    """The fully resolved config as plain Python containers (for logging and saving)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
+    """Write the fully resolved config as YAML, atomically."""
+    path = Path(path)
+    with atomic_write(path) as handle:
+        handle.write(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def environment_info() -> dict[str, str]:
+    """Versions every run logs next to its config."""
+    import lightning
+    import torch
+
+    return {
+        "dvos": __version__,
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }

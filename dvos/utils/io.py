@@ -1,0 +1,80 @@
+"""Atomic file output: write to a temporary name beside the target, then rename.
+
+A reader (or a killed run) therefore never sees a half-written file: either the old file or the
+complete new one is there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from dvos.utils.errors import DvosError
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create `path` (and parents) if needed; raise a one-line error when it cannot be written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DvosError(f"cannot create output folder {path}: {err.strerror or err}") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DvosError(f"output folder {path} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success rename it to `path`, on error delete it.
+
+    Example:
+        with atomic_write(out / "results.json") as f:
+            json.dump(results, f)
+    """
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with open(tmp_name, mode, **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for libraries that write by file name; rename on success.
+
+    The temporary name keeps the suffix of `path` so that writers choosing a format from the
+    extension (PIL, PyAV) still do the right thing.
+    """
+    path = Path(path)
+    ensure_writable_dir(path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> None:
+    """Write `obj` as JSON atomically (full float precision: json uses repr)."""
+    with atomic_write(path) as handle:
+        json.dump(obj, handle, indent=indent)
+        handle.write("\n")

@@ -1,0 +1,22 @@
+"""Shared test fixtures: the real data in ../shared/data (skipped when absent) and a quiet environment."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports wandb or albumentations: never prompt, never phone home.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data (real DAVIS sequences, an mp4, reference scores); skip when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (it sits beside the clone in the dev setup)")
+    return SHARED_DATA

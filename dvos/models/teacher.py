@@ -1,0 +1,979 @@
+"""The frozen label-propagation teacher (docs/DESIGN.md §2.1): DINO's and CRW's video label propagation.
+
+A frozen encoder (a `ResNetEncoder` of stride 8 trained by `dvos pretrain`, a random one, or a DINO
+ViT) maps every frame to a feature map; features are L2-normalised per location. The labels of a
+query frame are read from a bounded *context*: the reference (first) frame and the `n_recent` most
+recent frames, each with SOFT labels, `L = K + 1` per-object probability maps at feature resolution
+(the reference frame's come from its mask, averaged over each feature cell; later ones are the
+teacher's own soft predictions).
+
+For a query cell q and a context cell c of context frame m:
+
+    a(q, c) = ⟨f_q, f_c⟩ / temperature                       (float32, also under autocast)
+    a(q, c) = −∞ unless |y_q − y_c| ≤ radius and |x_q − x_c| ≤ radius     (square window, in cells)
+    keep the `topk` largest a(q, ·) over ALL context cells of all frames, softmax over those k
+    label(q) = Σ_k weight_k · label(c_k)
+
+The window is square (Chebyshev distance, as DINO's neighbourhood mask); `radius=None` means no
+window. Cells outside it get −∞ (weight exactly 0), so they are never picked while k cells of
+the window are available.
+
+Chunking and memory: query cells are processed in square tiles of `chunk_size` × `chunk_size` cells
+(chunks of rows of the affinity matrix); a tile only compares against the context cells inside its
+window, (chunk_size + 2·radius)² cells per context frame. Peak memory of one tile's affinity, in
+bytes: 4 · B · chunk_size² · M · (chunk_size + 2·radius)², M = context frames (≤ 1 + n_recent).
+Defaults (chunk 16, radius 12, M = 8): 4 · 256 · 8 · 1600 = 13 MB per batch element (plus about
+the same for the gathered keys); a 480 × 854 frame (60 × 107 cells) never builds its
+6 420 × 51 360 full affinity (1.3 GB). `chunk_size=None` processes the whole map at once.
+
+Attention output (`TeacherAttention`): the sparse top-k form, `indices` and `weights`, each
+B × N_q × k (N_q = h·w query tokens; context token index = m·h·w + y·w + x, slot m = 0 the
+reference frame, the last slot the previous frame), 12·k bytes per query token. `dense()` gives
+B × N_q × (M·h·w) with zeros outside the top-k (4·B·N_q·M·h·w bytes: 84 MB for a 240 × 432 frame
+and M = 8); `reference_columns()` / `previous_columns()` give the B × N_q × h·w blocks of the
+reference and previous frame (their rows sum to ≤ 1) for the CKA loss of the distillation.
+
+Logits: log(max(p, 1e-6)) of the propagated probabilities p, B × L × h × w; `upsample_logits`
+brings them to image size by bilinear interpolation of the probabilities (feature cell (i, j)
+stands for pixels [s·i, s·i + s) × [s·j, s·j + s), s = the encoder's stride).
+
+Two ways to run it: a streaming API with bounded memory for the inference engine (`init`, then
+`step` per frame; the context keeps at most 1 + n_recent frames) and a clip API for distillation
+(`propagate_clip`), which does not touch the streaming state. The streaming context holds
+(1 + n_recent) × B × (C + L) × h × w floats: 53 MB for one 480 × 854 video with the default
+ResNetEncoder (C = 256, 60 × 107 cells, n_recent = 7), whatever the video's length.
+
+Objects that appear later (YouTube-VOS): `add_objects(frame_index, masks)` after that frame's `step`
+merges the given masks into that frame's soft labels (see the method); later frames propagate them.
+
+Pseudo-objects without labels (DESIGN §2.2): `cluster_reference` — k-means of the reference
+frame's features plus a small weight on position; the segment touching the image border most is
+the background (id 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvos.models.backbones.mobilenet_v2 import imagenet_normalize
+from dvos.models.backbones.resnet import ResNetEncoder
+from dvos.utils.errors import ConfigError, DvosError
+
+logger = logging.getLogger(__name__)
+
+PROBABILITY_FLOOR = 1e-6  # logits = log(max(p, floor)), so they lie in [log 1e-6 ≈ −13.8, 0]
+TEACHER_ENCODERS = ("resnet", "vit_small", "vit_base")
+# Checkpoint prefixes under which a Lightning checkpoint holds the teacher's encoder, tried in order.
+ENCODER_PREFIXES = ("teacher.encoder.", "encoder.")
+
+
+# --------------------------------------------------------------------------------------------
+# Attention maps
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeacherAttention:
+    """The teacher's attention of one query frame over its context, in sparse top-k form.
+
+    Attributes:
+        indices: B × N_q × k int64 context token of each kept entry, m·h·w + y·w + x.
+        weights: B × N_q × k float32 softmax weights; each row sums to 1 (entries that point
+            outside the window, when fewer than k cells were available, have weight 0).
+        token_shape: (h, w), the feature grid of the query frame and of every context frame.
+        context_frames: frame index of each context slot m; slot 0 is the reference frame, the
+            last slot the most recent (previous) frame.
+        query_frame: frame index of the query.
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    token_shape: tuple[int, int]
+    context_frames: tuple[int, ...]
+    query_frame: int
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.token_shape[0] * self.token_shape[1]
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def num_context_tokens(self) -> int:
+        return len(self.context_frames) * self.tokens_per_frame
+
+    def dense(self) -> torch.Tensor:
+        """B × N_q × N_ctx attention, N_ctx = M·h·w, zero outside the top-k (rows sum to 1)."""
+        batch, queries, _ = self.indices.shape
+        out = self.weights.new_zeros(batch, queries, self.num_context_tokens)
+        return out.scatter_add_(2, self.indices, self.weights)
+
+    def frame_columns(self, slot: int) -> torch.Tensor:
+        """B × N_q × h·w: the columns of context slot `slot` (0 = reference, −1 = previous)."""
+        slot = range(len(self.context_frames))[slot]
+        start, size = slot * self.tokens_per_frame, self.tokens_per_frame
+        inside = (self.indices >= start) & (self.indices < start + size)
+        local = (self.indices - start).clamp_(0, size - 1)
+        batch, queries, _ = self.indices.shape
+        out = self.weights.new_zeros(batch, queries, size)
+        return out.scatter_add_(2, local, self.weights * inside)
+
+    def reference_columns(self) -> torch.Tensor:
+        """B × N_q × h·w attention on the reference frame's tokens (rows sum to ≤ 1)."""
+        return self.frame_columns(0)
+
+    def previous_columns(self) -> torch.Tensor:
+        """B × N_q × h·w attention on the most recent context frame's tokens (rows sum to ≤ 1)."""
+        return self.frame_columns(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Propagation, as functions
+# --------------------------------------------------------------------------------------------
+
+
+def propagate_labels(
+    query_features: torch.Tensor,
+    context_features: Sequence[torch.Tensor],
+    context_labels: Sequence[torch.Tensor],
+    *,
+    topk: int,
+    radius: int | None,
+    temperature: float,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k, windowed, softmax label propagation from context frames to a query frame.
+
+    Args:
+        query_features: B × C × h × w, L2-normalised per location.
+        context_features: M tensors B × C × h × w, L2-normalised (slot order defines indices).
+        context_labels: M tensors B × L × h × w, soft labels of the context frames.
+        topk: entries kept per query over all M·h·w context tokens.
+        radius: window half-size in cells (|dy|, |dx| ≤ radius); None = no window.
+        temperature: affinities are dot products / temperature.
+        chunk_size: side of the square query tiles (cells); None = one tile.
+
+    Returns:
+        labels B × L × h × w (float32, convex combinations of context labels),
+        indices B × h·w × k (int64, context token m·h·w + y·w + x),
+        weights B × h·w × k (float32, rows sum to 1); k = min(topk, M·h·w).
+    """
+    batch, channels, height, width = query_features.shape
+    slots, num_labels = len(context_features), context_labels[0].shape[1]
+    for features, labels in zip(context_features, context_labels, strict=True):
+        if features.shape != query_features.shape or labels.shape[-2:] != (height, width):
+            raise ValueError(
+                f"context {tuple(features.shape)} / {tuple(labels.shape)} does not match query {tuple(query_features.shape)}"
+            )
+    tokens = height * width
+    k = min(int(topk), slots * tokens)
+    tile = max(height, width) if chunk_size is None else int(chunk_size)
+    reach = max(height, width) if radius is None else int(radius)
+    device = query_features.device
+
+    out_labels = query_features.new_zeros(batch, height, width, num_labels, dtype=torch.float32)
+    out_indices = torch.zeros(batch, height, width, k, dtype=torch.long, device=device)
+    out_weights = torch.zeros(batch, height, width, k, dtype=torch.float32, device=device)
+    with torch.autocast(device_type=device.type, enabled=False):
+        for y0 in range(0, height, tile):
+            y1 = min(height, y0 + tile)
+            wy0, wy1 = max(0, y0 - reach), min(height, y1 + reach)
+            for x0 in range(0, width, tile):
+                x1 = min(width, x0 + tile)
+                wx0, wx1 = max(0, x0 - reach), min(width, x1 + reach)
+                rows, cols, win_rows, win_cols = y1 - y0, x1 - x0, wy1 - wy0, wx1 - wx0
+                queries, window = rows * cols, win_rows * win_cols
+
+                query = (
+                    query_features[:, :, y0:y1, x0:x1]
+                    .float()
+                    .permute(0, 2, 3, 1)
+                    .reshape(batch, queries, channels)
+                )
+                query = query / temperature  # scaling the n queries is cheaper than the n × M·window affinity
+                keys = torch.stack([f[:, :, wy0:wy1, wx0:wx1] for f in context_features], 1).float()
+                keys = keys.permute(0, 1, 3, 4, 2).reshape(batch, slots * window, channels)
+                affinity = torch.bmm(query, keys.transpose(1, 2))  # B × n × M·window
+                if radius is not None:
+                    near_y = (
+                        torch.arange(y0, y1, device=device)[:, None] - torch.arange(wy0, wy1, device=device)
+                    ).abs()
+                    near_x = (
+                        torch.arange(x0, x1, device=device)[:, None] - torch.arange(wx0, wx1, device=device)
+                    ).abs()
+                    outside = (near_y[:, None, :, None] > reach) | (near_x[None, :, None, :] > reach)
+                    affinity.view(batch, queries, slots, window).masked_fill_(
+                        outside.reshape(1, queries, 1, window), float("-inf")
+                    )
+                kept = min(k, slots * window)
+                values, local = affinity.topk(kept, dim=-1)
+                weights = torch.softmax(values, dim=-1)  # −∞ entries (tiny maps only) get weight 0
+
+                labels = torch.stack([lab[:, :, wy0:wy1, wx0:wx1] for lab in context_labels], 1).float()
+                labels = labels.permute(0, 1, 3, 4, 2).reshape(batch, slots * window, num_labels)
+                picked = torch.gather(
+                    labels, 1, local.reshape(batch, queries * kept, 1).expand(-1, -1, num_labels)
+                )
+                propagated = (weights.unsqueeze(-1) * picked.view(batch, queries, kept, num_labels)).sum(2)
+
+                slot, cell = local // window, local % window
+                token = slot * tokens + (wy0 + cell // win_cols) * width + (wx0 + cell % win_cols)
+                out_labels[:, y0:y1, x0:x1] = propagated.view(batch, rows, cols, num_labels)
+                out_indices[:, y0:y1, x0:x1, :kept] = token.view(batch, rows, cols, kept)
+                out_weights[:, y0:y1, x0:x1, :kept] = weights.view(batch, rows, cols, kept)
+    return (
+        out_labels.permute(0, 3, 1, 2).contiguous(),
+        out_indices.view(batch, tokens, k),
+        out_weights.view(batch, tokens, k),
+    )
+
+
+def labels_to_logits(labels: torch.Tensor) -> torch.Tensor:
+    """Soft labels B × L × ... → logits log(max(p, PROBABILITY_FLOOR)), same shape."""
+    return labels.clamp_min(PROBABILITY_FLOOR).log()
+
+
+def masks_to_labels(masks: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
+    """Image-size masks to soft labels on the feature grid: the mean of each cell's pixels.
+
+    Cell (i, j) covers pixels [s·i, s·i + s) × [s·j, s·j + s) (clipped to the image); pixels past
+    the grid are dropped, cells past the image average the pixels they have. Rows whose channels
+    sum to 0 (e.g. a one-hot without a void channel) become background; others are normalised.
+
+    Args:
+        masks: B × L × H × W one-hot (or probabilities), or B × H × W integer ids (one-hot with
+            L = max id + 1; pass one-hot to fix L).
+        token_shape: (h, w) of the feature grid.
+        stride: pixels per cell, s.
+
+    Returns:
+        B × L × h × w float32, channels summing to 1.
+    """
+    if masks.ndim == 3:
+        if masks.dtype.is_floating_point:
+            raise ValueError("id masks must be integer tensors; pass one-hot masks as B × L × H × W")
+        masks = F.one_hot(masks.long(), int(masks.max()) + 1).permute(0, 3, 1, 2)
+    masks = masks.float()
+    height, width = token_shape[0] * stride, token_shape[1] * stride
+    masks = masks[..., :height, :width]
+    valid = torch.ones_like(masks[:, :1])
+    pad = (0, width - masks.shape[-1], 0, height - masks.shape[-2])
+    sums = F.avg_pool2d(F.pad(masks, pad), stride)
+    counts = F.avg_pool2d(F.pad(valid, pad), stride)
+    labels = sums / counts.clamp_min(1e-12)
+    total = labels.sum(1, keepdim=True)
+    labels = labels / total.clamp_min(1e-12)
+    labels[:, :1] += (total <= 0).float()
+    return labels
+
+
+def upsample_probabilities(probabilities: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """Feature-grid probabilities B × L × h × w → image size B × L × H × W (bilinear).
+
+    Cell (i, j) stands for pixels [s·i, s·i + s) × [s·j, s·j + s): the map is interpolated to
+    (h·s, w·s) with `align_corners=False`, then cropped to H × W, or padded by replicating its
+    last row / column (an encoder that drops the remainder pixels, as a ViT does).
+    """
+    height, width = int(size[0]), int(size[1])
+    grid_h, grid_w = probabilities.shape[-2] * stride, probabilities.shape[-1] * stride
+    out = F.interpolate(probabilities.float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
+    out = out[..., :height, :width]
+    if out.shape[-2:] != (height, width):
+        out = F.pad(out, (0, width - out.shape[-1], 0, height - out.shape[-2]), mode="replicate")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Pseudo-objects: k-means of the reference frame's features
+# --------------------------------------------------------------------------------------------
+
+
+def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: N × D points → k × D centres (CPU, reproducible with `generator`)."""
+    first = torch.randint(points.shape[0], (1,), generator=generator)
+    centres = [points[first[0]]]
+    nearest = ((points - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        if float(nearest.sum()) <= 0:  # fewer distinct points than k: repeat one
+            choice = torch.randint(points.shape[0], (1,), generator=generator)
+        else:
+            choice = torch.multinomial(nearest, 1, generator=generator)
+        centres.append(points[choice[0]])
+        nearest = torch.minimum(nearest, ((points - centres[-1]) ** 2).sum(1))
+    return torch.stack(centres)
+
+
+def _lloyd(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple[torch.Tensor, float]:
+    """Lloyd iterations: returns (assignment N int64, inertia = Σ squared distances)."""
+    k = centres.shape[0]
+    for _ in range(iterations):
+        assignment = torch.cdist(points, centres).argmin(1)
+        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
+        counts = torch.bincount(assignment, minlength=k).unsqueeze(1)
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)  # empty: keep
+    distances = torch.cdist(points, centres)
+    assignment = distances.argmin(1)
+    return assignment, float((distances.gather(1, assignment[:, None]) ** 2).sum())
+
+
+def order_segments(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Relabel an h × w segment map: the background first (id 0), then by decreasing area.
+
+    The background is the segment holding the most cells of the map's outer ring (border), ties
+    broken by the larger area. The other segments get ids 1, 2, ... by decreasing area (ties by
+    their old id), so empty segments take the last ids and never appear.
+    """
+    height, width = segments.shape
+    flat = segments.reshape(-1)
+    areas = torch.bincount(flat, minlength=num_segments)
+    ring = (
+        torch.cat([segments[0], segments[-1], segments[1:-1, 0], segments[1:-1, -1]]) if height > 1 else flat
+    )
+    border = torch.bincount(ring.reshape(-1), minlength=num_segments)
+    background = int(torch.argmax(border * (flat.numel() + 1) + areas))
+    others = sorted((s for s in range(num_segments) if s != background), key=lambda s: (-int(areas[s]), s))
+    mapping = torch.empty(num_segments, dtype=torch.long)
+    mapping[background] = 0
+    for new_id, old_id in enumerate(others, start=1):
+        mapping[old_id] = new_id
+    return mapping.to(segments.device)[segments]
+
+
+def kmeans_segments(
+    features: torch.Tensor,
+    num_segments: int,
+    *,
+    position_weight: float = 0.3,
+    iterations: int = 10,
+    restarts: int = 3,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Cluster each feature map into `num_segments` compact segments (k-means, deterministic).
+
+    Points are the L2-normalised features (distance between two points ≤ 2) concatenated with
+    `position_weight` · (y, x) / (max(h, w) − 1), so that a segment prefers compact regions. k-means++
+    seeding from a CPU generator seeded with `seed`, `restarts` runs of `iterations` Lloyd steps,
+    the lowest inertia kept; then `order_segments` (background = most border cells = id 0).
+
+    Args:
+        features: B × C × h × w.
+        num_segments: k, segments including the background (k ≥ 1).
+
+    Returns:
+        B × h × w int64 ids in 0..k−1 (on the device of `features`).
+    """
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be ≥ 1, got {num_segments}")
+    batch, channels, height, width = features.shape
+    k = min(int(num_segments), height * width)
+    points = (
+        F.normalize(features.detach().float().cpu(), dim=1).permute(0, 2, 3, 1).reshape(batch, -1, channels)
+    )
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    position = torch.stack([ys, xs], -1).reshape(-1, 2).float() / max(max(height, width) - 1, 1)
+    out = []
+    for index in range(batch):
+        cloud = torch.cat([points[index], position_weight * position], 1)
+        generator = torch.Generator().manual_seed(int(seed))
+        best: tuple[torch.Tensor, float] | None = None
+        for _ in range(max(1, restarts)):
+            assignment, inertia = _lloyd(cloud, _kmeans_plus_plus(cloud, k, generator), iterations)
+            if best is None or inertia < best[1]:
+                best = (assignment, inertia)
+        out.append(order_segments(best[0].view(height, width), k))
+    return torch.stack(out).to(features.device)
+
+
+# --------------------------------------------------------------------------------------------
+# The teacher
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ContextEntry:
+    """One context frame: frame index, L2-normalised features B × C × h × w, soft labels B × L × h × w."""
+
+    frame_index: int
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
+class PropagationMemory:
+    """The bounded context: the reference entry plus a queue of at most `n_recent` recent entries."""
+
+    def __init__(self, n_recent: int) -> None:
+        self.reference: ContextEntry | None = None
+        self.recent: deque[ContextEntry] = deque(maxlen=int(n_recent))
+
+    def reset(self, reference: ContextEntry | None = None) -> None:
+        """Forget everything; start again from `reference` (or empty)."""
+        self.reference = reference
+        self.recent.clear()
+
+    def push(self, entry: ContextEntry) -> None:
+        """Add a recent entry; the oldest recent one leaves when the queue is full."""
+        self.recent.append(entry)
+
+    def entries(self) -> list[ContextEntry]:
+        """Context slots in order: reference, then recent entries from oldest to newest."""
+        return ([] if self.reference is None else [self.reference]) + list(self.recent)
+
+    def __len__(self) -> int:
+        return len(self.recent) + (self.reference is not None)
+
+    def find(self, frame_index: int) -> ContextEntry | None:
+        """The entry of frame `frame_index`, or None when it is not (or no longer) in the context."""
+        return next((e for e in reversed(self.entries()) if e.frame_index == frame_index), None)
+
+    def pad_labels(self, num_labels: int) -> None:
+        """Give every entry `num_labels` label channels (new objects: probability 0)."""
+        for entry in self.entries():
+            missing = num_labels - entry.labels.shape[1]
+            if missing > 0:
+                entry.labels = F.pad(entry.labels, (0, 0, 0, 0, 0, missing))
+
+
+def merge_object_labels(labels: torch.Tensor, given: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Merge given object masks into soft labels: given objects win, the rest share what is left.
+
+    For the given objects o (present[b, o]), label_o = given_o; every other channel keeps its
+    share of the remaining mass 1 − Σ_o given_o, i.e. old_c / Σ_{c not given} old_c · (1 − Σ given),
+    so channels still sum to 1 (background takes it all where the old labels were all given).
+
+    Args:
+        labels: B × L × h × w soft labels (L ≥ the given channels).
+        given: B × L × h × w soft labels of the given masks (`masks_to_labels`).
+        present: B × L bool, the channels given (never channel 0, the background).
+
+    Returns:
+        B × L × h × w merged soft labels.
+    """
+    chosen = present[:, :, None, None].float()
+    coverage = (given * chosen).sum(1, keepdim=True).clamp(0, 1)
+    rest = labels * (1 - chosen)
+    rest_total = rest.sum(1, keepdim=True)
+    background = torch.zeros_like(rest)
+    background[:, 0] = 1
+    rest = torch.where(rest_total > 1e-12, rest / rest_total.clamp_min(1e-12), background)
+    return given * chosen + (1 - coverage) * rest
+
+
+class LabelPropagationTeacher(nn.Module):
+    """Frozen label-propagation teacher: attention maps and per-object logits for distillation.
+
+    Named steps: `encode` (frames → normalised features), `encode_mask` (masks → soft labels),
+    `read_context` (propagation), `init` / `step` / `add_objects` (streaming), `propagate_clip`
+    (distillation), `cluster_reference` (pseudo-objects), `upsample_logits` / `predict_ids`.
+
+    Always in eval mode with `requires_grad=False`: `train()` keeps it in eval mode (BatchNorm of
+    the encoder uses its running statistics), and every method runs under `torch.no_grad()`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        topk: int = 5,
+        radius: int | None = 12,
+        temperature: float = 0.07,
+        n_recent: int = 7,
+        chunk_size: int | None = 16,
+    ) -> None:
+        """
+        Args:
+            encoder: frames B × 3 × H × W in [0, 1] → B × C × h × w, with an int attribute `stride`.
+            topk: context entries kept per query token (over all context frames).
+            radius: square window half-size in feature cells; None = the whole frame.
+            temperature: softmax temperature of the affinities (dot products of unit features).
+            n_recent: recent frames in the context besides the reference (0 = reference only).
+            chunk_size: side in cells of the query tiles (see the module docstring); None = one tile.
+        """
+        super().__init__()
+        if int(topk) < 1:
+            raise ConfigError(f"teacher.topk must be ≥ 1, got {topk}")
+        if radius is not None and int(radius) < 0:
+            raise ConfigError(f"teacher.radius must be ≥ 0 (or null for no window), got {radius}")
+        if not float(temperature) > 0:
+            raise ConfigError(f"teacher.temperature must be > 0, got {temperature}")
+        if int(n_recent) < 0:
+            raise ConfigError(f"teacher.n_recent must be ≥ 0, got {n_recent}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ConfigError(f"teacher chunk_size must be ≥ 1 (or None), got {chunk_size}")
+        if not hasattr(encoder, "stride"):
+            raise TypeError(f"{type(encoder).__name__} has no `stride` attribute (pixels per feature cell)")
+        self.encoder = encoder
+        self.stride = int(encoder.stride)
+        self.topk = int(topk)
+        self.radius = None if radius is None else int(radius)
+        self.temperature = float(temperature)
+        self.n_recent = int(n_recent)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.memory = PropagationMemory(self.n_recent)
+        self._next_frame = 0
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> LabelPropagationTeacher:
+        """The teacher is frozen: stays in eval mode whatever `mode` is."""
+        return super().train(False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"stride={self.stride}, topk={self.topk}, radius={self.radius}, temperature={self.temperature}, "
+            f"n_recent={self.n_recent}, chunk_size={self.chunk_size}"
+        )
+
+    # ---- named steps ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames B × 3 × H × W in [0, 1] → features B × C × h × w, float32, unit norm per cell."""
+        return F.normalize(self.encoder(frames).float(), dim=1)
+
+    def encode_mask(self, masks: torch.Tensor, token_shape: tuple[int, int]) -> torch.Tensor:
+        """masks B × L × H × W one-hot (or B × H × W ids) → soft labels B × L × h × w (`masks_to_labels`)."""
+        return masks_to_labels(masks, token_shape, self.stride)
+
+    @torch.no_grad()
+    def read_context(
+        self, query_features: torch.Tensor, context: Sequence[ContextEntry], *, query_frame: int = -1
+    ) -> tuple[torch.Tensor, TeacherAttention]:
+        """Propagate the context's labels to a query frame.
+
+        Args:
+            query_features: B × C × h × w from `encode`.
+            context: the M context entries (slot order: reference first).
+            query_frame: frame index recorded in the attention.
+
+        Returns:
+            probabilities B × L × h × w, and the attention (`TeacherAttention`, N_q = h·w).
+        """
+        if not context:
+            raise RuntimeError("the context is empty: call init() (or give a reference entry) first")
+        num_labels = max(entry.labels.shape[1] for entry in context)
+        labels = [F.pad(e.labels, (0, 0, 0, 0, 0, num_labels - e.labels.shape[1])) for e in context]
+        probabilities, indices, weights = propagate_labels(
+            query_features,
+            [entry.features for entry in context],
+            labels,
+            topk=self.topk,
+            radius=self.radius,
+            temperature=self.temperature,
+            chunk_size=self.chunk_size,
+        )
+        attention = TeacherAttention(
+            indices=indices,
+            weights=weights,
+            token_shape=(query_features.shape[-2], query_features.shape[-1]),
+            context_frames=tuple(entry.frame_index for entry in context),
+            query_frame=int(query_frame),
+        )
+        return probabilities, attention
+
+    # ---- streaming (inference engine) -------------------------------------------------------
+
+    @property
+    def context_size(self) -> int:
+        """Context frames held now (≤ 1 + n_recent)."""
+        return len(self.memory)
+
+    @property
+    def next_frame_index(self) -> int:
+        """Index the next `step` gives its frame (the reference frame is 0)."""
+        return self._next_frame
+
+    def reset(self) -> None:
+        """Forget the streaming state (the context)."""
+        self.memory.reset()
+        self._next_frame = 0
+
+    @torch.no_grad()
+    def init(self, reference_frame: torch.Tensor, reference_mask: torch.Tensor) -> torch.Tensor:
+        """Start a video: the reference frame (index 0) and its masks become the context.
+
+        Args:
+            reference_frame: B × 3 × H × W in [0, 1].
+            reference_mask: B × (K+1) × H × W one-hot (channel 0 = background), or B × H × W ids.
+
+        Returns:
+            the reference logits B × (K+1) × h × w.
+        """
+        features = self.encode(reference_frame)
+        labels = self.encode_mask(reference_mask.to(features.device), features.shape[-2:])
+        self.memory.reset(ContextEntry(0, features, labels))
+        self._next_frame = 1
+        return labels_to_logits(labels)
+
+    @torch.no_grad()
+    def step(self, frame: torch.Tensor) -> tuple[torch.Tensor, TeacherAttention]:
+        """Segment the next frame and add it (features, soft prediction) to the context.
+
+        Args:
+            frame: B × 3 × H × W in [0, 1].
+
+        Returns:
+            logits B × (K+1) × h × w and the frame's `TeacherAttention` over the context it read.
+        """
+        if self.memory.reference is None:
+            raise RuntimeError("LabelPropagationTeacher.step() before init()")
+        features = self.encode(frame)
+        probabilities, attention = self.read_context(
+            features, self.memory.entries(), query_frame=self._next_frame
+        )
+        self.memory.push(ContextEntry(self._next_frame, features, probabilities))
+        self._next_frame += 1
+        return labels_to_logits(probabilities), attention
+
+    @torch.no_grad()
+    def add_objects(self, frame_index: int, masks: torch.Tensor) -> torch.Tensor:
+        """Merge objects given on a frame already in the context (YouTube-VOS: objects appearing late).
+
+        Call it right after `step` of that frame (or after `init` for frame 0). The objects whose
+        channel in `masks` is non-empty replace that frame's soft labels where they are given
+        (`merge_object_labels`: given objects win, the other channels keep their relative shares
+        of the remaining mass); every context entry grows to K'+1 channels (new objects 0
+        elsewhere). Later frames read the merged labels while the frame stays in the context
+        (n_recent steps), then through their own propagated predictions.
+
+        Args:
+            frame_index: the frame the masks belong to (0 = reference, as counted by `step`).
+            masks: B × (K'+1) × H × W one-hot at image size (or B × H × W ids), K' ≥ the objects
+                so far; channels that are all zero are not given (their labels are kept).
+
+        Returns:
+            the merged logits of that frame, B × (K'+1) × h × w (use them as its prediction).
+        """
+        entry = self.memory.find(frame_index)
+        if entry is None:
+            frames = [e.frame_index for e in self.memory.entries()]
+            raise ValueError(
+                f"frame {frame_index} is not in the context (frames {frames}); call add_objects after its step"
+            )
+        token_shape = (entry.features.shape[-2], entry.features.shape[-1])
+        if masks.ndim == 3:
+            masks = F.one_hot(masks.long(), max(int(masks.max()) + 1, entry.labels.shape[1])).permute(
+                0, 3, 1, 2
+            )
+        masks = masks.to(entry.labels.device)
+        num_labels = max(masks.shape[1], entry.labels.shape[1])
+        self.memory.pad_labels(num_labels)
+        masks = F.pad(masks.float(), (0, 0, 0, 0, 0, num_labels - masks.shape[1]))
+        present = masks.flatten(2).amax(2) > 0
+        present[:, 0] = False
+        entry.labels = merge_object_labels(entry.labels, self.encode_mask(masks, token_shape), present)
+        return labels_to_logits(entry.labels)
+
+    # ---- clips (distillation) ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def propagate_clip(
+        self,
+        frames: torch.Tensor,
+        reference_masks: torch.Tensor | None = None,
+        *,
+        num_segments: int = 4,
+        object_masks: Mapping[int, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """Propagate the reference masks through a clip (the streaming state is left untouched).
+
+        Args:
+            frames: B × T × 3 × H × W in [0, 1]; frame 0 is the reference.
+            reference_masks: B × (K+1) × H × W one-hot of frame 0, or None for pseudo-objects
+                (`cluster_reference` of frame 0 into `num_segments` segments, K = num_segments − 1).
+            num_segments: segments (background included) when `reference_masks` is None.
+            object_masks: {t: B × (K'+1) × H × W} objects given on frame t ≥ 1 (`add_objects`).
+
+        Returns:
+            dict with
+            `logits` B × T × L × h × w (frame 0: the reference labels),
+            `probabilities` B × T × L × h × w (soft labels, channels sum to 1),
+            `attention` list of T entries, `TeacherAttention` per frame (None for frame 0),
+            `features` B × T × C × h × w (unit norm per cell),
+            `reference_ids` B × H × W int64 (the pseudo-objects or the argmax of the masks),
+            `token_shape` (h, w), `stride` s.
+        """
+        batch, num_frames = frames.shape[:2]
+        image_size = (frames.shape[-2], frames.shape[-1])
+        object_masks = dict(object_masks or {})
+        features = self.encode(frames[:, 0])
+        token_shape = (features.shape[-2], features.shape[-1])
+        if reference_masks is None:
+            feature_ids, reference_ids = self.cluster_reference(features, num_segments, image_size=image_size)
+            labels = F.one_hot(feature_ids, num_segments).permute(0, 3, 1, 2).float()
+        else:
+            labels = self.encode_mask(reference_masks.to(features.device), token_shape)
+            reference_ids = reference_masks.argmax(1) if reference_masks.ndim == 4 else reference_masks.long()
+        num_labels = max(
+            [labels.shape[1]]
+            + [m.shape[1] if m.ndim == 4 else int(m.max()) + 1 for m in object_masks.values()]
+        )
+        labels = F.pad(labels, (0, 0, 0, 0, 0, num_labels - labels.shape[1]))
+
+        memory = PropagationMemory(self.n_recent)
+        memory.reset(ContextEntry(0, features, labels))
+        all_features, all_labels, attention = [features], [labels], [None]
+        for t in range(1, num_frames):
+            query = self.encode(frames[:, t])
+            probabilities, frame_attention = self.read_context(query, memory.entries(), query_frame=t)
+            entry = ContextEntry(t, query, probabilities)
+            if t in object_masks:
+                masks = object_masks[t].to(probabilities.device)
+                if masks.ndim == 3:
+                    masks = F.one_hot(masks.long(), num_labels).permute(0, 3, 1, 2)
+                masks = F.pad(masks.float(), (0, 0, 0, 0, 0, num_labels - masks.shape[1]))
+                present = masks.flatten(2).amax(2) > 0
+                present[:, 0] = False
+                entry.labels = merge_object_labels(
+                    probabilities, self.encode_mask(masks, token_shape), present
+                )
+            memory.push(entry)
+            all_features.append(query)
+            all_labels.append(entry.labels)
+            attention.append(frame_attention)
+        probabilities = torch.stack(all_labels, 1)
+        return {
+            "logits": labels_to_logits(probabilities),
+            "probabilities": probabilities,
+            "attention": attention,
+            "features": torch.stack(all_features, 1),
+            "reference_ids": reference_ids,
+            "token_shape": token_shape,
+            "stride": self.stride,
+        }
+
+    # ---- pseudo-objects -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def cluster_reference(
+        self,
+        features: torch.Tensor,
+        k: int,
+        *,
+        image_size: tuple[int, int] | None = None,
+        position_weight: float = 0.3,
+        iterations: int = 10,
+        seed: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pseudo-objects without labels: k-means segments of the reference frame's features.
+
+        See `kmeans_segments` (features + `position_weight` · position, deterministic seed) and
+        `order_segments`: the segment with the most cells on the map's border is the background
+        (id 0, ties → larger area), the others are 1..k−1 by decreasing area.
+
+        Args:
+            features: B × C × h × w (e.g. `encode(reference_frame)`).
+            k: segments, background included.
+            image_size: (H, W) of the image-resolution ids; default (h·s, w·s).
+
+        Returns:
+            ids at feature resolution B × h × w and at image resolution B × H × W (int64; the
+            image ids are the argmax of the bilinearly upsampled one-hot segments).
+        """
+        ids = kmeans_segments(features, k, position_weight=position_weight, iterations=iterations, seed=seed)
+        size = image_size or (features.shape[-2] * self.stride, features.shape[-1] * self.stride)
+        one_hot = F.one_hot(ids, k).permute(0, 3, 1, 2).float()
+        return ids, upsample_probabilities(one_hot, size, self.stride).argmax(1)
+
+    # ---- outputs at image size --------------------------------------------------------------
+
+    def upsample_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """logits B × L × h × w → B × L × H × W: log of the bilinearly upsampled probabilities."""
+        return labels_to_logits(upsample_probabilities(logits.exp(), size, self.stride))
+
+    def predict_ids(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """logits B × L × h × w → object ids B × H × W int64 (argmax at image size)."""
+        return upsample_probabilities(logits.exp(), size, self.stride).argmax(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Construction and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+class ViTPatchEncoder(nn.Module):
+    """A DINO ViT as a teacher encoder: frames in [0, 1] → normed last-layer patch tokens.
+
+    The ViT sees ImageNet-normalised frames; the grid is ⌊H/p⌋ × ⌊W/p⌋ (remainder pixels dropped).
+    """
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        self.stride = int(vit.patch_size)
+        self.out_channels = int(vit.embed_dim)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: B × 3 × H × W in [0, 1] → B × D × ⌊H/p⌋ × ⌊W/p⌋."""
+        return self.vit.patch_features(imagenet_normalize(image))
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """torch.load a checkpoint on CPU: tensors only first; a Lightning checkpoint whose
+    hyper-parameters hold objects is then unpickled in full, as Lightning itself does (load only
+    files you trust)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if "Unsupported global" not in str(err):  # not a pickle of known objects: a bad file
+            raise DvosError(f"cannot read teacher checkpoint {path}: {_one_line(err)}") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise DvosError(f"cannot read teacher checkpoint {path}: {_one_line(err)}") from err
+
+
+def encoder_state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The encoder's tensors from a state dict or a Lightning checkpoint (`state_dict` entry).
+
+    Keys lose a `module.` prefix; then the first of `teacher.encoder.` and `encoder.` that some key
+    has is stripped and only those keys are kept; a plain ResNetEncoder state dict is used as is.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise DvosError(f"teacher checkpoint {path} is a {type(checkpoint).__name__}, not a state dict")
+    state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
+    state = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for prefix in ENCODER_PREFIXES:
+        picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if picked:
+            return picked
+    return state
+
+
+def load_resnet_encoder(path: str | os.PathLike) -> ResNetEncoder:
+    """A ResNetEncoder built from, and strictly loaded with, a checkpoint file.
+
+    Widths, depths and stem width are read from the tensor shapes (`ResNetEncoder.config_from_state_dict`);
+    the output stride is 8.
+
+    Raises:
+        DvosError: one line naming the file, when it is missing, unreadable, holds no ResNet
+            encoder, or its keys / shapes do not fit.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DvosError(f"teacher checkpoint not found: {path}")
+    state = encoder_state_dict(_read_checkpoint(path), path)
+    try:
+        config = ResNetEncoder.config_from_state_dict(state)
+        encoder = ResNetEncoder(**config)
+    except (KeyError, ValueError, IndexError) as err:
+        sample = ", ".join(list(state)[:3]) or "no tensors"
+        raise DvosError(
+            f"teacher checkpoint {path} holds no ResNet encoder ({_one_line(err)}; keys: {sample})"
+        ) from err
+    own = encoder.state_dict()
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    wrong = [key for key in own if key in state and state[key].shape != own[key].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:3]} ({len(missing)} in all)")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:3]} ({len(unexpected)} in all)")
+    if wrong:
+        problems.append(
+            f"shape mismatch {wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}"
+        )
+    if problems:
+        raise DvosError(
+            f"teacher checkpoint {path} does not fit ResNetEncoder{config}: " + "; ".join(problems)
+        )
+    encoder.load_state_dict(state, strict=True)
+    logger.info("teacher encoder: ResNetEncoder %s from %s", config, path)
+    return encoder
+
+
+def build_teacher_encoder(
+    name: str = "resnet", *, patch_size: int = 16, checkpoint: str | os.PathLike | None = None
+) -> nn.Module:
+    """The teacher's encoder (an `nn.Module` with `stride`), loaded from `checkpoint` when given.
+
+    Args:
+        name: "resnet" (ResNetEncoder; no checkpoint → random weights, with a warning),
+            "vit_small" or "vit_base" (DINO ViT/`patch_size`; a checkpoint is required).
+        patch_size: ViT patch size (8 or 16); ignored for resnet.
+        checkpoint: a file; never downloaded.
+
+    Raises:
+        ConfigError: unknown name, or a ViT without checkpoint.
+        DvosError: the checkpoint cannot be loaded (one line naming the file).
+    """
+    if name == "resnet":
+        if checkpoint is None:
+            logger.warning("teacher encoder: ResNetEncoder with RANDOM weights (no teacher.checkpoint given)")
+            return ResNetEncoder()
+        return load_resnet_encoder(checkpoint)
+    if name in ("vit_small", "vit_base"):
+        from dvos.models.backbones import vit  # lazy: the ViT module is optional for a resnet teacher
+
+        if checkpoint is None:
+            raise ConfigError(
+                f"teacher.encoder={name} needs teacher.checkpoint (a DINO .pth file); nothing is downloaded"
+            )
+        model = getattr(vit, name)(patch_size=int(patch_size))
+        vit.load_dino_checkpoint(model, Path(checkpoint).expanduser())
+        return ViTPatchEncoder(model)
+    raise ConfigError(f"teacher.encoder must be one of {', '.join(TEACHER_ENCODERS)}, got {name!r}")
+
+
+_BUILD_DEFAULTS = {
+    "encoder": "resnet",
+    "patch_size": 16,
+    "checkpoint": None,
+    "topk": 5,
+    "radius": 12,
+    "temperature": 0.07,
+    "n_recent": 7,
+    "chunk_size": 16,
+}
+
+
+def build_teacher(cfg: Any = None, **overrides: Any) -> LabelPropagationTeacher:
+    """A frozen LabelPropagationTeacher from a teacher config (`TeacherConfig`, DictConfig, dict).
+
+    Reads `encoder`, `patch_size`, `checkpoint`, `topk`, `radius`, `temperature`, `n_recent`
+    (and `chunk_size` when present) from `cfg` (attributes or keys; missing ones take the defaults
+    of `TeacherConfig`), then `overrides`. Never downloads anything.
+
+    Raises:
+        ConfigError: an unknown override key or encoder name, or a bad value.
+        DvosError: a checkpoint that cannot be loaded (one line naming the file).
+    """
+    unknown = sorted(set(overrides) - set(_BUILD_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown teacher option(s): {', '.join(unknown)}")
+    options = dict(_BUILD_DEFAULTS)
+    for key in _BUILD_DEFAULTS:
+        if isinstance(cfg, Mapping) and key in cfg:
+            options[key] = cfg[key]
+        elif cfg is not None and not isinstance(cfg, Mapping) and hasattr(cfg, key):
+            options[key] = getattr(cfg, key)
+    options.update(overrides)
+    encoder = build_teacher_encoder(
+        str(options["encoder"]), patch_size=int(options["patch_size"]), checkpoint=options["checkpoint"]
+    )
+    return LabelPropagationTeacher(
+        encoder,
+        topk=options["topk"],
+        radius=options["radius"],
+        temperature=options["temperature"],
+        n_recent=options["n_recent"],
+        chunk_size=options["chunk_size"],
+    )

@@ -11,13 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 
-from dvos.cli.common import build_clip_datamodule, build_eval_datamodule, log, prepare_data, setup_logging, start_run
-from dvos.config import load_config
-from dvos.data.vos import load_sequence
-from dvos.inference.baseline import copy_first_frame
-from dvos.metrics.evaluation import evaluate_arrays, summarize
-from dvos.utils.io import write_json
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -26,13 +19,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train with the config built from conf/ and the overrides, e.g. "
         "`dvos train data=davis2017 data.root=/data/DAVIS trainer.max_epochs=2` (docs/configuration.md).",
     )
-    parser.add_argument("overrides", nargs="*", help="group choices (data=davis2016) and dot-key overrides (a.b=c)")
+    parser.add_argument(
+        "overrides", nargs="*", help="group choices (data=davis2016) and dot-key overrides (a.b=c)"
+    )
     parser.set_defaults(func=run)
 
 
 def score_copy_baseline(eval_data) -> dict[str, float] | None:
     """J&F of the first-frame-copy baseline over the sequences that have full ground truth."""
     import numpy as np
+
+    from dvos.data.vos import load_sequence
+    from dvos.inference.baseline import copy_first_frame
+    from dvos.metrics.evaluation import evaluate_arrays, summarize
 
     objects = {}
     frames = 0
@@ -44,7 +43,9 @@ def score_copy_baseline(eval_data) -> dict[str, float] | None:
         prediction = np.stack(list(copy_first_frame(sequence)))
         frames += len(sequence)
         objects.update(
-            evaluate_arrays(gt, prediction, sequence=sequence.name, year=eval_data.year, frame_ids=sequence.frame_names)
+            evaluate_arrays(
+                gt, prediction, sequence=sequence.name, year=eval_data.year, frame_ids=sequence.frame_names
+            )
         )
     if not objects:
         return None
@@ -60,6 +61,18 @@ def score_copy_baseline(eval_data) -> dict[str, float] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: `dvos --help` and light commands should not pay for torch / lightning.
+    from dvos.cli.common import (
+        build_clip_datamodule,
+        build_eval_datamodule,
+        log,
+        prepare_data,
+        setup_logging,
+        start_run,
+    )
+    from dvos.config import load_config
+    from dvos.utils.io import write_json
+
     setup_logging()
     cfg = load_config(args.overrides)
     run_dir = start_run(cfg)
@@ -77,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if summary["baseline"] is not None:
         b = summary["baseline"]
         print(f"first-frame copy baseline: J&F {b['J&F']:.3f}  J {b['J']:.3f}  F {b['F']:.3f}")
-    print("teacher pretraining and distillation arrive with issue 4; this run prepared the data and the baseline.")
+    print(
+        "teacher pretraining and distillation arrive with issue 4; this run prepared the data and the baseline."
+    )
     print(run_dir)
     return 0

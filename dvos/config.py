@@ -206,9 +206,15 @@ def _suggest(key: str) -> str:
     if not close:
         leaf = key.rsplit(".", 1)[-1]
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        close = [c for c in candidates if c.rsplit(".", 1)[-1] in difflib.get_close_matches(
-            leaf, [c.rsplit(".", 1)[-1] for c in candidates if c.startswith(parent)], n=3, cutoff=0.6
-        ) and c.startswith(parent)][:3]
+        close = [
+            c
+            for c in candidates
+            if c.rsplit(".", 1)[-1]
+            in difflib.get_close_matches(
+                leaf, [c.rsplit(".", 1)[-1] for c in candidates if c.startswith(parent)], n=3, cutoff=0.6
+            )
+            and c.startswith(parent)
+        ][:3]
     return f"; did you mean: {', '.join(close)}?" if close else ""
 
 
@@ -231,7 +237,9 @@ def _load_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as err:  # yaml.YAMLError and friends
-        raise ConfigError(f"{path}: cannot parse YAML ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        raise ConfigError(
+            f"{path}: cannot parse YAML ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config keys, got a {type(loaded).__name__}")
     return loaded
@@ -244,7 +252,9 @@ def _group_file(conf_dir: Path, group: str, choice: str) -> Path:
     path = conf_dir / group / f"{choice}.yaml"
     if not path.is_file():
         available = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-        raise ConfigError(f"no {group} config named '{choice}' ({path}); available: {', '.join(available) or 'none'}")
+        raise ConfigError(
+            f"no {group} config named '{choice}' ({path}); available: {', '.join(available) or 'none'}"
+        )
     return path
 
 
@@ -269,7 +279,9 @@ def split_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return choices, dotlist
 
 
-def load_config(overrides: list[str] | None = None, *, conf_dir: str | os.PathLike | None = None) -> DictConfig:
+def load_config(
+    overrides: list[str] | None = None, *, conf_dir: str | os.PathLike | None = None
+) -> DictConfig:
     """Build the run config from `conf/` and command-line `overrides` (see the module docstring).
 
     Returns a structured DictConfig: assigning an unknown key or a wrongly typed value raises.

@@ -21,7 +21,17 @@ def run_dvos(*args, cwd=REPO):
 def test_help_lists_the_subcommands(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
-    for command in ("train", "eval-masks", "data", "pretrain", "segment", "evaluate", "bench", "sweep", "export"):
+    for command in (
+        "train",
+        "eval-masks",
+        "data",
+        "pretrain",
+        "segment",
+        "evaluate",
+        "bench",
+        "sweep",
+        "export",
+    ):
         assert command in out
 
 
@@ -41,7 +51,10 @@ def test_command_of_a_later_issue_says_so():
 
 def test_train_smoke_writes_run_folder(tmp_path):
     result = run_dvos(
-        "train", "experiment=smoke", f"paths.data_dir={tmp_path / 'data'}", f"paths.runs_dir={tmp_path / 'runs'}"
+        "train",
+        "experiment=smoke",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
     )
     assert result.returncode == 0, result.stderr
     run_dir = Path(result.stdout.strip().splitlines()[-1])  # the run folder is printed last

@@ -103,9 +103,13 @@ class ModelConfig:
     d_model: int = 256
     max_objects: int = 10
     num_heads: int = 8
+    num_groups: int = 4  # offset groups: heads in a group share sampling points
     deform_stride: int = 2  # reference points every `deform_stride` memory tokens
     offset_range: float = 4.0  # maximum offset, in memory-map cells (tanh × range)
     offset_kernel: int = 5  # depth-wise kernel of the offset network
+    decoder_dim: int = 256
+    ffn_ratio: float = 2.0
+    permute_ids: bool = True  # random permutation of object ids in training (undone on the output)
 
 
 @dataclass

@@ -1,0 +1,753 @@
+"""The student: a DeAOT-T-style network with ONE gated deformable propagation layer.
+
+    image ──encode_frame──▶ stride-4/8/16 maps; stride-16 map → 1×1 conv → embedding (d) + sine position
+    masks ──embed_ids────▶ ID embedding (d, stride 16): a 17×17 stride-16 conv over the one-hot (AOT)
+    memory = reference frame (long-term) + previous frame (short-term), each: keys, visual values,
+             ID embedding — constant size, the short-term part is replaced every frame
+    propagate: deformable long-term and short-term attention (DAT-style sampling, one attention map
+               per head shared by the visual and the ID branch), SiLU-gated (DeAOT) → gated
+               self-propagation among the query tokens → feed-forward; two output streams (visual, ID)
+    decode:    FPN with stride-8 and stride-4 skips → per-object logits, bilinear to the input size,
+               ids above the clip's object count masked out
+
+Decisions (where DeAOT, DAT and the paper's summary leave a choice; all are constructor arguments):
+
+- Queries of the current frame and keys of memory frames share one projection (AOT's design: the
+  attention is a feature affinity, like the label-propagation teacher's that it is distilled from),
+  computed from LayerNorm(embedding) + position; visual values from LayerNorm(embedding); the ID
+  branch reads the ID embedding itself (already a learned linear map of the one-hot).
+- Memory stores projected keys/values at full memory resolution, once per frame; each query frame
+  reads them at ⌈h/s⌉·⌈w/s⌉ points per group (`deform_stride` s = 2 → a quarter of the tokens).
+- Long-term and short-term attention have their own offset networks (motion relative to the first
+  frame and to the previous frame differ); their outputs are summed per branch, then gated:
+  out = W_o((A_long V_long + A_short V_short) ⊙ SiLU(W_u x)).
+- The ID stream starts at the gated ID read-out (the query frame has no ID input of its own); the
+  self-propagation computes one attention map from the visual stream and applies it to both streams.
+- num_groups = 4 by default with 8 heads: 2 heads share each set of sampling points, so the layer
+  looks at 4 different point sets per memory frame while each group's offset network still sees
+  d/4 = 64 channels (DAT's stage-3 setting is 3–4 heads per group).
+- ID permutation (AOT's random identity assignment): in training mode with `permute_ids=True` every
+  sample of a clip draws a random permutation of the object slots 1..max_objects (background stays
+  0) when its memory is initialised; masks are embedded through it and the logits are mapped back,
+  so callers only ever see the objects' own ids. In eval mode the permutation is the identity.
+- Padding: frames whose sides are not multiples of 16 are padded (replicate, split evenly) before
+  the encoder and the logits cropped back (`pad_to_stride`, `unpad`).
+
+`forward` is the frame step with explicit tensors in and out (for TorchScript tracing / ONNX export
+at a fixed input size); `step`/`segment_clip` are the convenient forms with a `Memory` object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvos.models.deformable import (
+    DeformableAttention,
+    DeformableAttentionAux,
+    apply_attention,
+    attention_weights,
+    split_heads,
+)
+from dvos.models.layers import ConvGroupNormReLU, pad_to_stride, sine_position_embedding, unpad
+
+FEATURE_STRIDE = 16  # stride of the propagation map (the encoder's output stride)
+ABSENT_LOGIT = -1e4  # logit of ids above a clip's object count: exp() underflows to 0, fp16-safe
+
+
+# --------------------------------------------------------------------------------------------------
+# Containers
+# --------------------------------------------------------------------------------------------------
+class FrameFeatures(NamedTuple):
+    """One encoded frame (all maps at the padded size H' × W', multiples of 16).
+
+    Attributes:
+        stride4: B × C4 × H'/4 × W'/4 encoder map.
+        stride8: B × C8 × H'/8 × W'/8 encoder map.
+        stride16: B × C16 × H'/16 × W'/16 encoder map.
+        embedding: B × d × h × w, the stride-16 map projected to d (h = H'/16, w = W'/16).
+        position: 1 × d × h × w, the sine position embedding.
+        pad: (left, right, top, bottom) pixels added to the input (see `pad_to_stride`).
+    """
+
+    stride4: torch.Tensor
+    stride8: torch.Tensor
+    stride16: torch.Tensor
+    embedding: torch.Tensor
+    position: torch.Tensor
+    pad: tuple[int, int, int, int]
+
+
+@dataclass
+class Memory:
+    """Constant-size memory of one clip: the reference frame (long-term) and the previous frame
+    (short-term). Every map is B × d × h × w.
+
+    Attributes:
+        reference_key, reference_value: the propagation layer's keys and visual values of the reference
+            frame.
+        reference_id: ID embedding of the reference masks.
+        previous_key, previous_value, previous_id: the same for the previous frame (its predicted mask).
+        id_permutation: B × (max_objects + 1) long; object id c is embedded in slot id_permutation[:, c]
+            (identity in eval mode; entry 0, the background, is always 0).
+    """
+
+    reference_key: torch.Tensor
+    reference_value: torch.Tensor
+    reference_id: torch.Tensor
+    previous_key: torch.Tensor
+    previous_value: torch.Tensor
+    previous_id: torch.Tensor
+    id_permutation: torch.Tensor
+
+    def replace_short_term(
+        self, key: torch.Tensor, value: torch.Tensor, id_embedding: torch.Tensor
+    ) -> Memory:
+        """A new Memory whose previous frame is (key, value, id_embedding); the long-term part is kept.
+
+        Args:
+            key, value, id_embedding: B × d × h × w each, the same shapes as the ones replaced.
+        """
+        if key.shape != self.previous_key.shape or id_embedding.shape != self.previous_id.shape:
+            raise ValueError(
+                f"short-term memory shapes change: {tuple(key.shape)} vs {tuple(self.previous_key.shape)}"
+            )
+        return dataclasses.replace(self, previous_key=key, previous_value=value, previous_id=id_embedding)
+
+    def detach(self) -> Memory:
+        """A copy cut from the autograd graph (truncated back-propagation through time)."""
+        return Memory(*(tensor.detach() for tensor in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """All fields in declaration order (the explicit inputs of `DeformableStudent.forward`)."""
+        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
+
+
+class StepOutput(NamedTuple):
+    """Result of `DeformableStudent.step`.
+
+    Attributes:
+        logits: B × (max_objects + 1) × H × W, per-object logits at the input size, in the objects' own
+            ids (ids above the sample's object count at ABSENT_LOGIT).
+        memory: the memory for the next frame (short-term part replaced when asked, else the input).
+        aux: None, or {"long_term": DeformableAttentionAux, "short_term": DeformableAttentionAux}.
+    """
+
+    logits: torch.Tensor
+    memory: Memory
+    aux: dict[str, DeformableAttentionAux] | None
+
+
+def labels_to_onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """labels: B × H × W long in [0, num_classes) → B × num_classes × H × W float one-hot."""
+    return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """B × C × h × w → B × (h·w) × C (row-major tokens)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """B × (h·w) × C → B × C × h × w."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts
+# --------------------------------------------------------------------------------------------------
+class GatedDeformablePropagation(nn.Module):
+    """DeAOT's gated propagation with deformable long-term and short-term attention.
+
+    Args:
+        dim: d.
+        num_heads, num_groups, deform_stride, offset_range, offset_kernel: see `DeformableAttention`.
+        ffn_ratio: hidden width of the feed-forward, in multiples of d.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int = 8,
+        num_groups: int = 4,
+        deform_stride: int = 2,
+        offset_range: float = 4.0,
+        offset_kernel: int = 5,
+        ffn_ratio: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        deform = dict(
+            num_heads=num_heads,
+            num_groups=num_groups,
+            stride=deform_stride,
+            offset_range=offset_range,
+            offset_kernel=offset_kernel,
+        )
+        # Reading the memory (long-term + short-term).
+        self.norm_input = nn.LayerNorm(dim)
+        self.to_query_key = nn.Linear(dim, dim)  # shared by the query frame and the memory frames
+        self.to_value = nn.Linear(dim, dim)
+        self.long_term = DeformableAttention(dim, **deform)
+        self.short_term = DeformableAttention(dim, **deform)
+        self.gate_visual = nn.Linear(dim, dim)
+        self.out_visual = nn.Linear(dim, dim)
+        self.gate_id = nn.Linear(dim, dim)
+        self.out_id = nn.Linear(dim, dim)
+        # Self-propagation among the query tokens.
+        self.norm_self_visual = nn.LayerNorm(dim)
+        self.norm_self_id = nn.LayerNorm(dim)
+        self.self_query_key = nn.Linear(dim, 2 * dim)
+        self.self_value_visual = nn.Linear(dim, dim)
+        self.self_value_id = nn.Linear(dim, dim)
+        self.self_gate_visual = nn.Linear(dim, dim)
+        self.self_gate_id = nn.Linear(dim, dim)
+        self.self_out_visual = nn.Linear(dim, dim)
+        self.self_out_id = nn.Linear(dim, dim)
+        # Feed-forward, one per stream.
+        hidden = int(round(ffn_ratio * dim))
+        self.norm_ffn_visual = nn.LayerNorm(dim)
+        self.norm_ffn_id = nn.LayerNorm(dim)
+        self.ffn_visual = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.ffn_id = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.norm_out_visual = nn.LayerNorm(dim)
+        self.norm_out_id = nn.LayerNorm(dim)
+
+    def key_value(self, embedding: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (= queries) and visual values of a frame.
+
+        Args:
+            embedding: B × d × h × w.
+            position: 1 × d × h × w.
+
+        Returns:
+            (key, value): B × d × h × w each.
+        """
+        height, width = embedding.shape[-2:]
+        normed = self.norm_input(_map_to_tokens(embedding))
+        key = self.to_query_key(normed + _map_to_tokens(position))
+        value = self.to_value(normed)
+        return _tokens_to_map(key, height, width), _tokens_to_map(value, height, width)
+
+    def read_memory(
+        self,
+        embedding: torch.Tensor,
+        query: torch.Tensor,
+        memory: Memory,
+        *,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, DeformableAttentionAux] | None]:
+        """Gated deformable long-term + short-term read-out.
+
+        Args:
+            embedding: B × d × h × w, the query frame's embedding (the residual stream).
+            query: B × d × h × w, its projected queries (`key_value`'s key).
+            memory: the clip's memory.
+
+        Returns:
+            (visual, identity, aux): visual and ID streams B × N × d (N = h·w); aux or None.
+        """
+        long_visual_id, long_aux = self.long_term(
+            query,
+            memory.reference_key,
+            (memory.reference_value, memory.reference_id),
+            return_aux=return_attention,
+        )
+        short_visual_id, short_aux = self.short_term(
+            query,
+            memory.previous_key,
+            (memory.previous_value, memory.previous_id),
+            return_aux=return_attention,
+        )
+        tokens = _map_to_tokens(embedding)
+        normed = self.norm_input(tokens)
+        visual_read = long_visual_id[0] + short_visual_id[0]
+        id_read = long_visual_id[1] + short_visual_id[1]
+        visual = tokens + self.out_visual(visual_read * F.silu(self.gate_visual(normed)))
+        identity = self.out_id(id_read * F.silu(self.gate_id(normed)))
+        aux = None
+        if return_attention:
+            aux = {"long_term": long_aux, "short_term": short_aux}
+        return visual, identity, aux
+
+    def self_propagate(
+        self, visual: torch.Tensor, identity: torch.Tensor, position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated self-attention among the query tokens; the map comes from the visual stream.
+
+        Args:
+            visual, identity: B × N × d.
+            position: 1 × d × h × w.
+
+        Returns:
+            (visual, identity): B × N × d each, with residuals.
+        """
+        normed_visual = self.norm_self_visual(visual)
+        normed_id = self.norm_self_id(identity)
+        query, key = self.self_query_key(normed_visual + _map_to_tokens(position)).chunk(2, dim=-1)
+        attention = attention_weights(split_heads(query, self.num_heads), split_heads(key, self.num_heads))
+        visual_read = apply_attention(
+            attention, split_heads(self.self_value_visual(normed_visual), self.num_heads)
+        )
+        id_read = apply_attention(attention, split_heads(self.self_value_id(normed_id), self.num_heads))
+        visual = visual + self.self_out_visual(visual_read * F.silu(self.self_gate_visual(normed_visual)))
+        identity = identity + self.self_out_id(id_read * F.silu(self.self_gate_id(normed_id)))
+        return visual, identity
+
+    def forward(
+        self,
+        embedding: torch.Tensor,
+        position: torch.Tensor,
+        memory: Memory,
+        *,
+        return_attention: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, DeformableAttentionAux] | None]:
+        """Propagate the memory to one query frame.
+
+        Args:
+            embedding: B × d × h × w, the query frame's embedding.
+            position: 1 × d × h × w.
+            memory: the clip's memory (maps of the same h × w).
+
+        Returns:
+            (propagated, key, value, aux): propagated B × 2d × h × w (channels [0, d) the visual stream,
+            [d, 2d) the ID stream); the query frame's key and visual value B × d × h × w (what it
+            contributes to the memory); aux or None.
+        """
+        height, width = embedding.shape[-2:]
+        key, value = self.key_value(embedding, position)
+        visual, identity, aux = self.read_memory(embedding, key, memory, return_attention=return_attention)
+        visual, identity = self.self_propagate(visual, identity, position)
+        visual = visual + self.ffn_visual(self.norm_ffn_visual(visual))
+        identity = identity + self.ffn_id(self.norm_ffn_id(identity))
+        propagated = torch.cat((self.norm_out_visual(visual), self.norm_out_id(identity)), dim=-1)
+        return _tokens_to_map(propagated, height, width), key, value, aux
+
+
+class FPNDecoder(nn.Module):
+    """Propagated stride-16 map + stride-8 and stride-4 encoder skips → stride-4 logits.
+
+    Args:
+        in_channels: channels of the propagated map (2d).
+        skip_channels: (C4, C8) of the stride-4 and stride-8 encoder maps.
+        num_outputs: max_objects + 1.
+        hidden: width at stride 16 (halved at strides 8 and 4).
+    """
+
+    def __init__(
+        self, in_channels: int, skip_channels: Sequence[int], num_outputs: int, *, hidden: int = 256
+    ) -> None:
+        super().__init__()
+        half = hidden // 2
+        self.input_proj = ConvGroupNormReLU(in_channels, hidden, 1)
+        self.conv16 = ConvGroupNormReLU(hidden, hidden, 3)
+        self.skip8 = nn.Conv2d(skip_channels[1], hidden, 1)
+        self.conv8 = ConvGroupNormReLU(hidden, half, 3)
+        self.skip4 = nn.Conv2d(skip_channels[0], half, 1)
+        self.conv4 = ConvGroupNormReLU(half, half, 3)
+        self.head = nn.Conv2d(half, num_outputs, 1)
+
+    def forward(self, propagated: torch.Tensor, stride8: torch.Tensor, stride4: torch.Tensor) -> torch.Tensor:
+        """propagated: B × 2d × h × w, stride8: B × C8 × 2h × 2w, stride4: B × C4 × 4h × 4w → B × K+1 × 4h × 4w."""
+        x = self.conv16(self.input_proj(propagated))
+        x = F.interpolate(x, size=stride8.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.conv8(x + self.skip8(stride8))
+        x = F.interpolate(x, size=stride4.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.conv4(x + self.skip4(stride4))
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# The student
+# --------------------------------------------------------------------------------------------------
+def _encoder_channels(encoder: nn.Module, encoder_channels: Sequence[int] | None) -> tuple[int, int, int]:
+    """(C4, C8, C16) of an encoder: given, or its `encoder_channels` / `out_channels` attribute."""
+    channels = encoder_channels
+    if channels is None:
+        channels = getattr(encoder, "encoder_channels", None) or getattr(encoder, "out_channels", None)
+    if channels is None or len(channels) != 3:
+        raise ValueError(
+            "the encoder must expose `encoder_channels` (C4, C8, C16), or pass encoder_channels="
+        )
+    return tuple(int(c) for c in channels)  # type: ignore[return-value]
+
+
+class DeformableStudent(nn.Module):
+    """MobileNet-V2 encoder + ID embedding + one gated deformable propagation layer + FPN decoder.
+
+    Args:
+        encoder: image encoder, `encoder(B × 3 × H × W in [0, 1]) -> (stride4, stride8, stride16)`;
+            default: `MobileNetV2Encoder()` at output stride 16 with random weights (see `build_student`
+            for ImageNet weights).
+        encoder_channels: (C4, C8, C16); default: the encoder's `encoder_channels` or `out_channels`.
+        d_model: d, channels of the propagation layer (divisible by 4 and by num_heads).
+        num_heads: attention heads.
+        num_groups: offset groups (divides num_heads); heads of a group share sampling points.
+        deform_stride: s, stride of the reference grid over the memory map.
+        offset_range: largest offset, in memory-map (stride-16) cells.
+        offset_kernel: depth-wise kernel of the offset networks.
+        max_objects: K; logits have K + 1 channels (background + K objects).
+        decoder_dim: width of the FPN decoder at stride 16.
+        ffn_ratio: feed-forward width in multiples of d.
+        permute_ids: draw random object-id permutations in training mode (AOT's identity assignment).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module | None = None,
+        *,
+        encoder_channels: Sequence[int] | None = None,
+        d_model: int = 256,
+        num_heads: int = 8,
+        num_groups: int = 4,
+        deform_stride: int = 2,
+        offset_range: float = 4.0,
+        offset_kernel: int = 5,
+        max_objects: int = 10,
+        decoder_dim: int = 256,
+        ffn_ratio: float = 2.0,
+        permute_ids: bool = True,
+    ) -> None:
+        super().__init__()
+        if encoder is None:
+            from dvos.models.backbones.mobilenet_v2 import MobileNetV2Encoder
+
+            encoder = MobileNetV2Encoder(output_stride=FEATURE_STRIDE)
+        channels = _encoder_channels(encoder, encoder_channels)
+        self.encoder = encoder
+        self.encoder_channels = channels
+        self.d_model = d_model
+        self.max_objects = max_objects
+        self.permute_ids = permute_ids
+        self.encoder_projection = nn.Conv2d(channels[2], d_model, 1)
+        # AOT's patch-wise ID bank: a 17 × 17 patch around each stride-16 cell.
+        self.id_embedding = nn.Conv2d(
+            max_objects + 1, d_model, FEATURE_STRIDE + 1, stride=FEATURE_STRIDE, padding=FEATURE_STRIDE // 2
+        )
+        self.propagation = GatedDeformablePropagation(
+            d_model,
+            num_heads=num_heads,
+            num_groups=num_groups,
+            deform_stride=deform_stride,
+            offset_range=offset_range,
+            offset_kernel=offset_kernel,
+            ffn_ratio=ffn_ratio,
+        )
+        self.decoder = FPNDecoder(2 * d_model, channels[:2], max_objects + 1, hidden=decoder_dim)
+
+    # ---------------------------------------------------------------------------------------------- steps
+    def encode_frame(self, image: torch.Tensor) -> FrameFeatures:
+        """Encode a frame (padded to a multiple of 16 first).
+
+        Args:
+            image: B × 3 × H × W float RGB in [0, 1].
+
+        Returns:
+            `FrameFeatures` at the padded size.
+        """
+        padded, pad = pad_to_stride(image, FEATURE_STRIDE, mode="replicate")
+        stride4, stride8, stride16 = self.encoder(padded)
+        embedding = self.encoder_projection(stride16)
+        height, width = embedding.shape[-2:]
+        position = sine_position_embedding(
+            height, width, self.d_model, device=embedding.device, dtype=embedding.dtype
+        )
+        return FrameFeatures(stride4, stride8, stride16, embedding, position, pad)
+
+    def sample_id_permutation(
+        self,
+        batch_size: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+    ) -> torch.Tensor:
+        """Object-slot permutations for a batch: random in training mode with `permute_ids`, else identity.
+
+        Args:
+            batch_size: B.
+            generator: a CPU generator for reproducible draws.
+
+        Returns:
+            B × (K + 1) long, entry 0 = 0 (background never moves), entries 1..K a permutation of 1..K.
+        """
+        identity = torch.arange(self.max_objects + 1, device=device).expand(batch_size, -1)
+        if not (self.training and self.permute_ids):
+            return identity.clone()
+        objects = [torch.randperm(self.max_objects, generator=generator) + 1 for _ in range(batch_size)]
+        background = torch.zeros(batch_size, 1, dtype=torch.long)
+        return torch.cat((background, torch.stack(objects)), dim=1).to(device)
+
+    def embed_ids(self, masks: torch.Tensor, *, id_permutation: torch.Tensor | None = None) -> torch.Tensor:
+        """ID embedding of object masks.
+
+        Args:
+            masks: B × (K + 1) × H × W, one-hot (or soft probabilities) over background + objects, at the
+                input size (padded here like the image) or already at the padded size.
+            id_permutation: B × (K + 1) long (`Memory.id_permutation`); object c is embedded in slot
+                id_permutation[:, c]. None: identity.
+
+        Returns:
+            B × d × h × w, h = ⌈H/16⌉, w = ⌈W/16⌉.
+        """
+        masks, _ = pad_to_stride(masks, FEATURE_STRIDE, mode="replicate")
+        if id_permutation is not None:
+            # slot j holds object inverse[j]
+            inverse = torch.argsort(id_permutation, dim=1)
+            masks = masks.gather(1, inverse[:, :, None, None].expand_as(masks))
+        return self.id_embedding(masks)
+
+    def initialize_memory(
+        self,
+        features: FrameFeatures,
+        masks: torch.Tensor,
+        *,
+        id_permutation: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Memory:
+        """Memory of a clip from its reference frame; the short-term part starts as the reference too.
+
+        Args:
+            features: the reference frame's `FrameFeatures`.
+            masks: B × (K + 1) × H × W reference masks (one-hot), input size.
+            id_permutation: B × (K + 1) long to use; default: `sample_id_permutation` (random in training).
+            generator: CPU generator for the permutation draw.
+        """
+        batch = masks.shape[0]
+        if id_permutation is None:
+            id_permutation = self.sample_id_permutation(batch, generator=generator, device=masks.device)
+        key, value = self.propagation.key_value(features.embedding, features.position)
+        id_embedding = self.embed_ids(masks, id_permutation=id_permutation)
+        return Memory(key, value, id_embedding, key, value, id_embedding, id_permutation)
+
+    def update_memory(self, memory: Memory, features: FrameFeatures, masks: torch.Tensor) -> Memory:
+        """Replace the short-term memory with a frame and its (predicted) masks.
+
+        Args:
+            memory: the clip's memory.
+            features: the frame's `FrameFeatures`.
+            masks: B × (K + 1) × H × W, its masks (one-hot or probabilities) in the objects' own ids.
+        """
+        key, value = self.propagation.key_value(features.embedding, features.position)
+        id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
+        return memory.replace_short_term(key, value, id_embedding)
+
+    def propagate(
+        self, query: FrameFeatures, memory: Memory, *, return_attention: bool = False
+    ) -> tuple[torch.Tensor, dict[str, DeformableAttentionAux] | None]:
+        """The gated deformable propagation layer.
+
+        Args:
+            query: the query frame's `FrameFeatures`.
+            memory: the clip's memory.
+            return_attention: also return the attention maps and sampling positions.
+
+        Returns:
+            (propagated, aux): B × 2d × h × w (visual stream, ID stream); aux None or
+            {"long_term": DeformableAttentionAux, "short_term": DeformableAttentionAux}.
+        """
+        propagated, _, _, aux = self.propagation(
+            query.embedding, query.position, memory, return_attention=return_attention
+        )
+        return propagated, aux
+
+    def decode(
+        self,
+        propagated: torch.Tensor,
+        features: FrameFeatures,
+        *,
+        num_objects: torch.Tensor | int | None = None,
+        id_permutation: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-object logits at the input size.
+
+        Args:
+            propagated: B × 2d × h × w from `propagate`.
+            features: the query frame's `FrameFeatures` (skips and padding).
+            num_objects: objects per sample (B long, or an int for all); ids above it get ABSENT_LOGIT.
+                None: no masking.
+            id_permutation: B × (K + 1) long, the memory's; the logits are mapped back to the objects' ids.
+
+        Returns:
+            B × (K + 1) × H × W logits (H × W the unpadded input size).
+        """
+        logits = self.decoder(propagated, features.stride8, features.stride4)
+        padded_size = (logits.shape[-2] * 4, logits.shape[-1] * 4)
+        logits = F.interpolate(logits, size=padded_size, mode="bilinear", align_corners=False)
+        logits = unpad(logits, features.pad)
+        if id_permutation is not None:
+            logits = logits.gather(1, id_permutation[:, :, None, None].expand_as(logits))
+        if num_objects is not None:
+            logits = self.mask_absent_objects(logits, num_objects)
+        return logits
+
+    def mask_absent_objects(self, logits: torch.Tensor, num_objects: torch.Tensor | int) -> torch.Tensor:
+        """Set the logits of ids above each sample's object count to ABSENT_LOGIT.
+
+        Args:
+            logits: B × (K + 1) × H × W.
+            num_objects: B long (or an int for the whole batch).
+        """
+        if not isinstance(num_objects, torch.Tensor):  # an int; a tensor stays a graph input when traced
+            num_objects = torch.tensor(num_objects, device=logits.device)
+        counts = num_objects.to(logits.device).reshape(-1, 1)
+        ids = torch.arange(logits.shape[1], device=logits.device)[None, :]
+        absent = (ids > counts)[:, :, None, None]
+        return logits.masked_fill(absent, ABSENT_LOGIT)
+
+    # ---------------------------------------------------------------------------------------------- frame step
+    def forward(
+        self,
+        image: torch.Tensor,
+        reference_key: torch.Tensor,
+        reference_value: torch.Tensor,
+        reference_id: torch.Tensor,
+        previous_key: torch.Tensor,
+        previous_value: torch.Tensor,
+        previous_id: torch.Tensor,
+        id_permutation: torch.Tensor,
+        num_objects: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One frame with explicit tensors (the export form; fields as in `Memory`).
+
+        Exports with `torch.export.export(student, example_inputs)` for a fixed frame size (the padding
+        is computed from the example's size). Pass distinct tensors as example inputs: a fresh
+        memory's short-term maps are its long-term maps, and export merges aliased inputs into one.
+
+        Args:
+            image: B × 3 × H × W in [0, 1].
+            reference_key, reference_value, reference_id, previous_key, previous_value, previous_id:
+                B × d × h × w memory maps.
+            id_permutation: B × (K + 1) long.
+            num_objects: B long.
+
+        Returns:
+            (logits, key, value): B × (K + 1) × H × W logits; the frame's key and visual value
+            B × d × h × w (with `embed_ids` of the predicted mask, the next short-term memory).
+        """
+        memory = Memory(
+            reference_key,
+            reference_value,
+            reference_id,
+            previous_key,
+            previous_value,
+            previous_id,
+            id_permutation,
+        )
+        features = self.encode_frame(image)
+        propagated, key, value, _ = self.propagation(features.embedding, features.position, memory)
+        logits = self.decode(propagated, features, num_objects=num_objects, id_permutation=id_permutation)
+        return logits, key, value
+
+    def step(
+        self,
+        image: torch.Tensor,
+        memory: Memory,
+        *,
+        num_objects: torch.Tensor | int,
+        return_attention: bool = False,
+        update_memory: bool = True,
+        soft_memory: bool | None = None,
+    ) -> StepOutput:
+        """Segment one frame from the memory, then (by default) make it the short-term memory.
+
+        Args:
+            image: B × 3 × H × W in [0, 1].
+            memory: the clip's memory.
+            num_objects: objects per sample (B long or an int).
+            return_attention: also return the attention maps and sampling positions.
+            update_memory: replace the short-term memory with this frame and its prediction.
+            soft_memory: embed the softmax probabilities (differentiable) instead of the argmax one-hot;
+                default: soft in training mode, hard in eval mode.
+
+        Returns:
+            `StepOutput(logits, memory, aux)`.
+        """
+        features = self.encode_frame(image)
+        propagated, key, value, aux = self.propagation(
+            features.embedding, features.position, memory, return_attention=return_attention
+        )
+        logits = self.decode(
+            propagated, features, num_objects=num_objects, id_permutation=memory.id_permutation
+        )
+        if update_memory:
+            soft = self.training if soft_memory is None else soft_memory
+            if soft:
+                masks = torch.softmax(logits.float(), dim=1).to(logits.dtype)
+            else:
+                masks = labels_to_onehot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+            id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
+            memory = memory.replace_short_term(key, value, id_embedding)
+        return StepOutput(logits, memory, aux)
+
+    def segment_clip(
+        self,
+        frames: torch.Tensor,
+        reference_masks: torch.Tensor,
+        *,
+        num_objects: torch.Tensor | int,
+        return_attention: bool = False,
+        generator: torch.Generator | None = None,
+        soft_memory: bool | None = None,
+    ) -> tuple[list[torch.Tensor], list[dict[str, DeformableAttentionAux] | None]]:
+        """Propagate the reference masks (frame 0) through a clip, one frame at a time.
+
+        Args:
+            frames: B × T × 3 × H × W in [0, 1]; frame 0 is the reference.
+            reference_masks: B × (K + 1) × H × W one-hot masks of frame 0.
+            num_objects: objects per sample (B long or an int).
+
+        Returns:
+            (logits, aux): T − 1 tensors B × (K + 1) × H × W for frames 1..T−1, and their aux (or None).
+        """
+        memory = self.initialize_memory(self.encode_frame(frames[:, 0]), reference_masks, generator=generator)
+        all_logits, all_aux = [], []
+        for index in range(1, frames.shape[1]):
+            output = self.step(
+                frames[:, index],
+                memory,
+                num_objects=num_objects,
+                return_attention=return_attention,
+                soft_memory=soft_memory,
+            )
+            memory = output.memory
+            all_logits.append(output.logits)
+            all_aux.append(output.aux)
+        return all_logits, all_aux
+
+
+def build_student(model_cfg: Any, *, encoder: nn.Module | None = None) -> tuple[DeformableStudent, str]:
+    """The student from a `ModelConfig` (`cfg.model`), with ImageNet encoder weights as configured.
+
+    Args:
+        model_cfg: has d_model, num_heads, deform_stride, offset_range, offset_kernel, max_objects,
+            pretrained; optional num_groups, decoder_dim, ffn_ratio, permute_ids.
+        encoder: inject an encoder (tests); its weights are left alone.
+
+    Returns:
+        (student, init): init says, in one line, how the encoder was initialised (for the run's log).
+    """
+    student = DeformableStudent(
+        encoder,
+        d_model=model_cfg.d_model,
+        num_heads=model_cfg.num_heads,
+        num_groups=getattr(model_cfg, "num_groups", 4),
+        deform_stride=model_cfg.deform_stride,
+        offset_range=model_cfg.offset_range,
+        offset_kernel=model_cfg.offset_kernel,
+        max_objects=model_cfg.max_objects,
+        decoder_dim=getattr(model_cfg, "decoder_dim", 256),
+        ffn_ratio=getattr(model_cfg, "ffn_ratio", 2.0),
+        permute_ids=getattr(model_cfg, "permute_ids", True),
+    )
+    if encoder is not None:
+        return student, "encoder: injected module"
+    from dvos.models.backbones.weights import load_imagenet_mobilenet_v2
+
+    return student, load_imagenet_mobilenet_v2(student.encoder, model_cfg.pretrained)

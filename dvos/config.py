@@ -127,6 +127,64 @@ class TeacherConfig:
 
 
 @dataclass
+class DistillConfig:
+    """The distillation losses (docs/DESIGN.md §1): weights and temperature, all logged with the run."""
+
+    ref_masks: str = "pseudo"  # pseudo (cluster the teacher's features) | annotation (first-frame labels)
+    num_segments: int = 4  # pseudo-objects per clip, background included
+    tau: float = 1.0  # softmax temperature of the relation losses
+    lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
+    lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
+    lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
+    lambda_ce: float = 0.0  # optional cross-entropy to the teacher's hard pseudo-masks
+    att_branches: str = "both"  # which student attention is distilled: long | short | both
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and polynomial decay (per step), optional EMA of the student."""
+
+    lr: float = 2e-4
+    encoder_lr_ratio: float = 0.1  # the pretrained encoder learns slower
+    weight_decay: float = 0.07
+    warmup_steps: int = 50
+    poly_power: float = 0.9
+    min_lr_ratio: float = 0.0
+    ema: bool = True
+    ema_decay: float = 0.995
+    max_non_finite: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class EvalConfig:
+    """Inference during validation and `dvos evaluate`."""
+
+    max_size: int | None = None  # cap on the long side of frames fed to the model (None: full size)
+
+
+@dataclass
+class PretrainConfig:
+    """Teacher pretraining by contrastive random walk (`dvos pretrain`; `dvos train` runs it when the
+    teacher is a ResNet without checkpoint and `pretrain.enabled`)."""
+
+    enabled: bool = True
+    output: str = "auto"  # auto: ${paths.data_dir}/teachers/crw-<hash of these settings and the data>.ckpt
+    widths: list[int] = field(default_factory=lambda: [64, 128, 256])
+    depths: list[int] = field(default_factory=lambda: [2, 2, 2])
+    stem_width: int = 64
+    head_dim: int = 128  # CRW's projection head (used only for the loss, not kept in the teacher)
+    temperature: float = 0.07
+    edge_dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    max_steps: int = 300
+    clip_len: int = 4
+    crop_size: list[int] = field(default_factory=lambda: [128, 128])
+    batch_size: int = 8
+
+
+@dataclass
 class TrainerConfig:
     """Arguments passed to `lightning.Trainer` (see Lightning's documentation for each)."""
 
@@ -167,10 +225,14 @@ class LoggerConfig:
 class CallbacksConfig:
     """Each callback switchable on/off."""
 
-    checkpoint: bool = True
+    checkpoint: bool = True  # best on val/J&F + last.ckpt in <run>/checkpoints
     lr_monitor: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # rich progress bar
     skipped_videos: bool = True  # report corrupt videos skipped during the epoch
+    attention_pictures: bool = True  # student/teacher attention and offsets to W&B and <run>/pictures
+    attention_every_n_steps: int = 100
+    vos_results: bool = True  # per-sequence table and mask overlays after each validation
+    num_overlays: int = 4
 
 
 @dataclass
@@ -184,6 +246,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)

@@ -55,14 +55,19 @@ class JFMetric(Metric):
         # the empty placeholder of a rank that saw no sequence, so all ranks gather one dtype.
         self.set_dtype(torch.float64)
 
-    def update(self, gt: Any, pred: Any) -> None:
-        """Score one sequence.
+    def update(self, gt: Any = None, pred: Any = None, *, objects: dict[str, dict[str, Any]] | None = None) -> None:
+        """Score one sequence (or add the per-object results of one already scored).
 
         Args:
             gt: `T × H × W` ground-truth ids of every frame (tensor or array; 255 = void).
             pred: `T × H × W` predicted ids of every frame; frames 0 and T−1 are not scored.
+            objects: instead of gt/pred, the output of `evaluate_arrays` for one sequence (so a
+                caller that also wants the per-sequence numbers scores it once).
         """
-        objects = evaluate_arrays(gt, pred, year=self.year, bound_th=self.bound_th)
+        if objects is None:
+            if gt is None or pred is None:
+                raise ValueError("JFMetric.update needs gt and pred, or objects")
+            objects = evaluate_arrays(gt, pred, year=self.year, bound_th=self.bound_th)
         for state, statistic in _STATES.items():
             values = [scores[statistic] for scores in objects.values()]
             getattr(self, state).append(torch.tensor(values, dtype=self.dtype, device=self.device))

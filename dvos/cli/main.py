@@ -19,6 +19,9 @@ COMMAND_MODULES = [
     "dvos.cli.data_cmd",
     "dvos.cli.eval_masks",
     "dvos.cli.train_cmd",
+    "dvos.cli.pretrain_cmd",
+    "dvos.cli.segment_cmd",
+    "dvos.cli.evaluate_cmd",
     "dvos.cli.placeholders",
 ]
 

@@ -7,9 +7,6 @@ import sys
 
 # command -> (help text, where it arrives)
 PLANNED = {
-    "pretrain": ("train the teacher's encoder without labels (contrastive random walk)", "issue 4"),
-    "segment": ("segment a video from its first-frame mask", "issue 3"),
-    "evaluate": ("predict a VOS dataset with a checkpoint and score it (J&F, FPS, memory)", "issue 3"),
     "sweep": ("run a W&B sweep file, online or offline", "issue 5"),
     "compare": ("compare runs side by side (table + PNG)", "issue 5"),
     "bench": ("speed / memory / FLOPs benchmarks", "issue 6"),

@@ -1,0 +1,222 @@
+"""`dvos evaluate`: segment every sequence of a VOS set, then score J&F, FPS and peak memory.
+
+    dvos evaluate --ckpt runs/x/checkpoints/last.ckpt data=davis2016 data.root=/data/DAVIS
+    dvos evaluate --teacher label_propagation teacher.checkpoint=dino_deitsmall16_pretrain.pth
+    dvos evaluate --baseline copy data=davis2017 data.root=/data/DAVIS --out eval/copy
+
+The set comes from the config (`data=...`, default: the embedded synthetic validation set, built on
+first use). Predictions are written in DAVIS layout, `OUT/<sequence>/<frame>.png`, by a background
+thread; OUT defaults to `<run folder of the checkpoint>/eval-<data.name>`, or
+`eval/<data.name>-<date>-<time>` without a checkpoint. When the sequences have dense ground truth
+(DAVIS), J&F is computed with the official toolkit's rules (`dvos.metrics`) from the written files:
+`global_results-<split>.csv`, `per-sequence_results-<split>.csv`, `results.json`. Always written:
+`timing.json` (per sequence: frames, FPS, peak memory) and `config.yaml` (the resolved config).
+YouTube-VOS (no dense ground truth) gets predictions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from dvos.cli.segment_cmd import add_intermixed_parser, add_model_arguments, positive_int
+
+TIMING_JSON = "timing.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `evaluate` sub-command."""
+    parser = add_intermixed_parser(
+        subparsers,
+        "evaluate",
+        help="predict a VOS dataset with a checkpoint and score it (J&F, FPS, memory)",
+        description=(
+            "Segment every sequence of the configured VOS set (data=davis2016|davis2017|youtubevos|"
+            "synthetic, data.root=...) and, where it has dense ground truth, score J&F like the official "
+            "DAVIS toolkit. Predictions: OUT/<sequence>/<frame>.png. Also writes the CSVs, results.json, "
+            "timing.json (FPS, peak memory per sequence) and config.yaml into OUT."
+        ),
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="output folder (default: <checkpoint's run>/eval-<data.name>, else eval/<data.name>-<time>)",
+    )
+    parser.add_argument(
+        "--workers", type=positive_int, metavar="N", default=None, help="J&F processes (default: #CPU)"
+    )
+    add_model_arguments(parser, baseline=True)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def default_out_dir(cfg: Any, checkpoint: Path | None) -> Path:
+    """`<run>/eval-<data.name>` for a run checkpoint, else `eval/<data.name>-<date>-<time>`."""
+    from dvos.inference.checkpoints import run_dir_of
+
+    if checkpoint is not None:
+        return run_dir_of(checkpoint) / f"eval-{cfg.data.name}"
+    return Path("eval") / f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def sequence_scores(results: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
+    """Per sequence: J, F (means over its objects `<seq>_<k>`) and J&F = (J + F) / 2."""
+    out = {}
+    for name in names:
+        objects = [
+            scores
+            for key, scores in results["objects"].items()
+            if key.rsplit("_", 1)[0] == name and key.rsplit("_", 1)[-1].isdigit()
+        ]
+        if not objects:
+            continue
+        j = sum(o["J-Mean"] for o in objects) / len(objects)
+        f = sum(o["F-Mean"] for o in objects) / len(objects)
+        out[name] = {"J&F": (j + f) / 2, "J": j, "F": f, "objects": len(objects)}
+    return out
+
+
+def format_report(timing: list[dict[str, Any]], scores: dict[str, dict[str, float]] | None) -> str:
+    """One table: per sequence J&F, J, F (when scored), frames, FPS and peak memory."""
+    width = max([len("Sequence"), *(len(row["name"]) for row in timing)])
+    memory_column = "CUDA MB" if any(row["peak_cuda_mb"] is not None for row in timing) else "RSS MB"
+    header = f"{'Sequence':<{width}}"
+    if scores is not None:
+        header += f"  {'J&F':>6}  {'J':>6}  {'F':>6}"
+    header += f"  {'frames':>6}  {'FPS':>7}  {memory_column:>8}"
+    lines = [header]
+    for row in timing:
+        line = f"{row['name']:<{width}}"
+        if scores is not None:
+            score = scores.get(row["name"])
+            if score is None:
+                line += f"  {'-':>6}  {'-':>6}  {'-':>6}"
+            else:
+                line += f"  {score['J&F']:6.3f}  {score['J']:6.3f}  {score['F']:6.3f}"
+        memory = row["peak_cuda_mb"] if row["peak_cuda_mb"] is not None else row["peak_rss_mb"]
+        fps = f"{row['fps']:.2f}" if row["fps"] < 1000 else f"{row['fps']:.0f}"
+        line += f"  {row['frames']:>6d}  {fps:>7}  {memory:8.0f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: `dvos --help` should not pay for torch.
+    from dvos.cli.common import build_eval_datamodule, log, prepare_data, setup_logging
+    from dvos.cli.segment_cmd import build_segmenter, config_overrides, format_memory, resolve_device
+    from dvos.config import environment_info, load_config, save_config, to_dict
+    from dvos.inference.engine import segment_sequence
+    from dvos.inference.writer import MaskWriter
+    from dvos.metrics.evaluation import (
+        clear_results,
+        default_workers,
+        evaluate_davis,
+        write_results,
+    )
+    from dvos.utils.errors import DvosError
+    from dvos.utils.io import ensure_writable_dir, write_json
+
+    setup_logging()
+    cfg = load_config(config_overrides(args))
+    prepare_data(cfg)
+    eval_data = build_eval_datamodule(cfg)
+    eval_data.setup("validate")
+    sequences = list(eval_data.dataset)
+    if not sequences:
+        raise DvosError(f"no sequences to evaluate in {cfg.data.root}")
+    device = resolve_device(args.device)
+    segmenter, description, checkpoint = build_segmenter(args, cfg, device)
+    out_dir = ensure_writable_dir(args.out or default_out_dir(cfg, checkpoint))
+    split = cfg.data.split
+    clear_results(out_dir, split)  # no stale numbers if this run fails
+    (out_dir / TIMING_JSON).unlink(missing_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    log.info(
+        "evaluating %d sequences of %s (%s) with %s on %s → %s",
+        len(sequences),
+        cfg.data.name,
+        cfg.data.root,
+        description,
+        device,
+        out_dir,
+    )
+
+    timing = []
+    with MaskWriter(out_dir, maxsize=args.queue) as writer:
+        for sequence in sequences:
+            stats = segment_sequence(segmenter, sequence, writer=writer)
+            timing.append(stats.as_dict())
+            log.info("%s: %d frames, %.2f FPS, %s", stats.name, stats.frames, stats.fps, format_memory(stats))
+    total_frames = sum(row["frames"] for row in timing)
+    total_seconds = sum(row["seconds"] for row in timing)
+    run_info = {
+        "command": "evaluate",
+        "method": description,
+        "checkpoint": None if checkpoint is None else str(checkpoint.resolve()),
+        "device": str(device),
+        "max_size": getattr(segmenter, "max_size", None),
+        "data": {"name": cfg.data.name, "root": str(cfg.data.root), "split": split},
+        "config": to_dict(cfg),
+        "versions": environment_info(),
+    }
+    write_json(
+        out_dir / TIMING_JSON,
+        {
+            **{k: run_info[k] for k in ("method", "checkpoint", "device", "max_size")},
+            "frames": total_frames,
+            "seconds": total_seconds,
+            "fps": total_frames / total_seconds if total_seconds > 0 else None,
+            "peak_rss_mb": max(row["peak_rss_mb"] for row in timing),
+            "peak_cuda_mb": max((row["peak_cuda_mb"] or 0.0) for row in timing)
+            if device.type == "cuda"
+            else None,
+            "sequences": timing,
+        },
+    )
+
+    scored = [s.name for s in sequences if s.has_full_gt] if cfg.data.format == "davis" else []
+    results = scores = None
+    if scored:
+        workers = args.workers or default_workers(len(scored))
+        started = time.perf_counter()
+        results = evaluate_davis(
+            cfg.data.root, out_dir, year=int(cfg.data.year), split=split, sequences=scored, workers=workers
+        )
+        run_info["seconds_jf"] = round(time.perf_counter() - started, 3)
+        run_info["scored_sequences"] = scored
+        write_results(results, out_dir, split, config=run_info)
+        scores = sequence_scores(results, scored)
+
+    print(format_report(timing, scores))
+    print()
+    fps = total_frames / total_seconds if total_seconds > 0 else float("inf")
+    peak = max(row["peak_rss_mb"] for row in timing)
+    speed = f"{total_frames} frames at {fps:.2f} FPS, peak RSS {peak:.0f} MB"
+    if device.type == "cuda":
+        speed += f", peak CUDA {max((row['peak_cuda_mb'] or 0.0) for row in timing):.0f} MB"
+    if results is not None:
+        g = results["global"]
+        print(
+            f"J&F {g['J&F-Mean']:.3f}  J {g['J-Mean']:.3f}  F {g['F-Mean']:.3f} over {len(scored)} sequences "
+            f"({len(results['objects'])} objects); {speed}; {description}"
+        )
+        unscored = len(sequences) - len(scored)
+        if unscored:
+            print(f"{unscored} sequence(s) without dense ground truth: predictions only")
+    else:
+        print(f"{speed}; {description}")
+        why = "YouTube-VOS" if cfg.data.format == "youtubevos" else "this set"
+        print(
+            f"{why} has no dense ground truth here: predictions only (no J&F); "
+            "submit them to the benchmark's server"
+        )
+    print(
+        f"wrote predictions, {TIMING_JSON}"
+        + (" and J&F results" if results is not None else "")
+        + f" to {out_dir}"
+    )
+    return 0

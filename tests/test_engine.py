@@ -1,0 +1,410 @@
+"""The streaming inference engine: constant memory over long videos, object ids, late objects, sizes,
+names and palettes of the outputs, the background writer, checkpoints and overlay videos."""
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_data import write_frame_folder
+from PIL import Image
+from torch import nn
+
+from dvos.data.readers import open_video
+from dvos.data.vos import youtubevos_sequences
+from dvos.inference.checkpoints import find_latest_checkpoint, load_student
+from dvos.inference.engine import (
+    CopySegmenter,
+    ObjectIdMap,
+    StudentSegmenter,
+    TeacherSegmenter,
+    current_rss_mb,
+    model_size,
+    segment_sequence,
+)
+from dvos.inference.overlay import write_overlay_video
+from dvos.inference.writer import MaskWriter
+from dvos.models.backbones.resnet import ResNetEncoder
+from dvos.models.student import build_student
+from dvos.models.teacher import LabelPropagationTeacher
+from dvos.utils.errors import DvosError
+from dvos.utils.masks import default_palette, read_mask, write_mask
+
+TINY_MODEL = dict(
+    d_model=32,
+    num_heads=4,
+    num_groups=2,
+    deform_stride=2,
+    offset_range=4.0,
+    offset_kernel=3,
+    max_objects=5,
+    decoder_dim=16,
+    ffn_ratio=2.0,
+    permute_ids=True,
+    pretrained="none",
+)
+
+
+def tiny_student(**overrides):
+    torch.manual_seed(0)
+    student, _ = build_student(SimpleNamespace(**{**TINY_MODEL, **overrides}))
+    return student
+
+
+def tiny_teacher(n_recent: int = 3, encoder: nn.Module | None = None) -> LabelPropagationTeacher:
+    torch.manual_seed(0)
+    encoder = encoder or ResNetEncoder(widths=(8, 16), depths=(1, 1), stem_width=8)
+    return LabelPropagationTeacher(encoder, n_recent=n_recent, radius=4, topk=5)
+
+
+class ColourEncoder(nn.Module):
+    """Pixel colours averaged over 4 × 4 cells with their 3 × 3 neighbourhood: a teacher encoder whose
+    propagation follows colour, so a test can rely on what it propagates."""
+
+    stride = 4
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        cells = F.avg_pool2d(image, self.stride) - 0.5
+        patches = F.unfold(F.pad(cells, (1, 1, 1, 1), mode="replicate"), 3)
+        return patches.view(image.shape[0], -1, *cells.shape[-2:])
+
+
+def moving_scene(num_frames, height=64, width=96, *, object_ids=(1, 2, 3), late=None, seed=0):
+    """Frames `T × H × W × 3` uint8 and masks `T × H × W` uint8: flat-coloured boxes moving over a
+    textured background, one id each; `late=(id, t)` adds a box with that id from frame t on."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 60, size=(height, width, 3)).astype(np.uint8)
+    colours = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40)]
+    frames = np.repeat(background[None], num_frames, axis=0)
+    masks = np.zeros((num_frames, height, width), np.uint8)
+    box_h, box_w = height // 4, width // 6
+    for t in range(num_frames):
+        shift = int(round(3 * np.sin(t / 7.0)))
+        for k, object_id in enumerate(object_ids):
+            top, left = 4 + k * (box_h + 2), 6 + k * (box_w + 4) + shift
+            frames[t, top : top + box_h, left : left + box_w] = colours[k]
+            masks[t, top : top + box_h, left : left + box_w] = object_id
+        if late is not None and t >= late[1]:
+            top, left = height - box_h - 4, width - box_w - 6 + shift
+            frames[t, top : top + box_h, left : left + box_w] = colours[3]
+            masks[t, top : top + box_h, left : left + box_w] = late[0]
+    return frames, masks
+
+
+# --------------------------------------------------------------------------------------------
+# Constant memory
+# --------------------------------------------------------------------------------------------
+def test_student_memory_is_constant_over_200_frames():
+    frames, masks = moving_scene(200)
+    segmenter = StudentSegmenter(tiny_student())
+    sizes, rss = [], {}
+
+    def watch(index, prediction):
+        sizes.append(segmenter.memory_bytes())
+        if index in (20, 199):
+            rss[index] = current_rss_mb()
+
+    stats = segment_sequence(segmenter, frames, masks[0], on_frame=watch)
+    assert stats.frames == 200 and stats.fps > 0 and stats.peak_cuda_mb is None
+    assert len(set(sizes)) == 1 and sizes[0] > 0  # the Memory holds two frames, always
+    assert rss[199] - rss[20] < 30, f"RSS grew by {rss[199] - rss[20]:.1f} MB over 180 frames"
+    assert stats.peak_rss_mb >= stats.rss_before_mb > 0
+
+
+def test_teacher_context_is_bounded_over_200_frames():
+    frames, masks = moving_scene(200)
+    segmenter = TeacherSegmenter(tiny_teacher(n_recent=3))
+    contexts, sizes, rss = [], [], {}
+
+    def watch(index, prediction):
+        contexts.append(segmenter.context_size)
+        sizes.append(segmenter.memory_bytes())
+        if index in (20, 199):
+            rss[index] = current_rss_mb()
+
+    segment_sequence(segmenter, frames, masks[0], on_frame=watch)
+    assert max(contexts) == 1 + 3 and contexts[-1] == 4
+    assert len(set(sizes[4:])) == 1  # full context from frame 3 on: constant
+    assert rss[199] - rss[20] < 30, f"RSS grew by {rss[199] - rss[20]:.1f} MB over 180 frames"
+
+
+# --------------------------------------------------------------------------------------------
+# Object ids
+# --------------------------------------------------------------------------------------------
+def test_object_id_map_is_contiguous_and_round_trips():
+    ids = ObjectIdMap()
+    assert ids.add([2, 5]) == [1, 2]
+    assert ids.add([7, 2]) == [3, 1]
+    mask = np.array([[0, 2, 5], [7, 255, 9]], np.uint8)
+    model = ids.to_model(mask)
+    assert model.tolist() == [[0, 1, 2], [3, 0, 0]]
+    assert ids.to_sequence(model).tolist() == [[0, 2, 5], [7, 0, 0]]
+    assert ids.to_model(mask, only=[7]).tolist() == [[0, 0, 0], [3, 0, 0]]
+    with pytest.raises(DvosError):
+        ids.add([255])
+
+
+@pytest.mark.parametrize("kind", ["student", "teacher", "copy"])
+def test_three_objects_with_sparse_ids_give_only_valid_ids(kind):
+    frames, masks = moving_scene(6, object_ids=(2, 5, 7))
+    masks[0, :2, :2] = 255  # void in the first mask is not an object
+    segmenter = {
+        "student": lambda: StudentSegmenter(tiny_student()),
+        "teacher": lambda: TeacherSegmenter(tiny_teacher()),
+        "copy": CopySegmenter,
+    }[kind]()
+    predictions = []
+    segment_sequence(segmenter, frames, masks[0], on_frame=lambda i, p: predictions.append(p.copy()))
+    assert len(predictions) == 6
+    for prediction in predictions:
+        assert prediction.shape == (64, 96) and prediction.dtype == np.uint8
+        assert set(np.unique(prediction)) <= {0, 2, 5, 7}
+    assert set(np.unique(predictions[0])) == {0, 2, 5, 7}
+
+
+def test_too_many_objects_for_the_student_is_a_one_line_error():
+    frames, masks = moving_scene(2, object_ids=(1, 2, 3))
+    with pytest.raises(DvosError, match="at most 2"):
+        segment_sequence(StudentSegmenter(tiny_student(max_objects=2)), frames, masks[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Objects appearing later (YouTube-VOS)
+# --------------------------------------------------------------------------------------------
+def youtubevos_tree(root: Path, num_frames: int = 16, late_from: int = 10) -> Path:
+    """A YouTube-VOS valid-style tree: object 2 from frame 0, object 4 from frame `late_from`; masks
+    only where objects first appear, holding only those objects."""
+    frames, masks = moving_scene(num_frames, object_ids=(2,), late=(4, late_from))
+    split = root / "valid"
+    write_frame_folder(split / "JPEGImages" / "clip", frames, ext=".png")
+    meta = {
+        "videos": {"clip": {"objects": {"2": {"frames": ["00000"]}, "4": {"frames": [f"{late_from:05d}"]}}}}
+    }
+    write_mask(split / "Annotations" / "clip" / "00000.png", np.where(masks[0] == 2, 2, 0).astype(np.uint8))
+    write_mask(
+        split / "Annotations" / "clip" / f"{late_from:05d}.png",
+        np.where(masks[late_from] == 4, 4, 0).astype(np.uint8),
+    )
+    (split / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.mark.parametrize("kind", ["copy", "teacher", "student"])
+def test_object_appearing_at_frame_10_is_segmented_from_then_on(tmp_path, kind):
+    (sequence,) = youtubevos_sequences(youtubevos_tree(tmp_path / "ytvos"), split="valid")
+    assert sequence.first_frame == {2: 0, 4: 10}
+    segmenter = {
+        "copy": CopySegmenter,
+        "teacher": lambda: TeacherSegmenter(tiny_teacher(encoder=ColourEncoder())),
+        "student": lambda: StudentSegmenter(tiny_student()),
+    }[kind]()
+    predictions = []
+    sizes = []
+
+    def watch(index, prediction):
+        predictions.append(prediction.copy())
+        sizes.append(segmenter.memory_bytes())
+
+    with MaskWriter(tmp_path / "out") as writer:
+        stats = segment_sequence(segmenter, sequence, writer=writer, on_frame=watch)
+    assert stats.frames == 16
+    assert not any((p == 4).any() for p in predictions[:10])
+    assert (predictions[10] == 4).sum() == (sequence.load_mask(10) == 4).sum()  # given mask pasted
+    if kind != "student":  # a random student need not propagate it, but must take it in
+        assert all((p == 4).any() for p in predictions[10:])
+        assert all((p == 2).any() for p in predictions)
+    if kind == "student":
+        assert len(set(sizes)) == 1  # re-anchoring the memory keeps its size
+    written = sorted(path.name for path in (tmp_path / "out" / "clip").iterdir())
+    assert written == [f"{t:05d}.png" for t in range(16)]
+
+
+def test_frames_before_the_first_object_are_background(tmp_path):
+    frames, masks = moving_scene(5, object_ids=(3,))
+    predictions = []
+    segment_sequence(
+        CopySegmenter(), frames, {2: masks[2]}, on_frame=lambda i, p: predictions.append(p.copy())
+    )
+    assert not predictions[0].any() and not predictions[1].any()
+    assert (predictions[2] == 3).any() and (predictions[4] == 3).any()
+
+
+# --------------------------------------------------------------------------------------------
+# Names, sizes, palettes
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_size", [None, 48])
+def test_outputs_are_named_and_sized_like_the_inputs_with_the_first_palette(tmp_path, max_size):
+    frames, masks = moving_scene(5, height=70, width=98)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    names = [f"img_{7 + 3 * t:04d}" for t in range(5)]
+    for name, frame in zip(names, frames):
+        Image.fromarray(frame).save(folder / f"{name}.png")
+    palette = list(np.random.default_rng(3).integers(0, 256, 768))
+    write_mask(tmp_path / "first.png", masks[0], palette)
+    first, first_palette = read_mask(tmp_path / "first.png")
+    reader = open_video(folder)
+    segmenter = StudentSegmenter(tiny_student(), max_size=max_size)
+    with MaskWriter(tmp_path / "out") as writer:
+        segment_sequence(segmenter, reader, first, writer=writer, flat=True, palette=first_palette)
+    assert segmenter.input_size == ((70, 98) if max_size is None else model_size((70, 98), 48))
+    for name in names:
+        with Image.open(tmp_path / "out" / f"{name}.png") as image:
+            assert image.mode == "P" and image.size == (98, 70)
+            assert image.getpalette()[:768] == palette
+    assert sorted(p.stem for p in (tmp_path / "out").iterdir()) == names
+
+
+def test_model_size_caps_the_long_side():
+    assert model_size((480, 854), None) == (480, 854)
+    assert model_size((480, 854), 240) == (135, 240)
+    assert model_size((854, 480), 240) == (240, 135)
+    assert model_size((100, 120), 240) == (100, 120)
+
+
+def test_mask_of_another_size_is_a_one_line_error():
+    frames, masks = moving_scene(3)
+    with pytest.raises(DvosError, match="64×96") as info:
+        segment_sequence(CopySegmenter(), frames, masks[0][:, :50])
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# The writer
+# --------------------------------------------------------------------------------------------
+def test_writer_writes_palette_pngs_atomically(tmp_path):
+    palette = default_palette()
+    with MaskWriter(tmp_path / "out", maxsize=2) as writer:
+        writer.open_sequence("seq", palette)
+        for t in range(10):
+            writer.put("seq", f"{t:05d}", np.full((8, 12), t % 3, np.uint8))
+    assert writer.written == 10
+    files = sorted(os.listdir(tmp_path / "out" / "seq"))
+    assert files == [f"{t:05d}.png" for t in range(10)]  # no temporary names left
+    mask, read_palette = read_mask(tmp_path / "out" / "seq" / "00004.png")
+    assert (mask == 1).all() and read_palette[:768] == palette
+
+
+def test_writer_reraises_its_threads_error(tmp_path):
+    writer = MaskWriter(tmp_path / "out", maxsize=1)
+    writer.put(None, "bad", np.zeros((2, 3, 4), np.uint8))  # not H × W: fails in the thread
+    with pytest.raises(ValueError, match="H × W"):
+        for t in range(50):
+            writer.put(None, f"{t:05d}", np.zeros((4, 4), np.uint8))
+            time.sleep(0.01)
+    writer.close()  # the error was reported once; closing is clean
+
+    writer = MaskWriter(tmp_path / "out2")
+    writer.put(None, "bad", np.zeros((2, 3, 4), np.uint8))
+    with pytest.raises(ValueError, match="H × W"):
+        writer.close()
+
+
+def test_unwritable_output_is_a_one_line_error_before_any_frame(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DvosError) as info:
+        MaskWriter(blocker / "out")
+    assert "\n" not in str(info.value) and "out" in str(info.value)
+
+    frames, masks = moving_scene(3)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "video").write_text("a file where the sequence folder goes")
+    seen = []
+    with MaskWriter(tmp_path / "out") as writer, pytest.raises(DvosError) as info:
+        segment_sequence(
+            CopySegmenter(), frames, masks[0], writer=writer, on_frame=lambda i, p: seen.append(i)
+        )
+    assert not seen and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+def test_load_student_from_a_lightning_checkpoint_prefers_ema_and_its_config(tmp_path):
+    trained = tiny_student(d_model=16, decoder_dim=8)
+    ema = tiny_student(d_model=16, decoder_dim=8)
+    with torch.no_grad():
+        for parameter in ema.parameters():
+            parameter.add_(1.0)
+    state = {f"student.{k}": v for k, v in trained.state_dict().items()}
+    state.update({f"student_ema.{k}": v for k, v in ema.state_dict().items()})
+    config = {"model": {**TINY_MODEL, "d_model": 16, "decoder_dim": 8}, "seed": 0}
+    path = tmp_path / "runs" / "r1" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": state, "dvos_config": config, "epoch": 3, "global_step": 12}, path)
+
+    # The model config given says d_model=32: the checkpoint's own config wins.
+    student, description = load_student(path, SimpleNamespace(**TINY_MODEL))
+    assert student.d_model == 16 and not student.training
+    assert "student_ema" in description and "global_step 12" in description
+    for key, value in ema.state_dict().items():
+        assert torch.equal(student.state_dict()[key], value)
+    assert find_latest_checkpoint(tmp_path / "runs") == path
+
+    plain = tmp_path / "plain.pt"
+    torch.save(trained.state_dict(), plain)
+    student, description = load_student(
+        plain, SimpleNamespace(**{**TINY_MODEL, "d_model": 16, "decoder_dim": 8})
+    )
+    assert torch.equal(student.id_embedding.weight, trained.id_embedding.weight)
+
+
+def test_newest_run_checkpoint_is_found_by_mtime(tmp_path):
+    assert find_latest_checkpoint(tmp_path / "nothing") is None
+    paths = []
+    for index, name in enumerate(["b-run", "a-run"]):
+        path = tmp_path / name / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + index, 1000 + index))
+        paths.append(path)
+    assert find_latest_checkpoint(tmp_path) == paths[1]
+
+
+def test_no_checkpoint_means_a_random_student_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        student, description = load_student(None, SimpleNamespace(**TINY_MODEL), runs_dir=tmp_path / "runs")
+    assert "randomly initialised" in description
+    assert (
+        "no trained checkpoint found under" in caplog.text
+        and "predictions will be meaningless" in caplog.text
+    )
+
+
+def test_bad_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.weight": torch.zeros(2)}}, other)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"encoder.nothing": torch.zeros(2)}, wrong)
+    for path in (garbage, other, wrong, tmp_path / "missing.ckpt"):
+        with pytest.raises(DvosError) as info:
+            load_student(path, SimpleNamespace(**TINY_MODEL))
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Overlay
+# --------------------------------------------------------------------------------------------
+def test_overlay_video_has_every_frame_and_even_size(tmp_path):
+    import decord
+
+    frames, masks = moving_scene(7, height=65, width=97)
+    path = tmp_path / "overlay.mp4"
+    count = write_overlay_video(path, iter(frames), iter(masks), default_palette(), fps=10)
+    assert count == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["overlay.mp4"]  # no temporary file left
+    video = decord.VideoReader(str(path))
+    assert len(video) == 7
+    first = video[0].asnumpy()
+    assert first.shape == (66, 98, 3)
+    # objects are tinted: the first object's box is redder than the raw frame's background
+    assert first[:65, :97][masks[0] == 1][:, 0].mean() > 150

@@ -83,3 +83,14 @@ def test_wandb_mode_never_online_without_credentials(monkeypatch, tmp_path):
     assert choose_wandb_mode("offline") == "offline"
     with pytest.raises(DvosError, match="logger.mode"):
         choose_wandb_mode("sometimes")
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "r.json", {})
+        write_mask(tmp_path / "m.png", np.zeros((2, 2), np.uint8))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m.png").stat().st_mode & 0o777 == 0o644

@@ -58,8 +58,8 @@ def prepare_data(cfg: DictConfig) -> None:
     log.info("synthetic data ready in %s (%.1f s)", synth.out, time.perf_counter() - started)
 
 
-def build_clip_datamodule(cfg: DictConfig) -> VideoClipDataModule:
-    """Unlabelled training clips from `data.train_root`."""
+def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None) -> VideoClipDataModule:
+    """Unlabelled training clips from `data.train_root` (validation from `val_dataloader_fn`)."""
     data = cfg.data
     return VideoClipDataModule(
         data.train_root,
@@ -76,6 +76,7 @@ def build_clip_datamodule(cfg: DictConfig) -> VideoClipDataModule:
         clips_per_video=data.clips_per_video,
         decord_threads=data.decord_threads,
         seed=cfg.seed,
+        val_dataloader_fn=val_dataloader_fn,
     )
 
 

@@ -104,33 +104,32 @@ def format_report(timing: list[dict[str, Any]], scores: dict[str, dict[str, floa
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    # Imported here: `dvos --help` should not pay for torch.
-    from dvos.cli.common import build_eval_datamodule, log, prepare_data, setup_logging
-    from dvos.cli.segment_cmd import build_segmenter, config_overrides, format_memory, resolve_device
-    from dvos.config import environment_info, load_config, save_config, to_dict
+def evaluate_segmenter(
+    segmenter: Any,
+    description: str,
+    cfg: Any,
+    sequences: list[Any],
+    out_dir: Path,
+    *,
+    device: Any,
+    checkpoint: Path | None = None,
+    workers: int | None = None,
+    queue: int = 16,
+) -> dict[str, Any]:
+    """Segment `sequences` into `out_dir`, write timing.json (and the J&F files when scorable).
+
+    Returns:
+        `{"timing": [per-sequence stats], "results": J&F results or None, "scores": per-sequence
+        scores or None, "scored": [names], "frames", "fps", "peak_rss_mb", "peak_cuda_mb"}`.
+    """
+    from dvos.cli.common import log
+    from dvos.cli.segment_cmd import format_memory
+    from dvos.config import environment_info, save_config, to_dict
     from dvos.inference.engine import segment_sequence
     from dvos.inference.writer import MaskWriter
-    from dvos.metrics.evaluation import (
-        clear_results,
-        default_workers,
-        evaluate_davis,
-        write_results,
-    )
-    from dvos.utils.errors import DvosError
-    from dvos.utils.io import ensure_writable_dir, write_json
+    from dvos.metrics.evaluation import clear_results, default_workers, evaluate_davis, write_results
+    from dvos.utils.io import write_json
 
-    setup_logging()
-    cfg = load_config(config_overrides(args))
-    prepare_data(cfg)
-    eval_data = build_eval_datamodule(cfg)
-    eval_data.setup("validate")
-    sequences = list(eval_data.dataset)
-    if not sequences:
-        raise DvosError(f"no sequences to evaluate in {cfg.data.root}")
-    device = resolve_device(args.device)
-    segmenter, description, checkpoint = build_segmenter(args, cfg, device)
-    out_dir = ensure_writable_dir(args.out or default_out_dir(cfg, checkpoint))
     split = cfg.data.split
     clear_results(out_dir, split)  # no stale numbers if this run fails
     (out_dir / TIMING_JSON).unlink(missing_ok=True)
@@ -144,19 +143,26 @@ def run(args: argparse.Namespace) -> int:
         device,
         out_dir,
     )
-
     timing = []
-    with MaskWriter(out_dir, maxsize=args.queue) as writer:
+    with MaskWriter(out_dir, maxsize=queue) as writer:
         for sequence in sequences:
             stats = segment_sequence(segmenter, sequence, writer=writer)
             timing.append(stats.as_dict())
             log.info("%s: %d frames, %.2f FPS, %s", stats.name, stats.frames, stats.fps, format_memory(stats))
     total_frames = sum(row["frames"] for row in timing)
     total_seconds = sum(row["seconds"] for row in timing)
+    on_cuda = getattr(device, "type", str(device)) == "cuda"
+    summary = {
+        "frames": total_frames,
+        "seconds": total_seconds,
+        "fps": total_frames / total_seconds if total_seconds > 0 else None,
+        "peak_rss_mb": max(row["peak_rss_mb"] for row in timing),
+        "peak_cuda_mb": max((row["peak_cuda_mb"] or 0.0) for row in timing) if on_cuda else None,
+    }
     run_info = {
         "command": "evaluate",
         "method": description,
-        "checkpoint": None if checkpoint is None else str(checkpoint.resolve()),
+        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
         "device": str(device),
         "max_size": getattr(segmenter, "max_size", None),
         "data": {"name": cfg.data.name, "root": str(cfg.data.root), "split": split},
@@ -167,37 +173,66 @@ def run(args: argparse.Namespace) -> int:
         out_dir / TIMING_JSON,
         {
             **{k: run_info[k] for k in ("method", "checkpoint", "device", "max_size")},
-            "frames": total_frames,
-            "seconds": total_seconds,
-            "fps": total_frames / total_seconds if total_seconds > 0 else None,
-            "peak_rss_mb": max(row["peak_rss_mb"] for row in timing),
-            "peak_cuda_mb": max((row["peak_cuda_mb"] or 0.0) for row in timing)
-            if device.type == "cuda"
-            else None,
+            **summary,
             "sequences": timing,
         },
     )
-
     scored = [s.name for s in sequences if s.has_full_gt] if cfg.data.format == "davis" else []
     results = scores = None
     if scored:
-        workers = args.workers or default_workers(len(scored))
         started = time.perf_counter()
         results = evaluate_davis(
-            cfg.data.root, out_dir, year=int(cfg.data.year), split=split, sequences=scored, workers=workers
+            cfg.data.root,
+            out_dir,
+            year=int(cfg.data.year),
+            split=split,
+            sequences=scored,
+            workers=workers or default_workers(len(scored)),
         )
         run_info["seconds_jf"] = round(time.perf_counter() - started, 3)
         run_info["scored_sequences"] = scored
         write_results(results, out_dir, split, config=run_info)
         scores = sequence_scores(results, scored)
+    return {"timing": timing, "results": results, "scores": scores, "scored": scored, **summary}
 
-    print(format_report(timing, scores))
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here: `dvos --help` should not pay for torch.
+    from dvos.cli.common import build_eval_datamodule, prepare_data, setup_logging
+    from dvos.cli.segment_cmd import build_segmenter, config_overrides, resolve_device
+    from dvos.config import load_config
+    from dvos.utils.errors import DvosError
+    from dvos.utils.io import ensure_writable_dir
+
+    setup_logging()
+    cfg = load_config(config_overrides(args))
+    prepare_data(cfg)
+    eval_data = build_eval_datamodule(cfg)
+    eval_data.setup("validate")
+    sequences = list(eval_data.dataset)
+    if not sequences:
+        raise DvosError(f"no sequences to evaluate in {cfg.data.root}")
+    device = resolve_device(args.device)
+    segmenter, description, checkpoint = build_segmenter(args, cfg, device)
+    out_dir = ensure_writable_dir(args.out or default_out_dir(cfg, checkpoint))
+    report = evaluate_segmenter(
+        segmenter,
+        description,
+        cfg,
+        sequences,
+        out_dir,
+        device=device,
+        checkpoint=checkpoint,
+        workers=args.workers,
+        queue=args.queue,
+    )
+    timing, results, scored = report["timing"], report["results"], report["scored"]
+    print(format_report(timing, report["scores"]))
     print()
-    fps = total_frames / total_seconds if total_seconds > 0 else float("inf")
-    peak = max(row["peak_rss_mb"] for row in timing)
-    speed = f"{total_frames} frames at {fps:.2f} FPS, peak RSS {peak:.0f} MB"
-    if device.type == "cuda":
-        speed += f", peak CUDA {max((row['peak_cuda_mb'] or 0.0) for row in timing):.0f} MB"
+    fps = report["fps"] if report["fps"] is not None else float("inf")
+    speed = f"{report['frames']} frames at {fps:.2f} FPS, peak RSS {report['peak_rss_mb']:.0f} MB"
+    if report["peak_cuda_mb"] is not None:
+        speed += f", peak CUDA {report['peak_cuda_mb']:.0f} MB"
     if results is not None:
         g = results["global"]
         print(

@@ -1,23 +1,31 @@
-"""`dvos train`: the whole pipeline from the command line: data, (teacher, student), evaluation.
+"""`dvos train`: the whole pipeline: data, teacher, distillation, evaluation, one table.
 
-What runs today: the run folder with its resolved config, the embedded data (built once), both
-DataModules set up (so a bad dataset fails here, in one line), and the first-frame-copy baseline
-scored with the official J&F rules into `summary.json`. Teacher pretraining and distillation arrive
-with issue 4.
+    dvos train                                   # embedded data, everything at its defaults
+    dvos train experiment=smoke                  # a few steps on a tiny set
+    dvos train data=davis2017 data.root=/data/DAVIS trainer.max_epochs=20
+    dvos train ckpt_path=last                    # continue the newest run where it stopped
+
+Steps: (1) the run folder with the resolved config; (2) the embedded data, built once; (3) the
+teacher: pretrained by contrastive random walk unless its file exists (cached by settings); (4)
+distillation with validation J&F every `trainer.val_check_interval`; (5) the first-frame-copy
+baseline, the teacher and the student evaluated on the validation set with the same engine and the
+official J&F rules; `summary.json` and the printed table; the run folder's path printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="build data, train (distil) and evaluate; takes config overrides",
+        help="build data, pretrain the teacher, distil the student, evaluate; takes config overrides",
         description="Train with the config built from conf/ and the overrides, e.g. "
-        "`dvos train data=davis2017 data.root=/data/DAVIS trainer.max_epochs=2` (docs/configuration.md).",
+        "`dvos train data=davis2017 data.root=/data/DAVIS trainer.max_epochs=2` (docs/configuration.md). "
+        "`ckpt_path=last` continues the newest run (or run_dir=...) from its last.ckpt.",
     )
     parser.add_argument(
         "overrides", nargs="*", help="group choices (data=davis2016) and dot-key overrides (a.b=c)"
@@ -25,43 +33,100 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def score_copy_baseline(eval_data) -> dict[str, float] | None:
-    """J&F of the first-frame-copy baseline over the sequences that have full ground truth."""
-    import numpy as np
+def resolve_resume(cfg: Any) -> str | None:
+    """`ckpt_path=last`: the last.ckpt of `run_dir`, or of the newest run; the run folder is reused."""
+    from dvos.inference.checkpoints import find_latest_checkpoint
+    from dvos.utils.errors import ConfigError
 
-    from dvos.data.vos import load_sequence
-    from dvos.inference.baseline import copy_first_frame
-    from dvos.metrics.evaluation import evaluate_arrays, summarize
-
-    objects = {}
-    frames = 0
-    started = time.perf_counter()
-    for sequence in eval_data.dataset:
-        if not sequence.has_full_gt:
-            continue
-        gt = load_sequence(sequence)["gt"]
-        prediction = np.stack(list(copy_first_frame(sequence)))
-        frames += len(sequence)
-        objects.update(
-            evaluate_arrays(
-                gt, prediction, sequence=sequence.name, year=eval_data.year, frame_ids=sequence.frame_names
-            )
-        )
-    if not objects:
+    if cfg.ckpt_path is None:
         return None
-    summary = summarize(objects)
-    elapsed = time.perf_counter() - started
-    return {
-        "J&F": summary["J&F-Mean"],
-        "J": summary["J-Mean"],
-        "F": summary["F-Mean"],
-        "fps": frames / elapsed if elapsed > 0 else float("inf"),
-        "params": 0,
-    }
+    if cfg.ckpt_path != "last":
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path: no checkpoint file at {path}")
+        return str(path)
+    if cfg.run_dir:
+        path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path=last: {path} does not exist")
+    else:
+        path = find_latest_checkpoint(cfg.paths.runs_dir)
+        if path is None:
+            raise ConfigError(f"ckpt_path=last: no run under {cfg.paths.runs_dir}/ has checkpoints/last.ckpt")
+        cfg.run_dir = str(path.parent.parent)
+    return str(path)
+
+
+def count_parameters(module: Any) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str | None) -> dict[str, dict]:
+    """Copy baseline, teacher and student on the validation set: J&F, J, F, FPS, parameters."""
+    import torch
+
+    from dvos.cli.common import build_eval_datamodule, log
+    from dvos.cli.evaluate_cmd import evaluate_segmenter
+    from dvos.inference.checkpoints import load_student
+    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter
+
+    eval_data = build_eval_datamodule(cfg)
+    eval_data.setup("validate")
+    sequences = list(eval_data.dataset)
+    device = torch.device("cpu") if module.device.type == "cpu" else module.device
+    max_size = cfg.eval.max_size
+    if best_checkpoint:
+        student, description = load_student(best_checkpoint, cfg.model)
+    else:
+        student, description = module.eval_student, "the student at the end of training"
+    teacher = module.teacher
+    candidates = [
+        ("baseline", CopySegmenter(), "first-frame copy baseline", 0),
+        (
+            "teacher",
+            TeacherSegmenter(teacher, device=device, max_size=max_size),
+            f"teacher ({cfg.teacher.encoder}, {cfg.teacher.checkpoint or 'random weights'})",
+            count_parameters(teacher.encoder),
+        ),
+        (
+            "student",
+            StudentSegmenter(student.eval(), device=device, max_size=max_size),
+            f"student ({description})",
+            count_parameters(student),
+        ),
+    ]
+    summary = {}
+    for name, segmenter, what, params in candidates:
+        report = evaluate_segmenter(segmenter, what, cfg, sequences, run_dir / "eval" / name, device=device)
+        if report["results"] is None:
+            log.warning("%s: the validation set has no dense ground truth; no J&F", name)
+            continue
+        scores = report["results"]["global"]
+        summary[name] = {
+            "J&F": scores["J&F-Mean"],
+            "J": scores["J-Mean"],
+            "F": scores["F-Mean"],
+            "fps": report["fps"],
+            "params": params,
+            "peak_rss_mb": report["peak_rss_mb"],
+        }
+    return summary
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    lines = [f"{'':<9} {'J&F':>6} {'J':>6} {'F':>6} {'FPS':>8} {'params':>10}"]
+    for name, row in summary.items():
+        fps = f"{row['fps']:.1f}" if row["fps"] is not None else "-"
+        lines.append(
+            f"{name:<9} {row['J&F']:6.3f} {row['J']:6.3f} {row['F']:6.3f} {fps:>8} {row['params'] / 1e6:9.2f}M"
+        )
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here: `dvos --help` and light commands should not pay for torch / lightning.
+    import lightning.pytorch as pl
+
     from dvos.cli.common import (
         build_clip_datamodule,
         build_eval_datamodule,
@@ -70,28 +135,40 @@ def run(args: argparse.Namespace) -> int:
         setup_logging,
         start_run,
     )
-    from dvos.config import load_config
+    from dvos.cli.factory import build_trainer
+    from dvos.cli.pretrain_cmd import ensure_teacher
+    from dvos.config import load_config, save_config
+    from dvos.lit.distill import DistillationModule
     from dvos.utils.io import write_json
 
     setup_logging()
     cfg = load_config(args.overrides)
+    resume = resolve_resume(cfg)
     run_dir = start_run(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True)
     prepare_data(cfg)
+    ensure_teacher(cfg, run_dir)
+    save_config(cfg, run_dir / "config.yaml")  # now with the teacher file it uses
 
-    clips = build_clip_datamodule(cfg)
-    clips.setup("fit")
-    log.info("training clips: %d per epoch from %s", len(clips.train_dataset), cfg.data.train_root)
     eval_data = build_eval_datamodule(cfg)
     eval_data.setup("validate")
-    log.info("evaluation set: %d sequences in %s", len(eval_data.dataset), cfg.data.root)
+    clips = build_clip_datamodule(cfg, val_dataloader_fn=eval_data.val_dataloader)
+    module = DistillationModule(cfg)
+    log.info("student encoder: %s", module.student_init)
+    trainer = build_trainer(cfg, run_dir, job_type="distill")
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.fit(module, datamodule=clips, ckpt_path=resume)
 
-    summary = {"baseline": score_copy_baseline(eval_data)}
+    if not trainer.is_global_zero:
+        return 0
+    if cfg.trainer.fast_dev_run:
+        print("fast_dev_run: no final evaluation")
+        print(run_dir)
+        return 0
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    summary = final_evaluation(cfg, run_dir, module, best or None)
     write_json(run_dir / "summary.json", summary)
-    if summary["baseline"] is not None:
-        b = summary["baseline"]
-        print(f"first-frame copy baseline: J&F {b['J&F']:.3f}  J {b['J']:.3f}  F {b['F']:.3f}")
-    print(
-        "teacher pretraining and distillation arrive with issue 4; this run prepared the data and the baseline."
-    )
+    print(format_summary(summary))
     print(run_dir)
     return 0

@@ -29,6 +29,22 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _default_mode() -> int:
+    """The permissions a plain `open(path, "w")` would give (mkstemp's temporaries are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _make_temporary(path: Path, suffix: str) -> str:
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.stem if suffix != '.tmp' else path.name}.", suffix=suffix, dir=path.parent
+    )
+    os.close(fd)
+    os.chmod(tmp_name, _default_mode())
+    return tmp_name
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside `path`; on success rename it to `path`, on error delete it.
@@ -39,8 +55,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp_name = _make_temporary(path, ".tmp")
     try:
         with open(tmp_name, mode, **open_kwargs) as handle:
             yield handle
@@ -62,8 +77,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
+    tmp_name = _make_temporary(path, f".tmp{path.suffix}")
     try:
         yield Path(tmp_name)
         os.replace(tmp_name, path)

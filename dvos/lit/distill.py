@@ -1,0 +1,381 @@
+"""`DistillationModule`: the student learns to propagate masks the way the frozen teacher does.
+
+Per training clip (frames B × T × 3 × H × W, frame 0 the reference):
+
+1. reference objects: pseudo-objects from clustering the teacher's features of frame 0 into
+   `distill.num_segments` segments (id 0 = background), or the first-frame annotation when
+   `distill.ref_masks=annotation` and the batch carries one; target frames' labels are never used;
+2. the teacher propagates them through the clip (no gradients): per-object logits and, per frame,
+   its attention over the reference frame's and the previous frame's tokens;
+3. the student propagates the same reference masks, feeding its own previous prediction back as the
+   short-term memory (as at test time), and returns its deformable attention maps;
+4. loss = λ_att·(1 − CKA) on the attention maps (long-term vs the teacher's reference columns,
+   short-term vs its previous-frame columns) + λ_inter·L_inter + λ_intra·L_intra on the logits
+   (+ λ_ce·CE to the teacher's hard masks).
+
+The teacher is frozen and is NOT a registered sub-module: it is not in the optimizer, not wrapped by
+DDP, not in `state_dict()` and so not in checkpoints; the checkpoint records its checkpoint path and
+SHA-256 instead (`dvos_teacher`), and the full resolved config (`dvos_config`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from dvos.lit.losses import DistillationLoss
+from dvos.metrics.evaluation import evaluate_arrays
+from dvos.metrics.torchmetric import JFMetric
+from dvos.models.deformable import DeformableAttentionAux
+from dvos.models.student import DeformableStudent, build_student, labels_to_onehot
+from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention, build_teacher
+
+log = logging.getLogger(__name__)
+
+
+class ClipOutputs(NamedTuple):
+    """Everything one distillation forward produces (see the module docstring).
+
+    Attributes:
+        reference_ids: B × H × W long, reference objects of frame 0 (0 = background).
+        num_objects: B long, objects per clip (ids 1..num_objects).
+        student_logits: T − 1 tensors B × C × H × W (frames 1..T−1), C = max_objects + 1.
+        student_aux: T − 1 dicts {"long_term", "short_term"} of `DeformableAttentionAux` (or None).
+        teacher_logits: B × T × L × h_t × w_t (L = num_segments or annotated objects + 1).
+        teacher_attention: T entries (entry 0 None), `TeacherAttention` per frame.
+        teacher_token_shape: (h_t, w_t).
+        teacher_stride: pixels per teacher feature cell.
+    """
+
+    reference_ids: torch.Tensor
+    num_objects: torch.Tensor
+    student_logits: list[torch.Tensor]
+    student_aux: list[dict[str, DeformableAttentionAux] | None]
+    teacher_logits: torch.Tensor
+    teacher_attention: list[TeacherAttention | None]
+    teacher_token_shape: tuple[int, int]
+    teacher_stride: int
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    """SHA-256 of a file (the teacher checkpoint the run depended on), None without a file."""
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def warmup_poly(step: int, *, warmup_steps: int, total_steps: int, power: float, min_ratio: float) -> float:
+    """Learning-rate factor: linear warm-up from 0, then polynomial decay to `min_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * (1.0 - progress) ** power
+
+
+class DistillationModule(pl.LightningModule):
+    """Distils the frozen label-propagation teacher into the deformable-attention student.
+
+    Args:
+        config: the full resolved run config (a DictConfig or a plain dict); uses `model`,
+            `teacher`, `distill`, `optim`, `eval`.
+        student: inject a student (tests); default `build_student(config.model)`.
+        teacher: inject a teacher (tests); default `build_teacher(config.teacher)`.
+    """
+
+    def __init__(
+        self,
+        config: DictConfig | dict,
+        *,
+        student: DeformableStudent | None = None,
+        teacher: LabelPropagationTeacher | None = None,
+    ) -> None:
+        super().__init__()
+        plain = (
+            OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+        )
+        self.save_hyperparameters({"config": plain})
+        self.config = OmegaConf.create(plain)
+        if student is None:
+            student, self.student_init = build_student(self.config.model)
+        else:
+            self.student_init = "injected"
+        self.student = student
+        self.student_ema = None
+        if self.config.optim.ema:
+            self.student_ema = copy.deepcopy(student).requires_grad_(False).eval()
+        # Not registered (object.__setattr__): kept out of state_dict, optimizer and DDP.
+        object.__setattr__(
+            self, "_teacher", teacher if teacher is not None else build_teacher(self.config.teacher)
+        )
+        self._teacher.requires_grad_(False).eval()
+        d = self.config.distill
+        self.criterion = DistillationLoss(
+            lambda_att=d.lambda_att,
+            lambda_inter=d.lambda_inter,
+            lambda_intra=d.lambda_intra,
+            lambda_ce=d.lambda_ce,
+            tau=d.tau,
+        )
+        self.val_metric = JFMetric(year=int(self.config.data.year))
+        self.val_sequence_results: list[dict[str, Any]] = []
+        self._clip_generator = torch.Generator().manual_seed(int(self.config.seed))
+
+    # ------------------------------------------------------------------------------------------ parts
+    @property
+    def teacher(self) -> LabelPropagationTeacher:
+        """The frozen teacher, moved to this module's device on first use there."""
+        device = self.device
+        if next(self._teacher.parameters(), torch.empty(0)).device != device:
+            self._teacher.to(device)
+        return self._teacher
+
+    @property
+    def eval_student(self) -> DeformableStudent:
+        """The student used for validation and saved for inference: the EMA copy when enabled."""
+        return self.student_ema if self.student_ema is not None else self.student
+
+    def reference_objects(
+        self, frames: torch.Tensor, annotation: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The one-hot reference masks to give the teacher (None: it clusters pseudo-objects)."""
+        if self.config.distill.ref_masks == "annotation" and annotation is not None:
+            num_labels = int(annotation.max().item()) + 1
+            return labels_to_onehot(annotation.long(), num_labels), annotation.long()
+        return None, None
+
+    def forward_clip(
+        self, frames: torch.Tensor, *, annotation: torch.Tensor | None = None, return_attention: bool = True
+    ) -> ClipOutputs:
+        """Teacher and student on one batch of clips.
+
+        Args:
+            frames: B × T × 3 × H × W in [0, 1].
+            annotation: optional B × H × W ids of frame 0 (used with `distill.ref_masks=annotation`).
+            return_attention: also return the student's attention maps and sampling positions.
+        """
+        teacher_masks, _ = self.reference_objects(frames, annotation)
+        with torch.no_grad():
+            teacher_out = self.teacher.propagate_clip(
+                frames, teacher_masks, num_segments=int(self.config.distill.num_segments)
+            )
+        reference_ids = teacher_out["reference_ids"].to(frames.device)
+        max_objects = int(self.student.max_objects)
+        reference_ids = reference_ids.clamp(max=max_objects)
+        num_objects = reference_ids.flatten(1).amax(dim=1)
+        reference_masks = labels_to_onehot(reference_ids, max_objects + 1)
+        logits, aux = self.student.segment_clip(
+            frames,
+            reference_masks,
+            num_objects=num_objects,
+            return_attention=return_attention,
+            generator=self._clip_generator if self.training else None,
+        )
+        return ClipOutputs(
+            reference_ids=reference_ids,
+            num_objects=num_objects,
+            student_logits=logits,
+            student_aux=aux,
+            teacher_logits=teacher_out["logits"],
+            teacher_attention=teacher_out["attention"],
+            teacher_token_shape=tuple(teacher_out["token_shape"]),
+            teacher_stride=int(teacher_out["stride"]),
+        )
+
+    def clip_loss(
+        self, outputs: ClipOutputs, image_size: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The distillation loss of one batch, averaged over the target frames 1..T−1."""
+        total = None
+        parts_sum: dict[str, torch.Tensor] = {}
+        num_labels = outputs.teacher_logits.shape[2]
+        student_hw = (math.ceil(image_size[0] / 16), math.ceil(image_size[1] / 16))
+        for index, student_logits in enumerate(outputs.student_logits):
+            t = index + 1
+            attention_pairs = []
+            aux = outputs.student_aux[index]
+            teacher_attention = outputs.teacher_attention[t]
+            if aux is not None and teacher_attention is not None:
+                branches = self.config.distill.att_branches
+                if branches in ("long", "both"):
+                    attention_pairs.append(
+                        (aux["long_term"].attention, teacher_attention.reference_columns())
+                    )
+                if branches in ("short", "both"):
+                    attention_pairs.append(
+                        (aux["short_term"].attention, teacher_attention.previous_columns())
+                    )
+            loss, parts = self.criterion(
+                student_logits=student_logits[:, :num_labels],
+                teacher_logits=outputs.teacher_logits[:, t],
+                num_objects=outputs.num_objects,
+                attention_pairs=attention_pairs,
+                student_query_shape=student_hw,
+                teacher_query_shape=outputs.teacher_token_shape,
+                logit_ratio=1.0 / outputs.teacher_stride,
+                query_ratio=16.0 / outputs.teacher_stride,
+            )
+            total = loss if total is None else total + loss
+            for name, value in parts.items():
+                parts_sum[name] = parts_sum.get(name, 0.0) + value.detach()
+        count = len(outputs.student_logits)
+        return total / count, {name: value / count for name, value in parts_sum.items()}
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        frames = batch["frames"]
+        outputs = self.forward_clip(frames, annotation=batch.get("reference_ids"), return_attention=True)
+        loss, parts = self.clip_loss(outputs, (frames.shape[-2], frames.shape[-1]))
+        if not torch.isfinite(loss):
+            self._non_finite += 1
+            limit = int(self.config.optim.max_non_finite)
+            log.warning(
+                "non-finite loss at step %d (skipped; %d in a row)", self.global_step, self._non_finite
+            )
+            if self._non_finite >= limit:
+                raise RuntimeError(
+                    f"{self._non_finite} non-finite losses in a row (optim.max_non_finite={limit})"
+                )
+            return None
+        self._non_finite = 0
+        batch_size = frames.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        self.log("train/objects", outputs.num_objects.float().mean(), batch_size=batch_size)
+        return loss
+
+    _non_finite = 0
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.student_ema is None:
+            return
+        decay = float(self.config.optim.ema_decay)
+        # Warm-up of the average (as in common EMA schedules): early steps follow the student closely.
+        decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
+        with torch.no_grad():
+            for ema_param, param in zip(self.student_ema.parameters(), self.student.parameters()):
+                ema_param.lerp_(param.detach(), 1.0 - decay)
+            for ema_buffer, buffer in zip(self.student_ema.buffers(), self.student.buffers()):
+                ema_buffer.copy_(buffer)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.config.optim
+        encoder_params = list(self.student.encoder.parameters())
+        encoder_ids = {id(p) for p in encoder_params}
+        other_params = [p for p in self.student.parameters() if id(p) not in encoder_ids]
+        groups = [
+            {
+                "params": [p for p in encoder_params if p.requires_grad],
+                "lr": optim.lr * optim.encoder_lr_ratio,
+            },
+            {"params": [p for p in other_params if p.requires_grad], "lr": optim.lr},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_poly(
+                step,
+                warmup_steps=int(optim.warmup_steps),
+                total_steps=total_steps,
+                power=float(optim.poly_power),
+                min_ratio=float(optim.min_lr_ratio),
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self.val_metric.reset()
+        self.val_sequence_results = []
+
+    def validation_step(self, sequence: Any, batch_idx: int) -> None:
+        from dvos.inference.engine import StudentSegmenter, segment_sequence
+
+        if not sequence.has_full_gt:
+            return
+        segmenter = StudentSegmenter(
+            self.eval_student, device=self.device, max_size=self.config.eval.max_size
+        )
+        predictions: list[np.ndarray] = []
+        stats = segment_sequence(segmenter, sequence, on_frame=lambda index, mask: predictions.append(mask))
+        ground_truth = np.stack([sequence.load_mask(index) for index in range(len(sequence))])
+        prediction = np.stack(predictions)
+        objects = evaluate_arrays(
+            ground_truth,
+            prediction,
+            sequence=sequence.name,
+            year=self.val_metric.year,
+            frame_ids=sequence.frame_names,
+        )
+        self.val_metric.update(objects=objects)
+        j = float(np.mean([o["J-Mean"] for o in objects.values()]))
+        f = float(np.mean([o["F-Mean"] for o in objects.values()]))
+        picks = sorted({len(sequence) // 3, 2 * len(sequence) // 3, len(sequence) - 2})
+        self.val_sequence_results.append(
+            {
+                "sequence": sequence.name,
+                "J": j,
+                "F": f,
+                "J&F": (j + f) / 2,
+                "num_objects": len(objects),
+                "fps": stats.fps,
+                "samples": [
+                    {
+                        "frame_index": t,
+                        "image": sequence.load_frame(t),
+                        "prediction": prediction[t],
+                        "ground_truth": ground_truth[t],
+                    }
+                    for t in picks
+                    if 0 < t < len(sequence)
+                ],
+            }
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_metric.compute()  # synced across ranks by torchmetrics
+        if scores is None:
+            return
+        for key, name in (("J&F", "val/J&F"), ("J", "val/J"), ("F", "val/F")):
+            self.log(name, scores[key].float(), sync_dist=False, prog_bar=key == "J&F")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        teacher_path = self.config.teacher.checkpoint
+        checkpoint["dvos_config"] = OmegaConf.to_container(self.config, resolve=True)
+        checkpoint["dvos_teacher"] = {"checkpoint": teacher_path, "sha256": file_sha256(teacher_path)}
+        checkpoint["dvos_student_init"] = self.student_init
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        recorded = (checkpoint.get("dvos_teacher") or {}).get("sha256")
+        current = file_sha256(self.config.teacher.checkpoint)
+        if recorded and current and recorded != current:
+            log.warning(
+                "the teacher checkpoint %s changed since this run was saved (sha256 %s… → %s…)",
+                self.config.teacher.checkpoint,
+                recorded[:12],
+                current[:12],
+            )
+
+    def teacher_logits_at(self, outputs: ClipOutputs, t: int, size: tuple[int, int]) -> torch.Tensor:
+        """The teacher's logits of frame t upsampled to `size` (for pictures and tests)."""
+        probabilities = torch.softmax(outputs.teacher_logits[:, t].float(), dim=1)
+        return torch.log(
+            F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False).clamp_min(1e-6)
+        )

@@ -55,7 +55,9 @@ class JFMetric(Metric):
         # the empty placeholder of a rank that saw no sequence, so all ranks gather one dtype.
         self.set_dtype(torch.float64)
 
-    def update(self, gt: Any = None, pred: Any = None, *, objects: dict[str, dict[str, Any]] | None = None) -> None:
+    def update(
+        self, gt: Any = None, pred: Any = None, *, objects: dict[str, dict[str, Any]] | None = None
+    ) -> None:
         """Score one sequence (or add the per-object results of one already scored).
 
         Args:

@@ -22,7 +22,10 @@ COMMAND_MODULES = [
     "dvos.cli.pretrain_cmd",
     "dvos.cli.segment_cmd",
     "dvos.cli.evaluate_cmd",
-    "dvos.cli.placeholders",
+    "dvos.cli.sweep_cmd",
+    "dvos.cli.compare_cmd",
+    "dvos.cli.bench_cmd",
+    "dvos.cli.export_cmd",
 ]
 
 

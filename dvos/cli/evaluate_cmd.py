@@ -80,6 +80,46 @@ def sequence_scores(results: dict[str, Any], names: list[str]) -> dict[str, dict
     return out
 
 
+def check_ground_truth(sequences: list[Any]) -> None:
+    """Check, before anything is segmented, what scoring will read: every scored sequence has at least
+    3 frames and its ground-truth masks (frames 0..T−2) are id masks of the frames' size.
+
+    Only the PNG headers are read (mode and size), so a bad file found here costs no segmenting time.
+
+    Raises:
+        DataError: one line naming the sequence folder or the mask file.
+    """
+    from PIL import Image
+
+    from dvos.utils.errors import DataError
+
+    for sequence in sequences:
+        if not sequence.has_full_gt:
+            continue
+        if len(sequence) < 3:
+            folder = sequence.mask_paths[0].parent
+            raise DataError(
+                f"{folder}: {len(sequence)} ground-truth frame(s); J&F needs at least 3 (the first and last "
+                f"frames are not scored): leave {sequence.name!r} out with data.sequences=[...]"
+            )
+        height, width = sequence.size
+        for path in sequence.mask_paths[:-1]:
+            try:
+                with Image.open(path) as image:
+                    mode, size = image.mode, image.size
+            except Exception as err:  # PIL raises many types for damaged files
+                raise DataError(f"{path}: cannot read mask ({type(err).__name__}: {err})") from err
+            if mode not in ("P", "L", "1"):
+                raise DataError(
+                    f"{path}: mask has mode {mode!r}; expected an indexed (palette, mode 'P') PNG of object ids"
+                )
+            if size != (width, height):
+                raise DataError(
+                    f"{path}: ground-truth mask is {size[0]}×{size[1]} but the frames of {sequence.name} are "
+                    f"{width}×{height} (width×height)"
+                )
+
+
 def format_report(timing: list[dict[str, Any]], scores: dict[str, dict[str, float]] | None) -> str:
     """One table: per sequence J&F, J, F (when scored), frames, FPS and peak memory."""
     width = max([len("Sequence"), *(len(row["name"]) for row in timing)])
@@ -212,6 +252,8 @@ def run(args: argparse.Namespace) -> int:
     sequences = list(eval_data.dataset)
     if not sequences:
         raise DvosError(f"no sequences to evaluate in {cfg.data.root}")
+    if cfg.data.format == "davis":
+        check_ground_truth(sequences)  # a bad mask fails now, not after every sequence is segmented
     device = resolve_device(args.device)
     segmenter, description, checkpoint = build_segmenter(args, cfg, device)
     out_dir = ensure_writable_dir(args.out or default_out_dir(cfg, checkpoint))

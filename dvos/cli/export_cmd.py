@@ -1,11 +1,107 @@
-"""`dvos export`: export the student's frame step to ONNX / TorchScript (placeholder until issue 6)."""
+"""`dvos export`: export the student's frame step to ONNX or TorchScript.
+
+    dvos export --ckpt runs/x/checkpoints/last.ckpt --format onnx --out student.onnx
+                [--height 480 --width 854] [--max-objects K] [--no-verify] [model.key=value ...]
+
+The graph (`dvos.inference.export.FrameStep`) is encoder + deformable propagation + decoder + ID
+embedding with the memory as explicit inputs and outputs, at a fixed frame size; its input and
+output names and shapes are listed in `dvos/inference/export.py` and the README. The file is written
+to a temporary name and renamed into place. Unless `--no-verify`, the exported file is loaded back and
+compared with PyTorch on random inputs (ONNX: needs onnxruntime); the largest difference is printed,
+and a file that differs by more than 1e-4 is removed again (a one-line error).
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from dvos.cli.segment_cmd import add_intermixed_parser, positive_int
+
+TOLERANCE = 1e-4  # largest difference from PyTorch accepted by the check after export
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from dvos.cli.placeholders import register_planned
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the `export` sub-command."""
+    parser = add_intermixed_parser(
+        subparsers,
+        "export",
+        help="export the student's frame step to ONNX / TorchScript",
+        description=(
+            "Export the student's frame step (encoder + deformable propagation + decoder, memory as "
+            "explicit tensors) for frames of a fixed size, then check the file against PyTorch."
+        ),
+    )
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        type=Path,
+        metavar="C",
+        help="student checkpoint (a run's .ckpt or a state dict)",
+    )
+    parser.add_argument("--format", required=True, metavar="FMT", dest="fmt", help="onnx or torchscript")
+    parser.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write")
+    parser.add_argument("--height", type=positive_int, default=480, metavar="H", help="frame height (480)")
+    parser.add_argument("--width", type=positive_int, default=854, metavar="W", help="frame width (854)")
+    parser.add_argument(
+        "--max-objects",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="objects the graph handles (default: the student's model.max_objects)",
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip loading the file back and comparing with PyTorch"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides for a plain state dict (model.d_model=128, ...)"
+    )
+    parser.set_defaults(func=run)
+    return parser
 
-    register_planned(subparsers, "export", "export the student's frame step to ONNX / TorchScript", "issue 6")
+
+def run(args: argparse.Namespace) -> int:
+    from dvos.cli.common import setup_logging
+    from dvos.config import load_config
+    from dvos.inference.checkpoints import load_student
+    from dvos.inference.export import (
+        check_format,
+        check_output_path,
+        export_student,
+        load_exported,
+        verify_export,
+    )
+    from dvos.utils.errors import DvosError
+
+    setup_logging()
+    # Cheap checks first: a bad format or output fails before the checkpoint is read.
+    fmt = check_format(args.fmt)
+    out = check_output_path(args.out)
+    cfg = load_config(list(args.overrides))
+    student, _ = load_student(args.ckpt, cfg.model)
+    path = export_student(
+        student, fmt, out, height=args.height, width=args.width, max_objects=args.max_objects
+    )
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({fmt}, {args.height}×{args.width} frames, {size:.1f} MB)")
+    if args.no_verify:
+        return 0
+    if fmt == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            print("not verified: onnxruntime is not installed (pip install 'dvos[export]')")
+            return 0
+    differences = verify_export(student, load_exported(path, fmt))
+    worst = max(value for name, value in differences.items() if name != "labels")
+    print(
+        f"verified against PyTorch: largest difference {worst:.2e} "
+        f"({', '.join(f'{name} {value:.1e}' for name, value in differences.items() if name != 'labels')}; "
+        f"labels differ at {differences['labels']:.2%} of pixels)"
+    )
+    if worst > TOLERANCE:
+        path.unlink()  # a file that does not compute what the student computes is no output
+        raise DvosError(
+            f"exported {path} differs from PyTorch by {worst:.2e} (> {TOLERANCE:.0e}); removed it"
+        )
+    return 0

@@ -118,7 +118,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--video", required=True, type=Path, metavar="PATH", help="video file or frame folder"
     )
     parser.add_argument(
-        "--mask", required=True, type=Path, metavar="PNG", help="palette PNG of the first frame (ids 1..K)"
+        "--mask",
+        required=True,
+        type=Path,
+        metavar="PNG",
+        help="palette PNG of the first frame (ids 1..K; an RGB PNG in DAVIS palette colours is converted)",
     )
     parser.add_argument(
         "--out", required=True, type=Path, metavar="DIR", help="folder for the predicted PNGs"
@@ -236,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(config_overrides(args))
     # Cheap checks first: the inputs and the output folder, before a model is built.
     reader = open_video(args.video)
-    mask, palette = read_mask(args.mask)
+    # An RGB mask in DAVIS palette colours (a palette PNG re-saved by an image editor) is read as ids.
+    mask, palette = read_mask(args.mask, convert_rgb=True)
     if tuple(mask.shape) != tuple(reader.size):
         raise DataError(
             f"first mask {args.mask} is {mask.shape[0]}×{mask.shape[1]} but video {args.video} is "

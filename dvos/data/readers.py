@@ -65,13 +65,22 @@ def read_image(path: str | os.PathLike, *, size: tuple[int, int] | None = None) 
         size: optional output (H, W); resized with area interpolation when shrinking.
 
     Raises:
-        DataError: missing or undecodable file.
+        DataError: missing, empty, truncated or undecodable file.
     """
     path = Path(path)
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    # Decoded from memory, not with cv2.imread: imread fills a truncated JPEG with grey and returns it
+    # (printing only "Premature end of JPEG file"); imdecode refuses it, so a cut-off frame is an error.
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: file not found") from err
+    except OSError as err:
+        raise DataError(f"{path}: cannot read image ({err.strerror or err})") from err
+    if not data:
+        raise DataError(f"{path}: image file is empty (0 bytes)")
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        reason = "file not found" if not path.exists() else "cannot decode image"
-        raise DataError(f"{path}: {reason}")
+        raise DataError(f"{path}: cannot decode image (damaged or truncated file)")
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if size is not None and image.shape[:2] != tuple(size):
         image = _resize(image, size)

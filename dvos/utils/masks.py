@@ -34,19 +34,25 @@ def default_palette() -> list[int]:
     return palette
 
 
-def read_mask(path: str | os.PathLike, *, allow_gray: bool = True) -> tuple[np.ndarray, list[int] | None]:
+def read_mask(
+    path: str | os.PathLike, *, allow_gray: bool = True, convert_rgb: bool = False
+) -> tuple[np.ndarray, list[int] | None]:
     """Read an id mask from a palette PNG.
 
     Args:
         path: the PNG file.
         allow_gray: also accept single-channel 8-bit ('L') images, read as ids.
+        convert_rgb: accept an RGB(A) image whose colours are all DAVIS palette colours (a palette
+            mask saved as RGB by an image editor): each colour becomes its palette index. Any other
+            colour is an error naming it. Off by default: ground truth and predictions must be ids.
 
     Returns:
-        (mask, palette): `mask` is `H × W` uint8; `palette` the flat RGB list (None for 'L').
+        (mask, palette): `mask` is `H × W` uint8; `palette` the flat RGB list (None for 'L'; the
+        DAVIS palette for a converted RGB image).
 
     Raises:
         DataError: missing or unreadable file, or an RGB/other mode image that holds colours,
-            not ids.
+            not ids (with `convert_rgb`: a colour that is not in the DAVIS palette).
     """
     path = Path(path)
     try:
@@ -59,6 +65,9 @@ def read_mask(path: str | os.PathLike, *, allow_gray: bool = True) -> tuple[np.n
             elif mode in ("L", "1") and allow_gray:
                 palette = None
                 mask = np.array(image.convert("L"), dtype=np.uint8)
+            elif mode in ("RGB", "RGBA") and convert_rgb:
+                palette = default_palette()
+                mask = palette_colours_to_ids(np.array(image.convert("RGB")), palette, path)
             else:
                 raise DataError(
                     f"{path}: mask has mode {mode!r}; expected an indexed (palette, mode 'P') PNG of object ids"
@@ -70,6 +79,28 @@ def read_mask(path: str | os.PathLike, *, allow_gray: bool = True) -> tuple[np.n
     except Exception as err:  # PIL raises many types for damaged files
         raise DataError(f"{path}: cannot read mask ({type(err).__name__}: {err})") from err
     return mask, palette
+
+
+def palette_colours_to_ids(rgb: np.ndarray, palette: list[int], path: str | os.PathLike) -> np.ndarray:
+    """`H × W × 3` uint8 colours → `H × W` uint8 palette indices (the first index of each colour).
+
+    Raises:
+        DataError: a colour that is not in the palette, named with one pixel where it occurs.
+    """
+    codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colours = np.asarray(palette[:768], dtype=np.int32).reshape(-1, 3)
+    palette_codes = (colours[:, 0] << 16) | (colours[:, 1] << 8) | colours[:, 2]
+    known, first_index = np.unique(palette_codes, return_index=True)
+    position = np.clip(np.searchsorted(known, codes), 0, len(known) - 1)
+    found = known[position] == codes
+    if not found.all():
+        y, x = (int(v[0]) for v in np.nonzero(~found))
+        colour = tuple(int(c) for c in rgb[y, x])
+        raise DataError(
+            f"{path}: RGB mask has colour {colour} at pixel (x={x}, y={y}), which is not a DAVIS palette "
+            "colour; save the mask as an indexed (palette, mode 'P') PNG of object ids"
+        )
+    return first_index[position].astype(np.uint8)
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray, palette: list[int] | None = None) -> None:

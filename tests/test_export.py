@@ -1,0 +1,231 @@
+"""Export of the student's frame step: ONNX and TorchScript files compute what PyTorch computes (within
+1e-4), segment a video like the PyTorch engine, describe themselves, and fail in one line."""
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from dvos.cli.main import main
+from dvos.inference.engine import StudentSegmenter, segment_sequence
+from dvos.inference.export import (
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    ExportedSegmenter,
+    FrameStep,
+    export_student,
+    load_exported,
+    memory_shape,
+    step_inputs,
+    zero_memory,
+)
+from dvos.models.student import build_student
+from dvos.utils.errors import DvosError
+
+# The real MobileNet-V2 encoder (the ops a device must run), a small propagation layer.
+TINY_MODEL = dict(
+    d_model=32,
+    num_heads=4,
+    num_groups=2,
+    deform_stride=2,
+    offset_range=4.0,
+    offset_kernel=3,
+    max_objects=4,
+    decoder_dim=16,
+    pretrained="none",
+)
+TINY_OVERRIDES = [f"model.{key}={value}" for key, value in TINY_MODEL.items()]
+HEIGHT, WIDTH = 56, 88  # not multiples of 16: the padding is part of the graph
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def student():
+    torch.manual_seed(0)
+    model, _ = build_student(SimpleNamespace(**TINY_MODEL))
+    # Non-zero offsets (a fresh offset network samples the regular grid): exercise grid_sample for real.
+    for attention in (model.propagation.long_term, model.propagation.short_term):
+        torch.nn.init.normal_(attention.offset_network.to_offsets.weight, std=0.5)
+    return model.eval()
+
+
+def scene(num_frames=4):
+    """Frames `T × H × W × 3` and the first mask: two boxes moving over a textured background."""
+    rng = np.random.default_rng(0)
+    frames = np.repeat(rng.integers(0, 80, size=(1, HEIGHT, WIDTH, 3)), num_frames, axis=0).astype(np.uint8)
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    for t in range(num_frames):
+        frames[t, 8:28, 10 + 2 * t : 30 + 2 * t] = (230, 40, 40)
+        frames[t, 30:50, 50 - t : 74 - t] = (40, 230, 40)
+    mask[8:28, 10:30], mask[30:50, 50:74] = 1, 2
+    return frames, mask
+
+
+def check_against_pytorch(student, exported):
+    """Frame 0 (memory from the given mask), then two frames propagated from the exported memory."""
+    step = FrameStep(student)
+    frames, mask = scene(3)
+    images = [torch.from_numpy(f).permute(2, 0, 1)[None].float() / 255 for f in frames]
+    given = torch.from_numpy(mask).long()[None]
+    memory = zero_memory(student.d_model, HEIGHT, WIDTH)
+    partly_given = torch.full_like(given, -1)
+    partly_given[:, :20] = given[:, :20]
+    for index, labels in enumerate((given, None, partly_given)):
+        inputs = step_inputs(images[index], memory, 2, labels)
+        with torch.inference_mode():
+            expected = step(*inputs)
+        got = exported(*inputs)
+        assert len(got) == len(OUTPUT_NAMES)
+        for name, a, b in zip(OUTPUT_NAMES, expected, got):
+            assert a.shape == b.shape, name
+            if name == "labels":
+                assert torch.equal(a, b), f"frame {index}: labels differ"
+            else:
+                difference = (a - b).abs().max().item()
+                assert difference < TOLERANCE, f"frame {index}: {name} differs by {difference:.2e}"
+        _, _, key, value, id_embedding = got
+        memory = (*memory[:3], key, value, id_embedding) if index else (key, value, id_embedding) * 2
+    assert torch.equal(got[1][:, :20], given[:, :20])  # given pixels are taken as they are
+
+
+def segment_both(student, exported):
+    """A video through the PyTorch engine and through the exported step; object 5 appears at frame 2."""
+    frames, mask = scene()
+    late = np.zeros_like(mask)
+    late[2:8, 70:86] = 5
+    frames[2:, 2:8, 70:86] = (240, 240, 60)
+    masks = {0: mask, 2: late}
+    reference, ours = [], []
+    segment_sequence(StudentSegmenter(student), frames, masks, on_frame=lambda i, p: reference.append(p))
+    segment_sequence(ExportedSegmenter(exported), frames, masks, on_frame=lambda i, p: ours.append(p))
+    assert (ours[2] == 5).sum() == 6 * 16  # the late object's given mask, pasted as it is
+    return np.stack(reference), np.stack(ours)
+
+
+def test_torchscript_round_trip_matches_pytorch_and_the_engine(student, tmp_path):
+    path = export_student(student, "torchscript", tmp_path / "step.pt", height=HEIGHT, width=WIDTH)
+    assert path == tmp_path / "step.pt" and os.listdir(tmp_path) == ["step.pt"]  # no temporary left
+    exported = load_exported(path, "torchscript")
+    assert exported.spec["height"] == HEIGHT and exported.spec["width"] == WIDTH
+    assert exported.spec["memory_shape"] == list(memory_shape(32, HEIGHT, WIDTH)) == [1, 32, 4, 6]
+    assert exported.spec["inputs"] == list(INPUT_NAMES) and exported.spec["max_objects"] == 4
+    check_against_pytorch(student, exported)
+    reference, ours = segment_both(student, exported)
+    assert np.array_equal(reference, ours)  # a whole video: exported step == PyTorch engine
+    # Frames of another size are resized to the exported size and predicted at their own size.
+    frames, mask = scene(3)
+    frames, mask = np.pad(frames, ((0, 0), (0, 8), (0, 4), (0, 0))), np.pad(mask, ((0, 8), (0, 4)))
+    outputs = []
+    segment_sequence(ExportedSegmenter(exported), frames, mask, on_frame=lambda i, p: outputs.append(p))
+    assert [p.shape for p in outputs] == [(HEIGHT + 8, WIDTH + 4)] * 3 and np.array_equal(outputs[0], mask)
+
+
+def test_onnx_round_trip_matches_pytorch(student, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    path = export_student(student, "onnx", tmp_path / "step.onnx", height=HEIGHT, width=WIDTH, max_objects=3)
+    assert os.listdir(tmp_path) == ["step.onnx"]  # one self-contained file, no external data
+    model = onnx.load(str(path))
+    assert [node.name for node in model.graph.input] == list(INPUT_NAMES)
+    assert [node.name for node in model.graph.output] == list(OUTPUT_NAMES)
+    assert "GridSample" in {node.op_type for node in model.graph.node}  # the deformable sampling
+    assert model.opset_import[0].version >= 16
+
+    def dims(value):
+        return [d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    shapes = {value.name: dims(value) for value in (*model.graph.input, *model.graph.output)}
+    assert shapes["image"] == [1, 3, HEIGHT, WIDTH] and shapes["given_labels"] == [1, HEIGHT, WIDTH]
+    assert shapes["reference_key"] == shapes["id_embedding"] == [1, 32, 4, 6]
+    assert shapes["logits"] == [1, 4, HEIGHT, WIDTH]  # max_objects=3: background + 3
+
+    exported = load_exported(path, "onnx")
+    assert exported.spec["max_objects"] == 3
+    # max_objects=3 < the student's 4: compare with the PyTorch step of the same K
+    inputs = step_inputs(torch.rand(1, 3, HEIGHT, WIDTH), [torch.randn(1, 32, 4, 6) for _ in range(6)], 3)
+    with torch.inference_mode():
+        expected = FrameStep(student, max_objects=3)(*inputs)
+    for name, a, b in zip(OUTPUT_NAMES, expected, exported(*inputs)):
+        assert (a.float() - b.float()).abs().max().item() < TOLERANCE, name
+    reference, ours = segment_both(student, exported)
+    assert np.mean(reference == ours) > 0.999
+
+
+def test_export_cli_writes_and_verifies(tmp_path, capsys):
+    checkpoint = tmp_path / "student.pt"
+    torch.manual_seed(0)
+    model, _ = build_student(SimpleNamespace(**TINY_MODEL))
+    torch.save(model.state_dict(), checkpoint)
+    out = tmp_path / "export" / "step.pt"
+    code = main(
+        ["export", "--ckpt", str(checkpoint), "--format", "torchscript", "--out", str(out),
+         "--height", "32", "--width", "48", *TINY_OVERRIDES]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "verified against PyTorch: largest difference" in printed
+    exported = load_exported(out, "torchscript")
+    assert (exported.spec["height"], exported.spec["width"]) == (32, 48)
+    assert os.listdir(out.parent) == ["step.pt"]
+
+
+def run_failing(args, capsys):
+    code = main(["export", *args, *TINY_OVERRIDES])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and error[-1].startswith("dvos: error: ")
+    return error[-1]
+
+
+def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, student, monkeypatch):
+    checkpoint = tmp_path / "student.pt"
+    torch.save(student.state_dict(), checkpoint)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out" / "step.onnx"
+    common = ["--height", "32", "--width", "32"]
+    line = run_failing(["--ckpt", str(checkpoint), "--format", "tflite", "--out", str(out), *common], capsys)
+    assert "unknown export format 'tflite'" in line
+    line = run_failing(["--ckpt", str(tmp_path / "nope.ckpt"), "--format", "onnx", "--out", str(out)], capsys)
+    assert "nope.ckpt" in line and "not found" in line
+    line = run_failing(["--ckpt", str(garbage), "--format", "onnx", "--out", str(out), *common], capsys)
+    assert "garbage.ckpt" in line
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = run_failing(
+        ["--ckpt", str(checkpoint), "--format", "onnx", "--out", str(blocker / "s.onnx")], capsys
+    )
+    assert str(blocker) in line
+    line = run_failing(["--ckpt", str(checkpoint), "--format", "onnx", "--out", str(tmp_path)], capsys)
+    assert "is a folder" in line
+    line = run_failing(
+        [
+            "--ckpt",
+            str(checkpoint),
+            "--format",
+            "torchscript",
+            "--out",
+            str(out),
+            "--max-objects",
+            "9",
+            *common,
+        ],
+        capsys,
+    )
+    assert "max_objects 9" in line
+    assert not out.parent.exists() or not os.listdir(out.parent)
+
+    # An exporter that dies half-way through writing leaves nothing behind, not even its temporary.
+    def broken_save(module, name, **kwargs):
+        Path(name).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.jit, "save", broken_save)
+    with pytest.raises(DvosError, match="No space left on device") as info:
+        export_student(student, "torchscript", out, height=32, width=32)
+    assert "\n" not in str(info.value) and str(out) in str(info.value)
+    assert os.listdir(out.parent) == []
+    with pytest.raises(DvosError, match="exported model not found"):
+        load_exported(out, "torchscript")

@@ -226,6 +226,7 @@ class CallbacksConfig:
     """Each callback switchable on/off."""
 
     checkpoint: bool = True  # best on val/J&F + last.ckpt in <run>/checkpoints
+    checkpoint_every_n_steps: int = 100  # also write last.ckpt every N optimizer steps (0: only at the end)
     lr_monitor: bool = True
     progress_bar: bool = True  # rich progress bar
     skipped_videos: bool = True  # report corrupt videos skipped during the epoch

@@ -617,7 +617,9 @@ class AttentionPictures(pl.Callback):
             raise TypeError("the training batch has no 'frames' entry")
         frames = batch["frames"][:1].detach()
         kwargs: dict[str, Any] = {"return_attention": True}
-        annotation = batch.get("reference_ids")
+        # Frame 0's annotation only, as the training step reads it (`reference_ids` or `masks[:, 0]`).
+        batch_annotation = getattr(pl_module, "batch_annotation", None)
+        annotation = batch_annotation(batch) if callable(batch_annotation) else batch.get("reference_ids")
         if isinstance(annotation, torch.Tensor) and _accepts_keyword(pl_module.forward_clip, "annotation"):
             kwargs["annotation"] = annotation[:1]
         with eval_mode(pl_module), torch.no_grad():

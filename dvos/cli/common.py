@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +17,18 @@ from dvos.utils.io import write_json
 from dvos.utils.runs import make_run_dir
 
 log = logging.getLogger("dvos")
+
+# The run folder of this job, for the processes Lightning's DDP launcher starts (they inherit it).
+RUN_DIR_ENV = "DVOS_RUN_DIR"
+
+
+def is_launched_rank() -> bool:
+    """True in a process that Lightning's DDP launcher started for a rank ≥ 1 (it re-runs the
+    command from the start, with `LOCAL_RANK` ≥ 1 in its environment)."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0")) > 0
+    except ValueError:
+        return False
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -30,9 +43,19 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def start_run(cfg: DictConfig) -> Path:
-    """Create the run folder, save the resolved config and the versions in it; return the folder."""
+    """Create the run folder, save the resolved config and the versions in it; return the folder.
+
+    DDP: the processes Lightning launches for ranks ≥ 1 re-run the command; they take the folder of
+    rank 0 from `$DVOS_RUN_DIR` (set here) and write nothing into it, so a job has one folder.
+    (Processes started by torchrun or SLURM do not share it: give them `run_dir=...`.)
+    """
+    inherited = os.environ.get(RUN_DIR_ENV)
+    if inherited and is_launched_rank():
+        cfg.run_dir = inherited
+        return Path(inherited)
     run_dir = make_run_dir(cfg.paths.runs_dir, cfg.name, run_dir=cfg.run_dir)
     cfg.run_dir = str(run_dir)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "environment.json", environment_info())
     log.info("run folder %s (config.yaml saved)", run_dir)

@@ -1,7 +1,14 @@
-"""Lightning objects from the config: logger, callbacks, Trainer (one place for every job)."""
+"""Lightning objects from the config: logger, callbacks, Trainer (one place for every job).
+
+Resuming (`dvos train ckpt_path=last`): `last.ckpt` is written every `callbacks.checkpoint_every_n_steps`
+optimizer steps and at the end (atomically: a killed run never leaves a truncated one), and the W&B
+run id is kept in `<run folder>/wandb-id.txt`, so the resumed job continues the same W&B run.
+"""
 
 from __future__ import annotations
 
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +16,38 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig
 
 from dvos.config import environment_info, to_dict
+from dvos.utils.io import atomic_write
 from dvos.utils.runs import choose_wandb_mode
 
+WANDB_ID_FILE = "wandb-id.txt"
 
-def build_logger(cfg: DictConfig, run_dir: Path, *, job_type: str) -> Any:
-    """A `WandbLogger` writing into the run folder (offline without an API key), or False."""
+
+def wandb_run_id(run_dir: Path, *, resume: bool) -> str:
+    """The W&B run id for a job writing into `run_dir`.
+
+    Resuming: the id stored in `<run_dir>/wandb-id.txt` (the same W&B run continues). Otherwise, or
+    when no id was stored: a new id, stored there by global rank 0 (other DDP ranks log nothing).
+    """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    path = Path(run_dir) / WANDB_ID_FILE
+    if resume and path.is_file():
+        stored = path.read_text().strip()
+        if stored:
+            return stored
+    # W&B's own form (8 lowercase letters and digits); its generator is not public API.
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    if rank_zero_only.rank == 0:
+        with atomic_write(path) as handle:
+            handle.write(run_id + "\n")
+    return run_id
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, *, job_type: str, resume: bool = False) -> Any:
+    """A `WandbLogger` writing into the run folder (offline without an API key), or False.
+
+    `resume`: continue the W&B run whose id the run folder holds (`wandb_run_id`).
+    """
     if not cfg.logger.enabled or cfg.logger.name == "none":
         return False
     mode = choose_wandb_mode(cfg.logger.mode)
@@ -24,6 +58,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, *, job_type: str) -> Any:
     config = to_dict(cfg)
     config["environment"] = environment_info()
     return WandbLogger(
+        id=wandb_run_id(run_dir, resume=resume),
+        resume="allow",
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.logger.group,
@@ -40,6 +76,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
     """The callbacks switched on in `cfg.callbacks` (conf/callbacks/)."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
+    from dvos.callbacks.checkpoints import LastCheckpoint
     from dvos.data.datamodules import SkippedVideoReport
 
     flags = cfg.callbacks
@@ -47,18 +84,18 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
     if flags.checkpoint:
         checkpoints = run_dir / "checkpoints"
         if job_type == "distill":
+            # First in the list: `trainer.checkpoint_callback` (the best model) is this one.
             callbacks.append(
                 ModelCheckpoint(
                     dirpath=checkpoints,
                     filename="best-step{step:06d}-jf{val/J&F:.4f}",
                     monitor="val/J&F",
                     mode="max",
-                    save_last=True,
+                    save_last=False,
                     auto_insert_metric_name=False,
                 )
             )
-        else:
-            callbacks.append(ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0))
+        callbacks.append(LastCheckpoint(checkpoints, every_n_train_steps=flags.checkpoint_every_n_steps))
     if flags.lr_monitor and cfg.logger.enabled:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if flags.progress_bar:
@@ -77,17 +114,28 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, *, job_type: str = "distill", overrides: dict[str, Any] | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    *,
+    job_type: str = "distill",
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> pl.Trainer:
-    """A `lightning.Trainer` from `cfg.trainer`, logging and checkpointing into `run_dir`."""
+    """A `lightning.Trainer` from `cfg.trainer`, logging and checkpointing into `run_dir`.
+
+    `resume`: the job continues a run from its checkpoint (the same W&B run is continued).
+    """
+    from dvos.callbacks.checkpoints import AtomicCheckpointIO
+
     options = to_dict(cfg.trainer)
     options.update(overrides or {})
     if options.get("devices") == "auto" or options.get("devices") is None:
         options["devices"] = "auto"
     return pl.Trainer(
         default_root_dir=str(run_dir),
-        logger=build_logger(cfg, run_dir, job_type=job_type),
+        logger=build_logger(cfg, run_dir, job_type=job_type, resume=resume),
         callbacks=build_callbacks(cfg, run_dir, job_type=job_type),
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=bool(cfg.callbacks.progress_bar),
         enable_checkpointing=bool(cfg.callbacks.checkpoint),
         enable_model_summary=False,

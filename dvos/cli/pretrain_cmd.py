@@ -2,7 +2,8 @@
 
 The result is a plain teacher file (`{"encoder.<key>": tensor, "encoder_config": ...}`) that
 `teacher.checkpoint=PATH` loads frozen. `dvos train` calls `ensure_teacher` first, so the teacher is
-pretrained once and reused while its settings and data do not change.
+pretrained once and reused while its settings and data do not change. A `trainer.fast_dev_run`
+check writes its one-step teacher into the run folder, never into that cache.
 """
 
 from __future__ import annotations
@@ -101,10 +102,11 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
         "teacher pretraining (contrastive random walk): %d steps on %s", p.max_steps, cfg.data.train_root
     )
     trainer.fit(module, datamodule=clips)
-    checkpoint = pretrain_dir / "checkpoints" / "last.ckpt"
+    # The weights at the end of training: last.ckpt may be older (it is written every N steps) or
+    # stale (a folder reused). Every rank calls save_checkpoint (it ends with a barrier); rank 0 writes.
+    checkpoint = pretrain_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(checkpoint)
     if trainer.is_global_zero:
-        if not checkpoint.is_file():
-            trainer.save_checkpoint(checkpoint)
         export_teacher_encoder(checkpoint, output)
         log.info("teacher written to %s", output)
     trainer.strategy.barrier()
@@ -123,6 +125,11 @@ def ensure_teacher(cfg: DictConfig, run_dir: Path, *, force: bool = False) -> No
     output = teacher_path(cfg)
     if output.is_file() and not force:
         log.info("teacher: pretrained file %s (cached; delete it or pass --force to retrain)", output)
+    elif cfg.trainer.fast_dev_run:
+        # A one-batch check must not leave a one-step teacher in the cache that real runs would load.
+        output = run_dir / "pretrain" / "teacher-fast-dev-run.pt"
+        log.info("teacher: fast_dev_run pretraining into %s (the cache is left alone)", output)
+        pretrain_teacher(cfg, run_dir, output)
     else:
         pretrain_teacher(cfg, run_dir, output)
     cfg.teacher.checkpoint = str(output)
@@ -142,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 1
     cfg.teacher.checkpoint = None
-    ensure_teacher(cfg, run_dir, force=args.force)
+    # fast_dev_run checks the pretraining itself: it runs even when a cached teacher exists.
+    ensure_teacher(cfg, run_dir, force=args.force or bool(cfg.trainer.fast_dev_run))
     print(cfg.teacher.checkpoint)
     return 0

@@ -4,6 +4,7 @@
     dvos train experiment=smoke                  # a few steps on a tiny set
     dvos train data=davis2017 data.root=/data/DAVIS trainer.max_epochs=20
     dvos train ckpt_path=last                    # continue the newest run where it stopped
+    dvos train ckpt_path=last run_dir=runs/X     # continue that run (its config.yaml; key=value on top)
 
 Steps: (1) the run folder with the resolved config; (2) the embedded data, built once; (3) the
 teacher: pretrained by contrastive random walk unless its file exists (cached by settings); (4)
@@ -55,6 +56,38 @@ def resolve_resume(cfg: Any) -> str | None:
             raise ConfigError(f"ckpt_path=last: no run under {cfg.paths.runs_dir}/ has checkpoints/last.ckpt")
         cfg.run_dir = str(path.parent.parent)
     return str(path)
+
+
+def resumed_config(cfg: Any, overrides: list[str]) -> Any:
+    """The config to continue the run in `cfg.run_dir` with: its saved `config.yaml`, and the
+    command line's key=value overrides on top (e.g. `trainer.max_steps=4000` to train longer).
+
+    Group and experiment choices on the command line are ignored (the saved config already holds
+    what they chose, and re-applying them would undo overrides the run was started with).
+    """
+    from omegaconf import OmegaConf
+
+    from dvos.cli.common import log
+    from dvos.config import Config, _merge, check_resolvable, split_overrides
+
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if not saved.is_file():
+        log.warning("ckpt_path=last: %s has no config.yaml; using the command line's config", cfg.run_dir)
+        return cfg
+    choices, dotlist = split_overrides(list(overrides))
+    if choices:
+        log.warning(
+            "continuing %s with its saved config.yaml: ignoring %s (override single keys instead)",
+            cfg.run_dir,
+            " ".join(f"{key}={value}" for key, value in choices.items()),
+        )
+    resumed = _merge(OmegaConf.structured(Config), OmegaConf.load(saved), str(saved))
+    if dotlist:
+        resumed = _merge(resumed, OmegaConf.from_dotlist(dotlist), "the command line")
+    resumed.ckpt_path = cfg.ckpt_path
+    resumed.run_dir = cfg.run_dir
+    check_resolvable(resumed)
+    return resumed
 
 
 def count_parameters(module: Any) -> int:
@@ -130,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.cli.common import (
         build_clip_datamodule,
         build_eval_datamodule,
+        is_launched_rank,
         log,
         prepare_data,
         setup_logging,
@@ -144,18 +178,21 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     cfg = load_config(args.overrides)
     resume = resolve_resume(cfg)
+    if resume and cfg.ckpt_path == "last":
+        cfg = resumed_config(cfg, args.overrides)
     run_dir = start_run(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     prepare_data(cfg)
     ensure_teacher(cfg, run_dir)
-    save_config(cfg, run_dir / "config.yaml")  # now with the teacher file it uses
+    if not is_launched_rank():
+        save_config(cfg, run_dir / "config.yaml")  # now with the teacher file it uses
 
     eval_data = build_eval_datamodule(cfg)
     eval_data.setup("validate")
     clips = build_clip_datamodule(cfg, val_dataloader_fn=eval_data.val_dataloader)
     module = DistillationModule(cfg)
     log.info("student encoder: %s", module.student_init)
-    trainer = build_trainer(cfg, run_dir, job_type="distill")
+    trainer = build_trainer(cfg, run_dir, job_type="distill", resume=bool(resume))
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=clips, ckpt_path=resume)

@@ -16,6 +16,11 @@ Per training clip (frames B × T × 3 × H × W, frame 0 the reference):
 The teacher is frozen and is NOT a registered sub-module: it is not in the optimizer, not wrapped by
 DDP, not in `state_dict()` and so not in checkpoints; the checkpoint records its checkpoint path and
 SHA-256 instead (`dvos_teacher`), and the full resolved config (`dvos_config`).
+
+Resuming is exact: the EMA copy is a sub-module (in `state_dict()`), it is updated inside
+`optimizer_step` (so a checkpoint written at a step's end already holds that step's average), and
+the object-id permutations are drawn from a generator seeded from (seed, rank, step, batch index),
+so no random state lives outside the checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from dvos.metrics.torchmetric import JFMetric
 from dvos.models.deformable import DeformableAttentionAux
 from dvos.models.student import DeformableStudent, build_student, labels_to_onehot
 from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention, build_teacher
+from dvos.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +85,29 @@ def file_sha256(path: str | Path | None) -> str | None:
 
 
 def warmup_poly(step: int, *, warmup_steps: int, total_steps: int, power: float, min_ratio: float) -> float:
-    """Learning-rate factor: linear warm-up from 0, then polynomial decay to `min_ratio`."""
+    """Learning-rate factor of optimizer step `step` (0-based): linear warm-up, then polynomial decay.
+
+    (step + 1) / warmup_steps while step < warmup_steps; then with
+    p = min(1, (step − warmup_steps) / max(1, total_steps − warmup_steps)):
+    min_ratio + (1 − min_ratio)·(1 − p)^power.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_ratio + (1.0 - min_ratio) * (1.0 - progress) ** power
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay after optimizer step `step` (0-based): min(decay, (1 + step) / (10 + step)).
+
+    The warm-up of the average (as in common EMA schedules) lets early steps follow the student.
+    """
+    return min(float(decay), (1 + step) / (10 + step))
+
+
+REF_MASKS = ("pseudo", "annotation")
+ATT_BRANCHES = ("long", "short", "both")
 
 
 class DistillationModule(pl.LightningModule):
@@ -115,6 +138,7 @@ class DistillationModule(pl.LightningModule):
         else:
             self.student_init = "injected"
         self.student = student
+        check_distill_config(self.config, max_objects=int(student.max_objects))
         self.student_ema = None
         if self.config.optim.ema:
             self.student_ema = copy.deepcopy(student).requires_grad_(False).eval()
@@ -133,7 +157,10 @@ class DistillationModule(pl.LightningModule):
         )
         self.val_metric = JFMetric(year=int(self.config.data.year))
         self.val_sequence_results: list[dict[str, Any]] = []
-        self._clip_generator = torch.Generator().manual_seed(int(self.config.seed))
+        self._clip_generator = torch.Generator()
+        self._non_finite = 0  # non-finite losses in a row
+        self._last_step_finite = True  # whether the batch just run gave a loss (EMA follows only then)
+        self._warned_dropped_ids = False
 
     # ------------------------------------------------------------------------------------------ parts
     @property
@@ -149,14 +176,52 @@ class DistillationModule(pl.LightningModule):
         """The student used for validation and saved for inference: the EMA copy when enabled."""
         return self.student_ema if self.student_ema is not None else self.student
 
+    @staticmethod
+    def batch_annotation(batch: dict[str, Any]) -> torch.Tensor | None:
+        """Frame 0's annotation in a training batch, if it carries one, else None.
+
+        `batch["reference_ids"]` (B × H × W ids of frame 0) or, for clip datasets that carry the
+        masks of every frame, `batch["masks"][:, 0]` (B × T × H × W): only frame 0 is ever read; the
+        labels of target frames never reach the training.
+        """
+        annotation = batch.get("reference_ids")
+        if annotation is None and batch.get("masks") is not None:
+            annotation = batch["masks"][:, 0]
+        return annotation
+
     def reference_objects(
         self, frames: torch.Tensor, annotation: torch.Tensor | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The one-hot reference masks to give the teacher (None: it clusters pseudo-objects)."""
-        if self.config.distill.ref_masks == "annotation" and annotation is not None:
-            num_labels = int(annotation.max().item()) + 1
-            return labels_to_onehot(annotation.long(), num_labels), annotation.long()
-        return None, None
+        """The one-hot reference masks to give the teacher and their ids (None, None: it clusters
+        pseudo-objects of frame 0).
+
+        With `distill.ref_masks=annotation`: void (255) counts as background, as in the DAVIS
+        semi-supervised rules, and ids above `model.max_objects` are dropped (warned once), so the
+        teacher and the student see the same objects.
+
+        Raises:
+            ConfigError: `ref_masks=annotation` and the batch carries no first-frame annotation.
+        """
+        if self.config.distill.ref_masks != "annotation":
+            return None, None
+        if annotation is None:
+            raise ConfigError(
+                "distill.ref_masks=annotation, but the training clips carry no first-frame annotation "
+                "(batch key 'reference_ids' or 'masks'); unlabelled videos need distill.ref_masks=pseudo"
+            )
+        ids = annotation.to(frames.device).long()
+        ids = torch.where(ids == 255, torch.zeros_like(ids), ids)
+        max_objects = int(self.student.max_objects)
+        if bool((ids > max_objects).any()):
+            if not self._warned_dropped_ids:
+                log.warning(
+                    "first-frame annotation has ids above model.max_objects=%d: those objects are ignored",
+                    max_objects,
+                )
+                self._warned_dropped_ids = True
+            ids = torch.where(ids > max_objects, torch.zeros_like(ids), ids)
+        num_labels = int(ids.max().item()) + 1
+        return labels_to_onehot(ids, num_labels), ids
 
     def forward_clip(
         self, frames: torch.Tensor, *, annotation: torch.Tensor | None = None, return_attention: bool = True
@@ -169,7 +234,7 @@ class DistillationModule(pl.LightningModule):
             return_attention: also return the student's attention maps and sampling positions.
         """
         teacher_masks, _ = self.reference_objects(frames, annotation)
-        with torch.no_grad():
+        with torch.no_grad():  # the teacher is frozen: nothing it computes carries gradients
             teacher_out = self.teacher.propagate_clip(
                 frames, teacher_masks, num_segments=int(self.config.distill.num_segments)
             )
@@ -236,37 +301,73 @@ class DistillationModule(pl.LightningModule):
         return total / count, {name: value / count for name, value in parts_sum.items()}
 
     # ------------------------------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+    def seed_clip_generator(self, batch_idx: int) -> None:
+        """Seed the id-permutation generator from (seed, rank, step, batch index): draws differ per
+        rank and step, and a resumed run draws what the uninterrupted run drew."""
+        rank = self.global_rank if self._trainer is not None else 0
+        entropy = [int(self.config.seed), int(rank), int(self.global_step), int(batch_idx)]
+        self._clip_generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
+
+    def compute_loss(
+        self, batch: dict[str, Any], batch_idx: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], ClipOutputs]:
+        """The distillation loss of a training batch, its unweighted parts and the forward outputs."""
         frames = batch["frames"]
-        outputs = self.forward_clip(frames, annotation=batch.get("reference_ids"), return_attention=True)
+        self.seed_clip_generator(batch_idx)
+        outputs = self.forward_clip(frames, annotation=self.batch_annotation(batch), return_attention=True)
         loss, parts = self.clip_loss(outputs, (frames.shape[-2], frames.shape[-1]))
-        if not torch.isfinite(loss):
+        return loss, parts, outputs
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        # A skipped batch must leave no trace: its forward already moved the BatchNorm statistics.
+        buffers = [buffer.clone() for buffer in self.student.buffers()]
+        loss, parts, outputs = self.compute_loss(batch, batch_idx)
+        finite = bool(torch.isfinite(loss).item())
+        if self._trainer is not None:
+            # Every DDP rank must skip together (a rank skipping backward alone would hang the others).
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        self._last_step_finite = finite
+        if not finite:
+            with torch.no_grad():
+                for buffer, saved in zip(self.student.buffers(), buffers):
+                    buffer.copy_(saved)
             self._non_finite += 1
             limit = int(self.config.optim.max_non_finite)
             log.warning(
-                "non-finite loss at step %d (skipped; %d in a row)", self.global_step, self._non_finite
+                "non-finite loss at step %d: batch skipped (%d in a row, stopping at optim.max_non_finite=%d)",
+                self.global_step,
+                self._non_finite,
+                limit,
             )
             if self._non_finite >= limit:
                 raise RuntimeError(
-                    f"{self._non_finite} non-finite losses in a row (optim.max_non_finite={limit})"
+                    f"training stopped at step {self.global_step}: {self._non_finite} non-finite losses in a "
+                    f"row (optim.max_non_finite={limit}); lower optim.lr or check the data"
                 )
             return None
         self._non_finite = 0
-        batch_size = frames.shape[0]
+        batch_size = batch["frames"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         self.log("train/objects", outputs.num_objects.float().mean(), batch_size=batch_size)
         return loss
 
-    _non_finite = 0
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each real optimizer step here, not in `on_train_batch_end`: callbacks (the
+        # checkpoint) run before the module's batch-end hook, so a checkpoint would miss the step's
+        # average; and with gradient accumulation the batch-end hook runs for every micro-batch.
+        step = self.global_step  # 0-based index of this optimizer step (incremented after it)
+        super().optimizer_step(*args, **kwargs)
+        if self._last_step_finite:
+            self.update_ema(step)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def update_ema(self, step: int) -> None:
+        """ema ← d·ema + (1 − d)·student with d = `ema_decay_at(step, optim.ema_decay)`; buffers
+        (BatchNorm statistics) are copied."""
         if self.student_ema is None:
             return
-        decay = float(self.config.optim.ema_decay)
-        # Warm-up of the average (as in common EMA schedules): early steps follow the student closely.
-        decay = min(decay, (1 + self.global_step) / (10 + self.global_step))
+        decay = ema_decay_at(step, float(self.config.optim.ema_decay))
         with torch.no_grad():
             for ema_param, param in zip(self.student_ema.parameters(), self.student.parameters()):
                 ema_param.lerp_(param.detach(), 1.0 - decay)
@@ -304,10 +405,26 @@ class DistillationModule(pl.LightningModule):
         self.val_metric.reset()
         self.val_sequence_results = []
 
+    def is_repeated_sequence(self, batch_idx: int) -> bool:
+        """Whether validation item `batch_idx` of this rank is a repeat that Lightning's
+        `DistributedSampler` appended so that every rank gets as many items (N sequences on W ranks:
+        padded to ⌈N/W⌉·W by repeating the first ones). Scoring it would count a sequence twice in the
+        synced J&F. With shuffle off, item k of rank r is position r + k·W of the padded list."""
+        from torch.utils.data import DistributedSampler
+
+        if self._trainer is None or self.trainer.world_size == 1:
+            return False
+        loaders = self.trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.shuffle or sampler.drop_last:
+            return False
+        return sampler.rank + batch_idx * sampler.num_replicas >= len(sampler.dataset)
+
     def validation_step(self, sequence: Any, batch_idx: int) -> None:
         from dvos.inference.engine import StudentSegmenter, segment_sequence
 
-        if not sequence.has_full_gt:
+        if not sequence.has_full_gt or self.is_repeated_sequence(batch_idx):
             return
         segmenter = StudentSegmenter(
             self.eval_student, device=self.device, max_size=self.config.eval.max_size
@@ -352,8 +469,10 @@ class DistillationModule(pl.LightningModule):
         scores = self.val_metric.compute()  # synced across ranks by torchmetrics
         if scores is None:
             return
+        # Already the same on every rank (torchmetrics gathered all objects); sync_dist averages equal
+        # values, a no-op that keeps Lightning from warning about epoch-level logs under DDP.
         for key, name in (("J&F", "val/J&F"), ("J", "val/J"), ("F", "val/F")):
-            self.log(name, scores[key].float(), sync_dist=False, prog_bar=key == "J&F")
+            self.log(name, scores[key].float(), sync_dist=True, prog_bar=key == "J&F")
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -379,3 +498,23 @@ class DistillationModule(pl.LightningModule):
         return torch.log(
             F.interpolate(probabilities, size=size, mode="bilinear", align_corners=False).clamp_min(1e-6)
         )
+
+
+def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
+    """One-line `ConfigError`s for distillation settings that cannot work."""
+    d, optim = config.distill, config.optim
+    if d.ref_masks not in REF_MASKS:
+        raise ConfigError(f"distill.ref_masks must be one of {', '.join(REF_MASKS)}, got '{d.ref_masks}'")
+    if d.att_branches not in ATT_BRANCHES:
+        raise ConfigError(
+            f"distill.att_branches must be one of {', '.join(ATT_BRANCHES)}, got '{d.att_branches}'"
+        )
+    max_labels = int(max_objects) + 1
+    if not 2 <= int(d.num_segments) <= max_labels:
+        raise ConfigError(
+            f"distill.num_segments must be in [2, model.max_objects + 1 = {max_labels}], got {d.num_segments}"
+        )
+    if int(optim.max_non_finite) < 1:
+        raise ConfigError(f"optim.max_non_finite must be >= 1, got {optim.max_non_finite}")
+    if optim.ema and not 0.0 <= float(optim.ema_decay) < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {optim.ema_decay}")

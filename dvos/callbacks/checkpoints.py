@@ -1,0 +1,57 @@
+"""Checkpoints a killed run can resume from: `last.ckpt` every N steps, always written atomically.
+
+- `LastCheckpoint`: a `ModelCheckpoint` that keeps only `last.ckpt`, written every
+  `every_n_train_steps` optimizer steps (`callbacks.checkpoint_every_n_steps`) and once more when
+  training ends (Lightning's own `save_last` skips the final step when it was not a multiple of N).
+  The best checkpoint on `val/J&F` is a separate `ModelCheckpoint` (see `dvos.cli.factory`).
+- `AtomicCheckpointIO`: Lightning writes a checkpoint straight into its final name, so a process
+  killed while writing leaves a truncated `last.ckpt` that looks complete; this plugin writes to a
+  temporary name in the same folder and renames it into place (`dvos.utils.io.atomic_path`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from dvos.utils.io import atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` that writes to a temporary file beside the target and renames it."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        with atomic_path(Path(path)) as temporary:
+            super().save_checkpoint(checkpoint, temporary, storage_options)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Only `last.ckpt`: every `every_n_train_steps` optimizer steps and at the end of training.
+
+    Args:
+        dirpath: the folder (`<run>/checkpoints`).
+        every_n_train_steps: interval in optimizer steps; 0 writes it only at the end of training.
+    """
+
+    def __init__(self, dirpath: str | Path, *, every_n_train_steps: int = 0) -> None:
+        if int(every_n_train_steps) < 0:
+            raise ValueError(f"every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        super().__init__(
+            dirpath=dirpath,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=int(every_n_train_steps) or None,
+            every_n_epochs=None if int(every_n_train_steps) else 0,
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not only when nothing was saved yet (ModelCheckpoint's rule): whenever the final step is not
+        # the one last saved, so a finished run's last.ckpt always holds its final weights.
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

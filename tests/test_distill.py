@@ -1,0 +1,447 @@
+"""`DistillationModule` with a tiny injected student and teacher: the frozen teacher stays out of the
+state, the optimizer and the checkpoint; the loss, its parts and their weights; target-frame labels
+never used; warm-up + poly learning rate, EMA and non-finite losses by hand; exact resume."""
+
+import hashlib
+import logging
+import math
+
+import cv2
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.plugins.io import torch_io
+from torch import nn
+
+from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
+from dvos.config import load_config
+from dvos.lit.distill import DistillationModule, ema_decay_at, warmup_poly
+from dvos.models.backbones.resnet import ResNetEncoder
+from dvos.models.student import DeformableStudent
+from dvos.models.teacher import LabelPropagationTeacher
+from dvos.utils.errors import ConfigError
+
+HEIGHT, WIDTH, FRAMES, BATCH = 48, 64, 3, 2
+MAX_OBJECTS = 3
+LAMBDAS = {"att": 0.5, "inter": 2.0, "intra": 1.5, "ce": 0.25}
+
+
+class TinyEncoder(nn.Module):
+    """Stand-in for MobileNet-V2 (as in tests/test_student.py): strided convs to stride 4, 8, 16."""
+
+    encoder_channels = (4, 8, 12)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to4 = nn.Conv2d(3, 4, 4, stride=4)
+        self.bn4 = nn.BatchNorm2d(4)  # a buffer that the EMA must copy
+        self.to8 = nn.Conv2d(4, 8, 2, stride=2)
+        self.to16 = nn.Conv2d(8, 12, 2, stride=2)
+
+    def forward(self, image):
+        stride4 = torch.relu(self.bn4(self.to4(image)))
+        stride8 = torch.relu(self.to8(stride4))
+        return stride4, stride8, self.to16(stride8)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and on a busy 2-core machine 100× faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(tmp_path, *overrides):
+    teacher_file = tmp_path / "teacher.pt"
+    if not teacher_file.is_file():
+        teacher_file.write_bytes(b"stand-in teacher file: only its path and hash are recorded")
+    return load_config(
+        [
+            "experiment=smoke",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"teacher.checkpoint={teacher_file}",
+            f"model.max_objects={MAX_OBJECTS}",
+            "distill.num_segments=3",
+            *(f"distill.lambda_{name}={value}" for name, value in LAMBDAS.items()),
+            *overrides,
+        ]
+    )
+
+
+def make_module(tmp_path, *overrides) -> DistillationModule:
+    torch.manual_seed(0)
+    student = DeformableStudent(
+        TinyEncoder(),
+        d_model=32,
+        num_heads=4,
+        num_groups=2,
+        max_objects=MAX_OBJECTS,
+        decoder_dim=16,
+        offset_kernel=3,
+    )
+    teacher = LabelPropagationTeacher(
+        ResNetEncoder(widths=(8, 8, 8), depths=(1, 1, 1), stem_width=8), radius=4
+    )
+    return DistillationModule(make_config(tmp_path, *overrides), student=student, teacher=teacher)
+
+
+def make_clip(seed: int = 0) -> torch.Tensor:
+    """T × 3 × H × W in [0, 1]: a two-tone noisy background, a red square and a blue disc moving."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for t in range(FRAMES):
+        image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+        image[:, : WIDTH // 2] = (60, 110, 60)
+        image[:, WIDTH // 2 :] = (90, 90, 140)
+        image = np.clip(image + rng.integers(0, 30, image.shape), 0, 255).astype(np.uint8)
+        cv2.rectangle(image, (8 + 3 * t, 8 + t), (24 + 3 * t, 24 + t), (230, 40, 40), -1)
+        cv2.circle(image, (48 - 2 * t, 30), 9, (40, 60, 230), -1)
+        frames.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+    return torch.stack(frames)
+
+
+def make_masks(seed: int = 0) -> torch.Tensor:
+    """T × H × W uint8 ids: frame 0 has objects 1 and 2 and a void (255) band; later frames random."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.randint(0, 3, (FRAMES, HEIGHT, WIDTH), generator=generator, dtype=torch.uint8)
+    masks[0] = 0
+    masks[0, 8:24, 8:24] = 1
+    masks[0, 21:39, 39:57] = 2
+    masks[0, :, :2] = 255
+    return masks
+
+
+def make_batch(*, masks: bool = False) -> dict:
+    batch = {"frames": torch.stack([make_clip(seed) for seed in range(BATCH)])}
+    if masks:
+        batch["masks"] = torch.stack([make_masks(seed) for seed in range(BATCH)])
+    return batch
+
+
+def train_loader(num_batches: int = 1) -> torch.utils.data.DataLoader:
+    clips = [{"frames": make_clip(seed)} for seed in range(BATCH * num_batches)]
+    return torch.utils.data.DataLoader(clips, batch_size=BATCH, collate_fn=torch.utils.data.default_collate)
+
+
+def make_trainer(root, *, max_steps: int, callbacks=(), **options) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        default_root_dir=str(root),
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        **options,
+    )
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------- the teacher
+def test_teacher_is_frozen_and_kept_out_of_state_optimizer_and_checkpoint(tmp_path):
+    module = make_module(tmp_path)
+    teacher = module.teacher
+    teacher_before = snapshot(teacher)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    # state_dict = the student and its EMA copy, nothing of the teacher
+    student_keys = set(module.student.state_dict())
+    expected = {f"student.{k}" for k in student_keys} | {f"student_ema.{k}" for k in student_keys}
+    assert set(module.state_dict()) == expected
+
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(module, train_loader())
+    assert not teacher.training  # Lightning's .train() never reached it
+    assert all(p.grad is None for p in teacher.parameters())
+    for name, value in snapshot(teacher).items():
+        assert torch.equal(value, teacher_before[name]), name
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in module.student.parameters()}
+
+    path = tmp_path / "distill.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # no pickled objects
+    teacher_file = tmp_path / "teacher.pt"
+    assert checkpoint["dvos_teacher"] == {
+        "checkpoint": str(teacher_file),
+        "sha256": hashlib.sha256(teacher_file.read_bytes()).hexdigest(),
+    }
+    assert checkpoint["dvos_config"]["distill"]["lambda_inter"] == LAMBDAS["inter"]
+    assert checkpoint["dvos_config"]["model"]["max_objects"] == MAX_OBJECTS
+    assert set(checkpoint["state_dict"]) == expected
+    stored_params = {
+        i for group in checkpoint["optimizer_states"][0]["param_groups"] for i in group["params"]
+    }
+    assert len(stored_params) == sum(1 for _ in module.student.parameters())
+
+
+def test_no_gradient_reaches_the_teacher(tmp_path):
+    module = make_module(tmp_path)
+    module.train()
+    loss, _, outputs = module.compute_loss(make_batch())
+    assert not outputs.teacher_logits.requires_grad
+    assert all(a is None or not a.weights.requires_grad for a in outputs.teacher_attention)
+    loss.backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    offsets = [p.grad for n, p in module.student.named_parameters() if "offset" in n]
+    assert offsets and all(g is not None and torch.isfinite(g).all() for g in offsets)
+
+
+# ---------------------------------------------------------------------------------------- the loss
+def test_training_step_gives_a_finite_weighted_loss_and_logs_every_part(tmp_path):
+    module = make_module(tmp_path)
+    module.train()
+    loss, parts, outputs = module.compute_loss(make_batch())
+    assert set(parts) == set(LAMBDAS)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
+    assert parts["att"] > 0 and parts["inter"] > 0 and parts["intra"] > 0
+    weighted = sum(LAMBDAS[name] * parts[name] for name in LAMBDAS)
+    assert loss.item() == pytest.approx(weighted.item(), rel=1e-5)
+    assert len(outputs.student_logits) == FRAMES - 1
+    assert outputs.num_objects.tolist() == [2, 2]  # num_segments − 1 pseudo-objects
+
+    trainer = make_trainer(tmp_path, max_steps=1, log_every_n_steps=1)
+    trainer.fit(module, train_loader())
+    logged = trainer.callback_metrics
+    for name in ("train/loss", "train/att", "train/inter", "train/intra", "train/ce", "train/objects"):
+        assert name in logged and math.isfinite(float(logged[name])), name
+
+
+@pytest.mark.parametrize("ref_masks", ["pseudo", "annotation"])
+def test_target_frame_annotations_change_nothing(tmp_path, ref_masks):
+    module = make_module(tmp_path, f"distill.ref_masks={ref_masks}")
+    module.train()
+    batch = make_batch(masks=True)
+    loss, parts, outputs = module.compute_loss(batch)
+    scrambled = dict(batch, masks=batch["masks"].clone())
+    scrambled["masks"][:, 1:] = torch.randint(0, 4, scrambled["masks"][:, 1:].shape, dtype=torch.uint8)
+    scrambled["masks"][:, 1:, :10] = 255
+    loss2, parts2, outputs2 = module.compute_loss(scrambled)
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(parts[k], parts2[k]) for k in parts)
+    assert all(torch.equal(a, b) for a, b in zip(outputs.student_logits, outputs2.student_logits))
+    assert torch.equal(outputs.teacher_logits, outputs2.teacher_logits)
+
+
+def test_annotation_reference_is_frame_0s_annotation(tmp_path, caplog):
+    module = make_module(tmp_path, "distill.ref_masks=annotation")
+    module.train()
+    batch = make_batch(masks=True)
+    expected = batch["masks"][:, 0].long()
+    expected[expected == 255] = 0  # void counts as background
+    _, _, outputs = module.compute_loss(batch)
+    assert torch.equal(outputs.reference_ids, expected)
+    assert outputs.num_objects.tolist() == [2, 2]
+    assert outputs.teacher_logits.shape[2] == 3  # background + the two annotated objects
+    # the same annotation given as `reference_ids` (frame 0 only) gives the same reference
+    _, _, from_ids = module.compute_loss({"frames": batch["frames"], "reference_ids": batch["masks"][:, 0]})
+    assert torch.equal(from_ids.reference_ids, expected)
+    # ids above model.max_objects are dropped (warned), not merged into another object
+    too_many = batch["masks"][:, 0].clone()
+    too_many[:, 40:, :8] = MAX_OBJECTS + 2
+    with caplog.at_level(logging.WARNING):
+        _, _, dropped = module.compute_loss({"frames": batch["frames"], "reference_ids": too_many})
+    assert torch.equal(dropped.reference_ids, expected)
+    assert "max_objects" in caplog.text
+    # pseudo-objects ignore the annotation altogether
+    pseudo = make_module(tmp_path, "distill.ref_masks=pseudo")
+    _, _, clustered = pseudo.compute_loss(batch)
+    assert not torch.equal(clustered.reference_ids, expected)
+
+
+def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_path):
+    module = make_module(tmp_path, "distill.ref_masks=annotation")
+    with pytest.raises(ConfigError, match="distill.ref_masks=annotation") as info:
+        module.compute_loss(make_batch())
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("distill.ref_masks=labels", "distill.ref_masks"),
+        ("distill.att_branches=all", "distill.att_branches"),
+        ("distill.num_segments=9", "distill.num_segments"),
+        ("optim.max_non_finite=0", "optim.max_non_finite"),
+    ],
+)
+def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key):
+        make_module(tmp_path, override)
+
+
+# ---------------------------------------------------------------------------------------- optimisation
+def test_warmup_poly_by_hand():
+    def factor(step):
+        return warmup_poly(step, warmup_steps=4, total_steps=14, power=0.9, min_ratio=0.1)
+
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4) == 1.0  # decay starts at progress 0
+    assert factor(9) == pytest.approx(0.1 + 0.9 * 0.5**0.9)
+    assert factor(14) == pytest.approx(0.1)
+    assert factor(100) == pytest.approx(0.1)  # clamped past the end
+    no_warmup = warmup_poly(0, warmup_steps=0, total_steps=10, power=1.0, min_ratio=0.0)
+    assert no_warmup == 1.0
+
+
+def test_learning_rate_follows_warmup_poly_per_optimizer_step(tmp_path):
+    module = make_module(tmp_path, "optim.lr=0.01", "optim.warmup_steps=2", "optim.min_lr_ratio=0.2")
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([group["lr"] for group in trainer.optimizers[0].param_groups])
+
+    trainer = make_trainer(tmp_path, max_steps=5, callbacks=[Record()])
+    trainer.fit(module, train_loader())
+    ratio = module.config.optim.encoder_lr_ratio
+    for step, (encoder_lr, other_lr) in enumerate(seen):
+        factor = warmup_poly(step, warmup_steps=2, total_steps=5, power=0.9, min_ratio=0.2)
+        assert other_lr == pytest.approx(0.01 * factor)
+        assert encoder_lr == pytest.approx(0.01 * ratio * factor)
+    assert len(seen) == 5
+
+
+def test_ema_update_by_hand(tmp_path):
+    module = make_module(tmp_path, "optim.ema_decay=0.99")
+    with torch.no_grad():
+        for p in module.student.parameters():
+            p.fill_(1.0)
+        for p in module.student_ema.parameters():
+            p.fill_(3.0)
+        module.student.encoder.bn4.running_mean.fill_(0.5)
+    module.update_ema(0)  # decay min(0.99, 1/10) = 0.1
+    assert ema_decay_at(0, 0.99) == pytest.approx(0.1)
+    for p in module.student_ema.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.1 * 3.0 + 0.9 * 1.0))
+    assert torch.equal(module.student_ema.encoder.bn4.running_mean, torch.full((4,), 0.5))
+    module.update_ema(10_000)  # decay min(0.99, 10001/10010) = 0.99
+    assert ema_decay_at(10_000, 0.99) == 0.99
+    for p in module.student_ema.parameters():
+        assert torch.allclose(p, torch.full_like(p, 0.99 * 1.2 + 0.01 * 1.0))
+
+
+def test_ema_follows_each_optimizer_step_not_each_micro_batch(tmp_path):
+    module = make_module(tmp_path, "optim.ema_decay=0.99")
+    initial = snapshot(module.student)
+    trainer = make_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2)
+    trainer.fit(module, train_loader(num_batches=2))
+    assert trainer.global_step == 1
+    trained = snapshot(module.student)
+    expected_ema = {
+        k: 0.1 * initial[k] + 0.9 * trained[k]
+        if initial[k].is_floating_point() and "running" not in k
+        else trained[k]
+        for k in initial
+    }
+    changed = [
+        k for k in initial if not torch.equal(initial[k], trained[k]) and initial[k].is_floating_point()
+    ]
+    assert changed  # the student did learn
+    for name, value in module.student_ema.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        assert torch.allclose(value, expected_ema[name], atol=1e-6), name
+
+
+def nan_on(module: DistillationModule, pattern: list[bool]) -> list[bool]:
+    """Make the loss of batch i non-finite when pattern[i] (records the calls)."""
+    original = module.clip_loss
+    calls: list[bool] = []
+
+    def clip_loss(outputs, image_size):
+        loss, parts = original(outputs, image_size)
+        bad = pattern[len(calls)] if len(calls) < len(pattern) else False
+        calls.append(bad)
+        return (loss * float("nan") if bad else loss), parts
+
+    module.clip_loss = clip_loss
+    return calls
+
+
+def test_non_finite_loss_is_skipped_with_a_warning(tmp_path, caplog):
+    module = make_module(tmp_path, "optim.max_non_finite=2")
+    before, ema_before = snapshot(module.student), snapshot(module.student_ema)
+    nan_on(module, [True])
+    trainer = make_trainer(tmp_path, max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="dvos.lit.distill"):
+        trainer.fit(module, train_loader())
+    assert "non-finite loss at step 0" in caplog.text
+    for name, value in snapshot(module.student).items():
+        assert torch.equal(value, before[name]), name  # no update from a skipped batch
+    for name, value in snapshot(module.student_ema).items():
+        assert torch.equal(value, ema_before[name]), name
+
+
+def test_training_stops_after_max_non_finite_in_a_row(tmp_path, caplog):
+    module = make_module(tmp_path, "optim.max_non_finite=3")
+    # a finite loss in between resets the count: the 3rd in a row is the 6th batch
+    calls = nan_on(module, [True, True, False, True, True, True, False])
+    trainer = make_trainer(tmp_path, max_steps=10)
+    with caplog.at_level(logging.WARNING, logger="dvos.lit.distill"), pytest.raises(RuntimeError) as info:
+        trainer.fit(module, train_loader())
+    assert len(calls) == 6
+    message = str(info.value)
+    assert "3 non-finite losses in a row" in message and "optim.max_non_finite=3" in message
+    assert caplog.text.count("non-finite loss at step") == 5
+
+
+# ---------------------------------------------------------------------------------------- resume
+def test_resumed_fit_equals_uninterrupted_fit(tmp_path):
+    """Optimizer, scheduler, EMA and permutation draws restored: stopping at step 2 and resuming from
+    its last.ckpt ends with the weights of an uninterrupted run (each epoch is the same one batch)."""
+    full = make_module(tmp_path, "optim.warmup_steps=2")
+    make_trainer(tmp_path / "full", max_steps=4).fit(full, train_loader())
+
+    class StopAtStep2(pl.Callback):  # an interruption: the schedule still spans 4 steps
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = trainer.global_step >= 2
+
+    first = make_module(tmp_path, "optim.warmup_steps=2")
+    last = LastCheckpoint(tmp_path / "ckpt", every_n_train_steps=2)
+    trainer = make_trainer(tmp_path / "first", max_steps=4, callbacks=[last, StopAtStep2()])
+    trainer.fit(first, train_loader())
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2
+
+    resumed = make_module(tmp_path, "optim.warmup_steps=2")
+    trainer = make_trainer(tmp_path / "resumed", max_steps=4)
+    trainer.fit(resumed, train_loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert trainer.global_step == 4
+    for part in ("student", "student_ema"):
+        expected = snapshot(getattr(full, part))
+        for name, value in snapshot(getattr(resumed, part)).items():
+            assert torch.equal(value, expected[name]), f"{part}.{name}"
+
+
+def test_last_checkpoint_holds_the_final_step_and_is_written_atomically(tmp_path, monkeypatch):
+    module = make_module(tmp_path)
+    last = LastCheckpoint(tmp_path / "ckpt", every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, max_steps=3, callbacks=[last], plugins=[AtomicCheckpointIO()])
+    trainer.fit(module, train_loader())
+    path = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(path, map_location="cpu", weights_only=True)["global_step"] == 3  # not 2
+    # a process killed half-way through writing leaves the previous file whole
+    before = path.read_bytes()
+
+    def killed_while_writing(checkpoint, filepath):
+        with open(filepath, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch_io, "_atomic_save", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        AtomicCheckpointIO().save_checkpoint({"global_step": 4}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]

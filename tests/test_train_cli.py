@@ -1,0 +1,254 @@
+"""`dvos pretrain` and `dvos train` through the real CLI with tiny configs: fast_dev_run checks, the
+teacher file that pretraining writes and training loads, resuming a run killed with SIGKILL, and a
+2-process DDP run (gloo on CPU) whose validation J&F is synced across ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dvos.cli.main import main
+from dvos.cli.pretrain_cmd import teacher_path
+from dvos.config import load_config
+from dvos.models.teacher import load_resnet_encoder
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_STEPS = 3  # not a multiple of the smoke epoch (2 batches): the final step must be exported
+
+
+@pytest.fixture(autouse=True)
+def quiet_process_state(monkeypatch):
+    """In-process runs set these; give every test a clean copy and one torch thread (tiny models:
+    one thread is faster, and far faster than two on a busy 2-core machine)."""
+    for name in ("DVOS_RUN_DIR", "PL_GLOBAL_SEED"):
+        monkeypatch.setenv(name, "")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")
+    for name in ("DVOS_RUN_DIR", "PL_GLOBAL_SEED", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    return env
+
+
+def dvos_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvos.cli.main", *args]
+
+
+def run_dvos(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        dvos_command(*args), cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """`dvos pretrain experiment=smoke` once (in-process): the smoke data and its cached teacher."""
+    root = tmp_path_factory.mktemp("smoke")
+    args = [
+        "experiment=smoke",
+        f"paths.data_dir={root / 'data'}",
+        f"paths.runs_dir={root / 'runs'}",
+        f"pretrain.max_steps={PRETRAIN_STEPS}",
+    ]
+    saved = {name: os.environ.get(name) for name in ("DVOS_RUN_DIR", "PL_GLOBAL_SEED")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["pretrain", *args])
+    finally:
+        torch.set_num_threads(threads)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    assert code == 0
+    return {"root": root, "args": args, "teacher": teacher_path(load_config(args))}
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------- pretrain
+def test_pretrain_writes_the_final_teacher_that_train_loads(smoke, capsys):
+    teacher = smoke["teacher"]
+    assert teacher.is_file() and teacher.parent == smoke["root"] / "data" / "teachers"
+    payload = torch.load(teacher, map_location="cpu", weights_only=True)
+    assert payload["encoder_config"]["global_step"] == PRETRAIN_STEPS  # the last step, not an epoch's end
+    assert load_resnet_encoder(teacher).out_channels == 16  # smoke widths [8, 16, 16]
+
+    code = main(["train", *smoke["args"], "trainer.fast_dev_run=true"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "fast_dev_run: no final evaluation" in out
+    run_dir = Path(last_line(out))
+    assert run_dir.parent == smoke["root"] / "runs"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["teacher"]["checkpoint"] == str(teacher)  # the cached teacher, not a new one
+    assert not (run_dir / "pretrain").exists()
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_pretrain_fast_dev_run_never_fills_the_teacher_cache(smoke, capsys):
+    args = [*smoke["args"][:-1], "pretrain.max_steps=5"]  # another cache key
+    cached = teacher_path(load_config(args))
+    assert not cached.exists()
+    code = main(["pretrain", *args, "trainer.fast_dev_run=true"])
+    assert code == 0
+    written = Path(last_line(capsys.readouterr().out))
+    assert written.name == "teacher-fast-dev-run.pt" and written.parent.name == "pretrain"
+    assert torch.load(written, map_location="cpu", weights_only=True)["encoder_config"]["global_step"] == 1
+    assert not cached.exists()  # a later real run must not pick up a one-step teacher
+
+
+# ---------------------------------------------------------------------------------------- resume
+RESUME_STEPS = 8
+
+
+def resume_args(smoke, tmp_path) -> list[str]:
+    """Steps of a few ms on one batch whose content is fixed (one video of exactly clip_len frames,
+    no random augmentation): the data stream after a restart is the one of an uninterrupted run,
+    so the weights can be compared exactly. (Clip sampling and augmentation state are not part of
+    a checkpoint: a resumed run with random augmentation sees other clips than it would have.)"""
+    return [
+        "experiment=smoke",
+        f"paths.data_dir={smoke['root'] / 'data'}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"data.synth.out={tmp_path / 'synthetic-resume'}",
+        "data.synth.num_train=1",
+        "data.synth.train_frames=3",
+        "data.reverse_prob=0",
+        "data.hflip_p=0",
+        "data.photometric_p=0",
+        "data.scale=[1.0,1.0]",
+        f"teacher.checkpoint={smoke['teacher']}",
+        f"trainer.max_steps={RESUME_STEPS}",
+        "trainer.max_epochs=-1",
+        "trainer.check_val_every_n_epoch=4",
+        "callbacks.checkpoint_every_n_steps=2",
+    ]
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (status {process.returncode}) before {path} appeared")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_run(smoke, tmp_path):
+    args = resume_args(smoke, tmp_path)
+    interrupted = tmp_path / "runs" / "interrupted"
+    # the uninterrupted reference and the run to kill, side by side
+    reference = subprocess.Popen(
+        dvos_command("train", *args, f"run_dir={tmp_path / 'runs' / 'reference'}", "logger=none"),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    victim = subprocess.Popen(
+        dvos_command("train", *args, f"run_dir={interrupted}", "logger=wandb"),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(interrupted / "checkpoints" / "last.ckpt", victim)
+        victim.send_signal(signal.SIGKILL)  # kill -9: no hook runs, nothing is flushed
+        victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    killed_at = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert killed_at["global_step"] in range(2, RESUME_STEPS, 2), killed_at["global_step"]
+
+    # continue it: the run folder's config.yaml is the config, so nothing else needs repeating
+    resumed = run_dvos("train", "ckpt_path=last", f"run_dir={interrupted}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in resumed.stderr
+    assert Path(last_line(resumed.stdout)) == interrupted
+    assert json.loads((interrupted / "summary.json").read_text())["student"]["params"] > 0
+
+    out, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    final = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    expected = torch.load(
+        tmp_path / "runs" / "reference" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    assert final["global_step"] == expected["global_step"] == RESUME_STEPS
+    assert set(final["state_dict"]) == set(expected["state_dict"])
+    assert any(key.startswith("student_ema.") for key in final["state_dict"])
+    for key, value in expected["state_dict"].items():  # student and EMA weights, bit for bit
+        assert torch.equal(final["state_dict"][key], value), key
+    final_optimizer, expected_optimizer = final["optimizer_states"][0], expected["optimizer_states"][0]
+    for index, state in expected_optimizer["state"].items():  # AdamW moments and step counts
+        for name, value in state.items():
+            assert torch.equal(final_optimizer["state"][index][name], value), (index, name)
+    assert final["lr_schedulers"] == expected["lr_schedulers"]
+
+    # one W&B run continued across the restart (offline: two run folders with the same id)
+    run_id = (interrupted / "wandb-id.txt").read_text().strip()
+    offline_runs = sorted((interrupted / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline_runs)
+
+
+# ---------------------------------------------------------------------------------------- DDP
+def test_ddp_two_cpu_processes_sync_the_validation_jf(smoke, tmp_path):
+    """trainer=ddp with 2 gloo processes, 3 validation sequences (rank 0 scores two, rank 1 one:
+    Lightning's sampler gives rank 1 a repeat of the first, which must not count twice). The val
+    J&F that chose the best checkpoint equals a single-process evaluation of that checkpoint over
+    all sequences, and only rank 0 writes the run folder and prints."""
+    runs = tmp_path / "runs"
+    args = [
+        "experiment=smoke",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"paths.data_dir={smoke['root'] / 'data'}",
+        f"paths.runs_dir={runs}",
+        f"data.synth.out={smoke['root'] / 'data' / 'synthetic-ddp'}",
+        "data.synth.num_val=3",
+        "data.clips_per_video=4",  # 2 videos × 4 clips / 2 ranks / batch 2: 2 steps per epoch
+        "trainer.limit_val_batches=null",
+        "callbacks.vos_results=true",
+    ]
+    result = run_dvos("train", *args, timeout=240)  # about 15 s on 2 cores
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [path.name for path in runs.iterdir()] == [Path(last_line(result.stdout)).name]  # one folder
+    run_dir = runs / Path(last_line(result.stdout)).name
+    assert result.stdout.count("student ") == 1 and result.stdout.count(str(run_dir)) == 1  # rank 0 only
+
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2
+    best_scores = [state["best_model_score"] for state in last["callbacks"].values() if state.get("monitor")]
+    assert len(best_scores) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert float(best_scores[0]) == pytest.approx(summary["student"]["J&F"], abs=1e-6)
+
+    table = json.loads((run_dir / f"val-step{2:06d}.json").read_text())
+    assert [row["sequence"] for row in table["sequences"]] == [f"synth_val_{i:04d}" for i in range(3)]
+    # the teacher was pretrained under DDP too (its own cache key: other data), to its last step
+    teacher = teacher_path(load_config(args))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["teacher"]["checkpoint"] == str(teacher)
+    assert torch.load(teacher, map_location="cpu", weights_only=True)["encoder_config"]["global_step"] == 2

@@ -23,7 +23,8 @@ help:
 	@echo "make test    install if needed, run the tests (WANDB offline)"
 	@echo "make eval    score predictions: make eval GT=<DAVIS root> PRED=<folder> OUT=<folder> [YEAR=2017]"
 	@echo "make lint    ruff check + format check;  make format  apply ruff format"
-	@echo "make bench | make sweep   (arrive with later issues)"
+	@echo "make bench   speed, memory, FLOPs, data loading, J&F vs FPS -> bench/ (BENCH_ARGS='--quick' ...)"
+	@echo "make sweep   (arrives with issue 5)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,8 +60,10 @@ format: install
 	$(BIN)/ruff format dvos tests
 	$(BIN)/ruff check --fix dvos tests
 
+# BENCH_ARGS passes options through, e.g. make bench BENCH_ARGS="--quick" or "--threads 1 --lengths 50 200".
+BENCH_ARGS ?=
 bench: install
-	@echo "make bench: arrives with issue 6 (benchmarks)"
+	$(BIN)/dvos bench $(BENCH_ARGS)
 
 sweep: install
 	@echo "make sweep: arrives with issue 5 (sweeps)"

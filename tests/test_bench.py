@@ -1,0 +1,236 @@
+"""`dvos bench`: FLOP counting, the dense-memory baseline's growing memory against the student's
+constant one (counted in tensors and tokens, never timed), the cells, and a tiny end-to-end run that
+checks the results schema and the picture (no speed assertions)."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dvos.bench.cells import CellSpec, SyntheticVideo, fast_forward, run_cell
+from dvos.bench.dense import DenseMemorySegmenter, DenseMemoryStudent
+from dvos.bench.measure import count_flops, matmul_gflops
+from dvos.cli.bench_cmd import parse_size
+from dvos.cli.main import main
+from dvos.config import load_config, to_dict
+from dvos.inference.engine import StudentSegmenter
+from dvos.models.student import build_student
+
+TINY_MODEL = dict(
+    d_model=32,
+    num_heads=4,
+    num_groups=2,
+    deform_stride=2,
+    offset_range=4.0,
+    offset_kernel=3,
+    max_objects=5,
+    decoder_dim=16,
+    ffn_ratio=2.0,
+    permute_ids=True,
+    pretrained="none",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads wait for each other (10× slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_student():
+    torch.manual_seed(0)
+    student, _ = build_student(SimpleNamespace(**TINY_MODEL))
+    return student.eval()
+
+
+def test_flop_count_matches_a_hand_count():
+    linear = nn.Linear(4, 3)
+    total, per_module, _ = count_flops(lambda: linear(torch.randn(2, 4)))
+    assert total == 2 * (2 * 4 * 3)  # 2 FLOP per multiply-add, bias not counted
+    assert per_module == {"Linear": total}
+    conv = nn.Conv2d(2, 5, 3, padding=1)
+    total, _, out = count_flops(lambda: conv(torch.randn(1, 2, 6, 7)))
+    assert out.shape == (1, 5, 6, 7)
+    assert total == 2 * (6 * 7) * 5 * (2 * 3 * 3)
+
+
+def test_matmul_rate_is_positive_and_described():
+    rate = matmul_gflops(size=64, seconds=0.01)
+    assert rate["gflops"] > 0 and rate["repeats"] >= 3 and rate["dtype"] == "float32"
+
+
+def test_parse_size():
+    assert parse_size("480p") == (480, 854)  # DAVIS's 854 × 480
+    assert parse_size("240x432") == (240, 432)
+    with pytest.raises(Exception, match="480p"):
+        parse_size("big")
+
+
+def test_dense_memory_grows_every_fifth_frame_while_the_student_memory_is_constant():
+    student = tiny_student()
+    video = SyntheticVideo((64, 96), seed=0)
+    frame0, mask0, ids = video.first()
+    dense, deformable = DenseMemorySegmenter(student), StudentSegmenter(student)
+    dense.start(frame0, mask0, ids)
+    deformable.start(frame0, mask0, ids)
+    tokens_per_frame = 4 * 6  # ⌈64/16⌉ × ⌈96/16⌉
+    dense_bytes, student_bytes = {}, {}
+    for t in range(1, 21):
+        frame = video.frame(t)
+        prediction = dense.step(frame)
+        deformable.step(frame)
+        assert prediction.shape == (64, 96) and prediction.dtype == np.uint8
+        bank = 1 + t // 5  # the reference frame, then frames 5, 10, 15, 20
+        assert dense.dense_memory.frames == bank
+        assert dense.memory_tokens == (bank + 1) * tokens_per_frame  # bank + the previous frame
+        dense_bytes[t], student_bytes[t] = dense.memory_bytes(), deformable.memory_bytes()
+    assert len(set(student_bytes.values())) == 1
+    per_frame = dense_bytes[5] - dense_bytes[4]
+    assert per_frame > 0 and dense_bytes[20] - dense_bytes[1] == 4 * per_frame
+    # fast-forward gives the state a real walk has before that frame
+    fresh = DenseMemorySegmenter(student)
+    fresh.start(frame0, mask0, ids)
+    fast_forward(fresh, 21)
+    assert fresh.memory_bytes() == dense_bytes[20] and fresh.frame_index == 20
+
+
+def test_dense_read_with_a_one_frame_memory_is_global_attention_over_its_tokens():
+    """With one memory frame, each dense read is softmax(q·kᵀ/√d)·v over that frame's tokens."""
+    student = tiny_student()
+    model = DenseMemoryStudent(student)
+    torch.manual_seed(1)
+    queries = torch.randn(1, 32, 2, 3)
+    keys, values = torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6, 8)
+    memory = SimpleNamespace(
+        long_key=keys,
+        long_visual=values,
+        long_id=values,
+        short_key=keys,
+        short_visual=values,
+        short_id=values,
+    )
+    heads = queries.flatten(2).transpose(1, 2).reshape(1, 6, 4, 8).transpose(1, 2)
+    expected = torch.softmax(heads @ keys.transpose(-1, -2) / 8**0.5, dim=-1) @ values
+    propagation = student.propagation
+    with torch.no_grad():
+        visual, _ = model.read_memory(queries, queries, memory)
+        tokens = queries.flatten(2).transpose(1, 2)
+        read = (2 * expected).transpose(1, 2).reshape(1, 6, 32)
+        gate = torch.nn.functional.silu(propagation.gate_visual(propagation.norm_input(tokens)))
+        torch.testing.assert_close(visual, tokens + propagation.out_visual(read * gate))
+
+
+def cell(model, **fields):
+    cfg = load_config(["experiment=smoke"])
+    return CellSpec(
+        model=model, size=(48, 80), model_cfg=to_dict(cfg.model), teacher_cfg=to_dict(cfg.teacher), **fields
+    )
+
+
+def test_a_cell_in_a_fresh_process_reports_fps_and_peak_memory():
+    result = run_cell(cell("student", lengths=[6], window=2, threads=1))
+    assert "error" not in result, result.get("error")
+    (row,) = result["rows"]
+    assert row["model"] == "student" and row["length"] == 6 and row["timed_frames"] == 2
+    assert row["fps"] > 0 and row["peak_mb"] >= row["before_mb"] > 0
+    assert row["fast_forwarded_frames"] == 2 and row["segmented_frames"] == 3
+
+
+def test_a_failing_cell_is_recorded_not_raised():
+    result = run_cell(
+        cell("student", lengths=[6], window=2, student_checkpoint="/nonexistent.ckpt"), isolate=False
+    )
+    assert result["rows"] == [] and "checkpoint not found" in result["error"]
+
+
+def test_bench_quick_writes_results_and_picture(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench",
+            "experiment=smoke",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.runs_dir={tmp_path / 'runs'}",
+            "--quick",
+            "--in-process",
+            "--threads",
+            "1",
+            "--davis",
+            "none",
+            "--out",
+            str(out),
+            "--lengths",
+            "4",
+            "12",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Inference at 64×112" in printed and "J&F against FPS" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "dvos-bench/1" and results["complete"] is True
+    assert "errors" not in results, results.get("errors")
+    for key in (
+        "machine",
+        "versions",
+        "options",
+        "config",
+        "student",
+        "teacher",
+        "dense",
+        "matmul",
+        "summary",
+    ):
+        assert key in results
+    assert "randomly initialised" in results["student"]["weights"]
+    assert results["matmul"]["start"]["gflops"] > 0
+
+    rows = results["inference"]["rows"]
+    assert {(row["model"], row["length"]) for row in rows} == {
+        (model, length) for model in ("student", "dense", "teacher") for length in (4, 12)
+    }
+    for row in rows:
+        assert row["fps"] > 0 and row["timed_frames"] == 2 and row["peak_mb"] > 0
+    state = {(row["model"], row["length"]): row["state_bytes"] for row in rows}
+    assert state["student", 12] == state["student", 4]  # constant memory
+    assert state["dense", 12] > state["dense", 4]  # the bank grew
+    frames = {(row["model"], row["length"]): row["memory_frames"] for row in rows}
+    assert frames["dense", 4] == 2 and frames["dense", 12] == 4 and frames["student", 12] == 2
+
+    stream = {(row["model"], row["length"]): row for row in results["stream"]["rows"]}
+    assert (
+        stream["student", 12]["segmented_frames"] == 11
+        and stream["student", 12]["fast_forwarded_frames"] == 0
+    )
+    assert stream["student", 12]["state_bytes"] == stream["student", 4]["state_bytes"]
+    assert stream["dense", 12]["state_bytes"] > stream["dense", 4]["state_bytes"]
+    growth = results["summary"]["memory_growth_stream"]
+    assert growth["student"]["state_bytes_change"] == 0 and growth["dense"]["state_bytes_change"] > 0
+
+    flops = results["flops"]["student"]
+    assert flops["flops_per_frame"] > 0 and flops["by_module_gflops"]["encoder"] > 0
+    assert results["summary"]["student_share_of_matmul"] > 0
+
+    loading = results["data_loading"]
+    assert loading["mp4"]["single"]["clips_per_s"] > 0 and loading["frames"]["single"]["clips_per_s"] > 0
+    assert loading["train_step"]["clips_per_s"] > 0 and loading["train_step"]["skipped_steps"] == 0
+
+    (dataset,) = results["accuracy"]["datasets"]
+    assert dataset["name"] == "synthetic" and {row["model"] for row in dataset["rows"]} == {
+        "student",
+        "dense",
+        "teacher",
+    }
+    for row in dataset["rows"]:
+        assert 0 <= row["J&F"] <= 1 and row["fps"] > 0
+
+    with Image.open(out / "results.png") as image:
+        assert image.format == "PNG" and image.size[0] > 1000

@@ -15,6 +15,13 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 EXP ?=
 ARGS ?=
 TRAIN_ARGS := $(if $(EXP),experiment=$(EXP)) $(ARGS)
+# Sweeps: SWEEP=<sweep file> [COUNT=<trials>] [SEED=<seed>] [THREADS=<CPU threads per trial>];
+# ARGS (and EXP) reach every trial.
+SWEEP ?=
+COUNT ?=
+SEED ?=
+THREADS ?=
+SWEEP_ARGS := $(if $(COUNT),--count $(COUNT)) $(if $(SEED),--seed $(SEED)) $(if $(THREADS),--threads $(THREADS))
 
 .PHONY: install train test test-slow eval lint format bench sweep clean help
 
@@ -24,7 +31,8 @@ help:
 	@echo "make eval    score predictions: make eval GT=<DAVIS root> PRED=<folder> OUT=<folder> [YEAR=2017]"
 	@echo "make lint    ruff check + format check;  make format  apply ruff format"
 	@echo "make bench   speed, memory, FLOPs, data loading, J&F vs FPS -> bench/ (BENCH_ARGS='--quick' ...)"
-	@echo "make sweep   (arrives with issue 5)"
+	@echo "make sweep   SWEEP=experiments/sweeps/<file>.yaml [COUNT=N] [ARGS=...]: W&B sweep online, our runner offline"
+	@echo "             (make train SWEEP=<file> does the same)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +44,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 train: install
-	$(BIN)/dvos train $(TRAIN_ARGS)
+	$(if $(SWEEP),$(BIN)/dvos sweep "$(SWEEP)" $(SWEEP_ARGS) $(TRAIN_ARGS),$(BIN)/dvos train $(TRAIN_ARGS))
 
 test: install
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -66,7 +74,8 @@ bench: install
 	$(BIN)/dvos bench $(BENCH_ARGS)
 
 sweep: install
-	@echo "make sweep: arrives with issue 5 (sweeps)"
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/sweeps/<file>.yaml [COUNT=N] [SEED=S] [ARGS='key=value ...']"; ls experiments/sweeps/*.yaml; exit 2; }
+	$(BIN)/dvos sweep "$(SWEEP)" $(SWEEP_ARGS) $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -23,12 +23,16 @@ RUN_DIR_ENV = "DVOS_RUN_DIR"
 
 
 def is_launched_rank() -> bool:
-    """True in a process that Lightning's DDP launcher started for a rank ≥ 1 (it re-runs the
-    command from the start, with `LOCAL_RANK` ≥ 1 in its environment)."""
-    try:
-        return int(os.environ.get("LOCAL_RANK", "0")) > 0
-    except ValueError:
-        return False
+    """True in a DDP process of a rank ≥ 1: started by Lightning's DDP launcher (it re-runs the
+    command from the start, with `LOCAL_RANK` ≥ 1 in its environment), by torchrun (`RANK`) or by
+    srun (`SLURM_PROCID`), which start every rank themselves."""
+    for name in ("LOCAL_RANK", "RANK", "SLURM_PROCID"):
+        try:
+            if int(os.environ.get(name, "0")) > 0:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -55,6 +59,8 @@ def start_run(cfg: DictConfig) -> Path:
         return Path(inherited)
     run_dir = make_run_dir(cfg.paths.runs_dir, cfg.name, run_dir=cfg.run_dir)
     cfg.run_dir = str(run_dir)
+    if is_launched_rank():  # torchrun / srun rank ≥ 1 (with run_dir=...): rank 0 writes the files
+        return run_dir
     os.environ[RUN_DIR_ENV] = str(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     write_json(run_dir / "environment.json", environment_info())

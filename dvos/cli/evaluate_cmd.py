@@ -11,7 +11,8 @@ thread; OUT defaults to `<run folder of the checkpoint>/eval-<data.name>`, or
 (DAVIS), J&F is computed with the official toolkit's rules (`dvos.metrics`) from the written files:
 `global_results-<split>.csv`, `per-sequence_results-<split>.csv`, `results.json`. Always written:
 `timing.json` (per sequence: frames, FPS, peak memory) and `config.yaml` (the resolved config).
-YouTube-VOS (no dense ground truth) gets predictions only.
+YouTube-VOS (no dense ground truth) gets predictions only, packed for the benchmark's server into
+`OUT/submission.zip` (`Annotations/<video>/<frame>.png` for the frames its meta.json lists).
 """
 
 from __future__ import annotations
@@ -296,4 +297,12 @@ def run(args: argparse.Namespace) -> int:
         + (" and J&F results" if results is not None else "")
         + f" to {out_dir}"
     )
+    if cfg.data.format == "youtubevos":  # the benchmark server's layout: Annotations/<video>/<frame>.png
+        from dvos.inference.submission import SUBMISSION_ZIP, write_youtubevos_submission
+
+        meta = Path(cfg.data.root) / cfg.data.split / "meta.json"
+        packed = write_youtubevos_submission(out_dir, sequences, meta, out_dir / SUBMISSION_ZIP)
+        print(
+            f"submission: {out_dir / SUBMISSION_ZIP} ({packed['frames']} frames of {packed['videos']} videos)"
+        )
     return 0

@@ -206,6 +206,9 @@ def run(args: argparse.Namespace) -> int:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     summary = final_evaluation(cfg, run_dir, module, best or None)
     write_json(run_dir / "summary.json", summary)
+    from dvos.cli.run_summary import publish_run_summary
+
+    publish_run_summary(trainer, summary, run_dir)  # the same W&B summary keys in every run (rank 0)
     print(format_summary(summary))
     print(run_dir)
     return 0

@@ -1,0 +1,161 @@
+"""Experiment files (`conf/experiment/`): every one loads given its data roots, the paper-scale ones
+carry the DeAOT-derived schedule and refuse to start without their roots; YouTube-VOS evaluation
+writes the benchmark's submission archive."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers_data import box_masks, moving_frames, write_frame_folder
+from PIL import Image
+
+from dvos.cli.main import main
+from dvos.config import load_config
+from dvos.data.vos import youtubevos_sequences
+from dvos.inference.submission import listed_frames, write_youtubevos_submission
+from dvos.utils.errors import ConfigError
+from dvos.utils.masks import write_mask
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "conf" / "experiment").glob("*.yaml"))
+ROOTS = ["data.root=/data/root", "data.train_root=/data/videos"]
+PAPER = {
+    "distill_davis2016": ("davis", 2016),
+    "distill_davis2017": ("davis", 2017),
+    "distill_youtubevos2018": ("youtubevos", None),
+    "distill_youtubevos2019": ("youtubevos", None),
+}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_experiment_file_loads_given_data_roots(path):
+    cfg = load_config([f"experiment={path.stem}", *ROOTS])
+    assert cfg.experiment == path.stem
+    assert cfg.name  # names the run folder
+
+
+def test_the_expected_experiments_exist():
+    names = {path.stem for path in EXPERIMENTS}
+    assert set(PAPER) | {"teacher_crw_youtubevos", "teacher_crw_kinetics", "smoke", "sweep_cpu"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_scale_distillation_has_the_deaot_schedule(name):
+    fmt, year = PAPER[name]
+    cfg = load_config([f"experiment={name}", *ROOTS])
+    assert cfg.data.format == fmt and (year is None or cfg.data.year == year)
+    assert cfg.data.crop_size == [465, 465] and cfg.data.clip_len == 5
+    assert cfg.optim.lr == 2e-4 and cfg.optim.encoder_lr_ratio == 0.1 and cfg.optim.weight_decay == 0.07
+    assert cfg.optim.poly_power == 0.9 and cfg.optim.min_lr_ratio == pytest.approx(0.1)
+    assert cfg.trainer.max_steps == 100_000 and cfg.optim.warmup_steps == 5_000  # 5 % warm-up
+    assert cfg.trainer.gradient_clip_val == 5.0 and cfg.optim.ema
+    assert cfg.data.batch_size * 4 == 16  # DeAOT's global batch on 4 GPUs
+    assert cfg.teacher.checkpoint.endswith("teachers/crw-resnet-youtubevos.pt")
+    teacher = load_config(["experiment=teacher_crw_youtubevos", "data.root=/data/YouTubeVOS"])
+    assert teacher.pretrain.output == cfg.teacher.checkpoint  # the pretraining writes what distillation loads
+    if fmt == "youtubevos":
+        assert cfg.data.split == "valid" and cfg.trainer.limit_val_batches == 0
+        assert cfg.data.train_root == "/data/videos"  # given here; by default from the root:
+        assert load_config([f"experiment={name}", "data.root=/Y"]).data.train_root == "/Y/train/JPEGImages"
+    else:
+        assert cfg.trainer.check_val_every_n_epoch is None and cfg.trainer.val_check_interval == 5000
+
+
+@pytest.mark.parametrize(
+    "overrides, missing",
+    [
+        (["experiment=distill_davis2017", "data.root=/data/DAVIS"], "data.train_root"),
+        (["experiment=distill_davis2016", "data.train_root=/v"], "data.root"),
+        (["experiment=distill_youtubevos2019"], "data.root"),
+        (["experiment=teacher_crw_youtubevos"], "data.root"),
+        (["experiment=teacher_crw_kinetics"], "data.train_root"),
+    ],
+)
+def test_paper_scale_experiments_need_their_data_roots(overrides, missing):
+    with pytest.raises(ConfigError, match=missing.replace(".", r"\.")):
+        load_config(overrides)
+
+
+def test_teacher_pretraining_experiments_read_the_right_frames():
+    youtube = load_config(["experiment=teacher_crw_youtubevos", "data.root=/Y"])
+    assert youtube.data.train_root == "/Y/train/JPEGImages" and youtube.pretrain.crop_size == [256, 256]
+    kinetics = load_config(["experiment=teacher_crw_kinetics", "data.train_root=/K/train"])
+    assert kinetics.data.train_root == "/K/train" and not kinetics.data.synth.generate
+
+
+# --------------------------------------------------------------------------------------------------
+# YouTube-VOS submission archive
+# --------------------------------------------------------------------------------------------------
+def youtubevos_valid(root: Path) -> Path:
+    """A valid-style tree: `early` (object 1 from frame 0, object 2 from frame 3) and `late` (its only
+    object first appears at frame 2: frames 0-1 are not listed in meta.json)."""
+    split = root / "valid"
+    meta = {"videos": {}}
+    for name, starts in (("early", {1: 0, 2: 3}), ("late", {3: 2})):
+        frames = moving_frames(6, 48, 64, seed=len(name))
+        boxes = {obj: (4 + 10 * i, 14 + 10 * i, 4, 20) for i, obj in enumerate(starts)}
+        masks = box_masks(6, 48, 64, boxes)
+        for obj, start in starts.items():
+            masks[:start][masks[:start] == obj] = 0
+        write_frame_folder(split / "JPEGImages" / name, frames)
+        for start in sorted(set(starts.values())):
+            first = np.where(
+                np.isin(masks[start], [o for o, s in starts.items() if s == start]), masks[start], 0
+            )
+            write_mask(split / "Annotations" / name / f"{start:05d}.png", first.astype(np.uint8))
+        meta["videos"][name] = {
+            "objects": {
+                str(obj): {"category": "thing", "frames": [f"{t:05d}" for t in range(start, 6)]}
+                for obj, start in starts.items()
+            }
+        }
+    (split / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_youtubevos_evaluation_writes_the_official_submission_zip(tmp_path, capsys):
+    root = youtubevos_valid(tmp_path / "ytvos")
+    out = tmp_path / "predictions"
+    code = main(["evaluate", "--baseline", "copy", "--out", str(out), "data=youtubevos", f"data.root={root}",
+                 f"paths.runs_dir={tmp_path / 'runs'}"])  # fmt: skip
+    assert code == 0
+    assert "submission.zip (10 frames of 2 videos)" in capsys.readouterr().out
+    with zipfile.ZipFile(out / "submission.zip") as archive:
+        names = sorted(archive.namelist())
+        expected = sorted(
+            [f"Annotations/early/{t:05d}.png" for t in range(6)]
+            + [f"Annotations/late/{t:05d}.png" for t in range(2, 6)]
+        )
+        assert names == expected
+        for name in names:
+            with archive.open(name) as handle:
+                image = Image.open(handle)
+                image.load()
+            assert image.mode == "P" and image.size == (64, 48)
+            assert (np.asarray(image) == np.asarray(Image.open(out / name.split("/", 1)[1]))).all()
+        with archive.open("Annotations/early/00004.png") as handle:
+            assert set(np.unique(np.asarray(Image.open(handle)))) == {0, 1, 2}  # both objects tracked
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_submission_fills_frames_without_prediction_and_reads_meta(tmp_path):
+    root = youtubevos_valid(tmp_path / "ytvos")
+    sequences = youtubevos_sequences(root, split="valid")
+    meta = json.loads((root / "valid" / "meta.json").read_text())["videos"]
+    assert listed_frames(meta, "late") == ["00002", "00003", "00004", "00005"]
+    predictions = tmp_path / "pred"
+    for sequence in sequences:  # predictions for every frame but the last one of `early`
+        for name in sequence.frame_names[: -1 if sequence.name == "early" else None]:
+            write_mask(predictions / sequence.name / f"{name}.png", np.zeros(sequence.size, np.uint8))
+    stats = write_youtubevos_submission(
+        predictions, sequences, root / "valid" / "meta.json", tmp_path / "s.zip"
+    )
+    assert stats == {"videos": 2, "frames": 10, "blank": 1}
+    with (
+        zipfile.ZipFile(tmp_path / "s.zip") as archive,
+        archive.open("Annotations/early/00005.png") as handle,
+    ):
+        blank = Image.open(handle)
+        assert blank.mode == "P" and blank.size == (64, 48) and not np.asarray(blank).any()

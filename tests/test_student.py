@@ -301,3 +301,55 @@ def test_default_mobilenet_v2_encoder_is_wired():
         assert features.stride4.shape[-2:] == (20, 28) and features.stride8.shape[-2:] == (10, 14)
         memory = student.initialize_memory(features, labels_to_onehot(torch.zeros(1, 70, 100), 4))
         assert student.step(frames, memory, num_objects=1).logits.shape == (1, 4, 70, 100)
+
+
+# ---------------------------------------------------------------------------------------- initialisation
+def test_cosine_attention_by_hand_and_invariant_to_vector_lengths():
+    from dvos.models.deformable import attention_weights
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 2, 5, 8, generator=generator, dtype=torch.float64)
+    key = torch.randn(1, 2, 7, 8, generator=generator, dtype=torch.float64)
+    log_scale = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    cosine = torch.nn.functional.cosine_similarity(query[:, :, :, None], key[:, :, None], dim=-1)
+    expected = torch.softmax(log_scale.exp()[None, :, None, None] * cosine, dim=-1)
+    torch.testing.assert_close(attention_weights(query, key, log_scale), expected)
+    lengths = torch.rand(1, 2, 5, 1, generator=generator, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(attention_weights(query * lengths, key * 3.0, log_scale), expected)
+
+
+def test_propagation_init_reads_soft_labels_of_the_memory():
+    """A fresh student with propagation_init: the ID embedding of a mask is each id's share of the
+    17 × 17 patch of a cell (channel c = id c), and the ID stream of the memory read is exactly the
+    attention-weighted sum of the memory's ID embeddings (unit gate, identity output)."""
+    student = make_student(propagation_init=True, permute_ids=False).eval()
+    masks = random_masks(1, 64, 96, 3)
+    embedded = student.embed_ids(masks)
+    shares = embedded[:, : MAX_OBJECTS + 1]
+    interior = shares[..., 1:-1, 1:-1]  # cells whose 17 × 17 patch lies inside the frame
+    torch.testing.assert_close(interior.sum(1), torch.ones_like(interior[:, 0]))
+    patch = masks[0, :, 16 - 8 : 16 + 9, 32 - 8 : 32 + 9].mean(dim=(-1, -2))  # cell (1, 2)
+    torch.testing.assert_close(shares[0, :, 1, 2], patch)
+    assert embedded[:, MAX_OBJECTS + 1 :].abs().max() == 0
+
+    image = torch.rand(1, 3, 64, 96)
+    features = student.encode_frame(image)
+    memory = student.initialize_memory(features, masks)
+    layer = student.propagation
+    query, _ = layer.key_value(features.embedding, features.position)
+    with torch.no_grad():
+        _, identity, _ = layer.read_memory(features.embedding, query, memory)
+        long_read, _ = layer.long_term(
+            query, memory.reference_key, (memory.reference_value, memory.reference_id)
+        )
+        short_read, _ = layer.short_term(
+            query, memory.previous_key, (memory.previous_value, memory.previous_id)
+        )
+    torch.testing.assert_close(identity, long_read[1] + short_read[1])
+
+
+def test_without_propagation_init_the_id_path_is_random():
+    student = make_student(propagation_init=False, attention_scale=0.0)
+    assert student.propagation.long_term.logit_scale is None
+    shares = student.embed_ids(random_masks(1, 64, 96, 3))[:, : MAX_OBJECTS + 1, 1:-1, 1:-1]
+    assert not torch.allclose(shares.sum(1), torch.ones_like(shares[:, 0]))

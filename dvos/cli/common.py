@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -44,6 +45,10 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler._dvos = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+    # Known, harmless notices that would bury the run's own messages: the EMA copy of the student is
+    # in eval mode on purpose; Lightning's internal pytree call is deprecated by torch.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def start_run(cfg: DictConfig) -> Path:

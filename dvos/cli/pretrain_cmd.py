@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -110,7 +111,17 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
         export_teacher_encoder(checkpoint, output)
         log.info("teacher written to %s", output)
     trainer.strategy.barrier()
+    finish_wandb(trainer)  # or the distillation logger of the same process would reuse this run
     return output
+
+
+def finish_wandb(trainer: Any) -> None:
+    """Close the W&B run a trainer's logger opened (one process, one run at a time in wandb)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def ensure_teacher(cfg: DictConfig, run_dir: Path, *, force: bool = False) -> None:

@@ -129,8 +129,11 @@ def grouped_points_to_heads(sampled: torch.Tensor, num_heads: int) -> torch.Tens
     return per_head.reshape(batch, num_heads, group_channels // heads_per_group, num_points).transpose(2, 3)
 
 
-def attention_weights(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """softmax(q · kᵀ / √d_head) over the keys, computed in float32 even under autocast.
+def attention_weights(
+    query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q · kᵀ / √d_head) over the keys (or, with `logit_scale` (heads,), the cosine form
+    softmax(exp(logit_scale) · q̂ · k̂ᵀ)), computed in float32 even under autocast.
 
     Args:
         query: B × heads × N × d_head.
@@ -141,8 +144,13 @@ def attention_weights(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """
     dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        scale = 1.0 / math.sqrt(query.shape[-1])
-        affinity = torch.matmul(query.to(dtype) * scale, key.to(dtype).transpose(-1, -2))
+        if logit_scale is None:
+            query = query.to(dtype) * (1.0 / math.sqrt(query.shape[-1]))
+        else:  # cosine attention: unit-length queries and keys, a learned per-head temperature
+            scale = logit_scale.to(dtype).exp().reshape(1, -1, 1, 1)
+            query = F.normalize(query.to(dtype), dim=-1) * scale
+            key = F.normalize(key.to(dtype), dim=-1)
+        affinity = torch.matmul(query, key.to(dtype).transpose(-1, -2))
         return torch.softmax(affinity, dim=-1)
 
 
@@ -164,6 +172,7 @@ def deformable_attention(
     *,
     num_heads: int,
     stride: int,
+    logit_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Multi-head attention of every query token over memory points read at reference + offset.
 
@@ -175,6 +184,7 @@ def deformable_attention(
         offsets: B × G × ⌈H/s⌉ × ⌈W/s⌉ × 2, (Δx, Δy) in memory-map cells, one per reference point and group.
         num_heads: heads; G = offsets.shape[1] divides it.
         stride: s of the reference grid.
+        logit_scale: per-head log scale of cosine attention (None: scaled dot product).
 
     Returns:
         (outputs, attention, positions): one B × N × C_v tensor per value map; the attention
@@ -191,7 +201,7 @@ def deformable_attention(
 
     queries = split_heads(query.flatten(2).transpose(1, 2), num_heads)
     keys = grouped_points_to_heads(sample_memory(memory_key, positions), num_heads)
-    attention = attention_weights(queries, keys)
+    attention = attention_weights(queries, keys, logit_scale)
     outputs = [
         apply_attention(attention, grouped_points_to_heads(sample_memory(value, positions), num_heads))
         for value in memory_values
@@ -269,6 +279,8 @@ class DeformableAttention(nn.Module):
         stride: s, the reference-grid stride over the memory map.
         offset_range: the largest offset, in memory-map cells.
         offset_kernel: k of the offset network's depth-wise conv.
+        attention_scale: > 0: cosine attention, softmax(scale · q̂·k̂) with a learned per-head scale
+            starting here (sharp, correspondence-like maps from the first step); 0: softmax(q·k/√d).
     """
 
     def __init__(
@@ -280,6 +292,7 @@ class DeformableAttention(nn.Module):
         stride: int = 2,
         offset_range: float = 4.0,
         offset_kernel: int = 5,
+        attention_scale: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -292,6 +305,11 @@ class DeformableAttention(nn.Module):
         self.offset_network = OffsetNetwork(
             dim // num_groups, kernel=offset_kernel, stride=stride, offset_range=offset_range
         )
+        # Cosine attention (unit-length q and k, a learned per-head scale starting at `attention_scale`)
+        # when attention_scale > 0; scaled dot product (q·k/√d) otherwise.
+        self.logit_scale = None
+        if attention_scale > 0:
+            self.logit_scale = nn.Parameter(torch.full((num_heads,), math.log(attention_scale)))
 
     def predict_offsets(self, query: torch.Tensor) -> torch.Tensor:
         """query: B × C × h × w (projected queries) → offsets B × G × ⌈h/s⌉ × ⌈w/s⌉ × 2 (cells)."""
@@ -326,7 +344,13 @@ class DeformableAttention(nn.Module):
             )
         offsets = self.predict_offsets(query)
         outputs, attention, positions_px = deformable_attention(
-            query, memory_key, memory_values, offsets, num_heads=self.num_heads, stride=self.stride
+            query,
+            memory_key,
+            memory_values,
+            offsets,
+            num_heads=self.num_heads,
+            stride=self.stride,
+            logit_scale=self.logit_scale,
         )
         if not return_aux:
             return outputs, None

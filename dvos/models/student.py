@@ -162,6 +162,10 @@ def _tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # Parts
 # --------------------------------------------------------------------------------------------------
+# silu(x) = 1 at x ≈ 1.2785: a gate bias that lets a signal through unchanged.
+SILU_ONE = 1.2784645427610738
+
+
 class GatedDeformablePropagation(nn.Module):
     """DeAOT's gated propagation with deformable long-term and short-term attention.
 
@@ -181,6 +185,7 @@ class GatedDeformablePropagation(nn.Module):
         offset_range: float = 4.0,
         offset_kernel: int = 5,
         ffn_ratio: float = 2.0,
+        attention_scale: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -190,6 +195,7 @@ class GatedDeformablePropagation(nn.Module):
             stride=deform_stride,
             offset_range=offset_range,
             offset_kernel=offset_kernel,
+            attention_scale=attention_scale,
         )
         # Reading the memory (long-term + short-term).
         self.norm_input = nn.LayerNorm(dim)
@@ -219,6 +225,23 @@ class GatedDeformablePropagation(nn.Module):
         self.ffn_id = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.norm_out_visual = nn.LayerNorm(dim)
         self.norm_out_id = nn.LayerNorm(dim)
+
+    @torch.no_grad()
+    def init_for_propagation(self) -> None:
+        """Start as a label propagator: identity q/k projection (attention = feature similarity +
+        position), the ID read passed through unchanged (unit gate, identity output) and the ID
+        stream's residual branches (self-propagation, feed-forward) zero, so that a fresh layer
+        outputs the attention-weighted ID embedding of the memory. Training refines all of it."""
+        nn.init.eye_(self.to_query_key.weight)
+        nn.init.zeros_(self.to_query_key.bias)
+        nn.init.zeros_(self.gate_id.weight)
+        nn.init.constant_(self.gate_id.bias, SILU_ONE)
+        nn.init.eye_(self.out_id.weight)
+        nn.init.zeros_(self.out_id.bias)
+        nn.init.zeros_(self.self_out_id.weight)
+        nn.init.zeros_(self.self_out_id.bias)
+        nn.init.zeros_(self.ffn_id[-1].weight)
+        nn.init.zeros_(self.ffn_id[-1].bias)
 
     def key_value(self, embedding: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (= queries) and visual values of a frame.
@@ -397,6 +420,9 @@ class DeformableStudent(nn.Module):
         decoder_dim: width of the FPN decoder at stride 16.
         ffn_ratio: feed-forward width in multiples of d.
         permute_ids: draw random object-id permutations in training mode (AOT's identity assignment).
+        attention_scale: > 0: cosine attention in the deformable reads with a learned per-head scale
+            starting here; 0: scaled dot product (`DeformableAttention`).
+        propagation_init: start as a label propagator (`init_for_propagation`).
     """
 
     def __init__(
@@ -414,6 +440,8 @@ class DeformableStudent(nn.Module):
         decoder_dim: int = 256,
         ffn_ratio: float = 2.0,
         permute_ids: bool = True,
+        attention_scale: float = 30.0,
+        propagation_init: bool = True,
     ) -> None:
         super().__init__()
         if encoder is None:
@@ -439,8 +467,28 @@ class DeformableStudent(nn.Module):
             offset_range=offset_range,
             offset_kernel=offset_kernel,
             ffn_ratio=ffn_ratio,
+            attention_scale=attention_scale,
         )
         self.decoder = FPNDecoder(2 * d_model, channels[:2], max_objects + 1, hidden=decoder_dim)
+        if propagation_init:
+            self.init_for_propagation()
+
+    @torch.no_grad()
+    def init_for_propagation(self) -> None:
+        """A fresh student that already propagates labels (see `GatedDeformablePropagation.
+        init_for_propagation`): the ID embedding starts as the share of each id in the 17 × 17 patch
+        of a cell (channel c = slot c), so the ID stream carries soft labels from the first step and
+        the decoder only has to learn to read them (measured effect: docs/DESIGN.md, Student)."""
+        slots = self.max_objects + 1
+        if slots > self.d_model:
+            raise ValueError(f"propagation_init needs d_model ≥ max_objects + 1, got {self.d_model}")
+        weight = self.id_embedding.weight
+        weight.zero_()
+        kernel = weight.shape[-2] * weight.shape[-1]
+        for slot in range(slots):
+            weight[slot, slot] = 1.0 / kernel
+        nn.init.zeros_(self.id_embedding.bias)
+        self.propagation.init_for_propagation()
 
     # ---------------------------------------------------------------------------------------------- steps
     def encode_frame(self, image: torch.Tensor) -> FrameFeatures:
@@ -745,6 +793,8 @@ def build_student(model_cfg: Any, *, encoder: nn.Module | None = None) -> tuple[
         decoder_dim=getattr(model_cfg, "decoder_dim", 256),
         ffn_ratio=getattr(model_cfg, "ffn_ratio", 2.0),
         permute_ids=getattr(model_cfg, "permute_ids", True),
+        attention_scale=float(getattr(model_cfg, "attention_scale", 30.0)),
+        propagation_init=bool(getattr(model_cfg, "propagation_init", True)),
     )
     if encoder is not None:
         return student, "encoder: injected module"

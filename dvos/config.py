@@ -134,6 +134,7 @@ class DistillConfig:
 
     ref_masks: str = "pseudo"  # pseudo (cluster the teacher's features) | annotation (first-frame labels)
     num_segments: int = 4  # pseudo-objects per clip, background included
+    position_weight: float = 0.3  # weight of the position in the pseudo-object clustering (0: appearance)
     tau: float = 1.0  # softmax temperature of the relation losses
     lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)

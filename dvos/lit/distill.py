@@ -236,7 +236,10 @@ class DistillationModule(pl.LightningModule):
         teacher_masks, _ = self.reference_objects(frames, annotation)
         with torch.no_grad():  # the teacher is frozen: nothing it computes carries gradients
             teacher_out = self.teacher.propagate_clip(
-                frames, teacher_masks, num_segments=int(self.config.distill.num_segments)
+                frames,
+                teacher_masks,
+                num_segments=int(self.config.distill.num_segments),
+                position_weight=float(self.config.distill.get("position_weight", 0.3)),
             )
         reference_ids = teacher_out["reference_ids"].to(frames.device)
         max_objects = int(self.student.max_objects)

@@ -684,6 +684,7 @@ class LabelPropagationTeacher(nn.Module):
         reference_masks: torch.Tensor | None = None,
         *,
         num_segments: int = 4,
+        position_weight: float = 0.3,
         object_masks: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Propagate the reference masks through a clip (the streaming state is left untouched).
@@ -693,6 +694,7 @@ class LabelPropagationTeacher(nn.Module):
             reference_masks: B × (K+1) × H × W one-hot of frame 0, or None for pseudo-objects
                 (`cluster_reference` of frame 0 into `num_segments` segments, K = num_segments − 1).
             num_segments: segments (background included) when `reference_masks` is None.
+            position_weight: weight of the position in that clustering (0: appearance only).
             object_masks: {t: B × (K'+1) × H × W} objects given on frame t ≥ 1 (`add_objects`).
 
         Returns:
@@ -710,7 +712,9 @@ class LabelPropagationTeacher(nn.Module):
         features = self.encode(frames[:, 0])
         token_shape = (features.shape[-2], features.shape[-1])
         if reference_masks is None:
-            feature_ids, reference_ids = self.cluster_reference(features, num_segments, image_size=image_size)
+            feature_ids, reference_ids = self.cluster_reference(
+                features, num_segments, image_size=image_size, position_weight=position_weight
+            )
             labels = F.one_hot(feature_ids, num_segments).permute(0, 3, 1, 2).float()
         else:
             labels = self.encode_mask(reference_masks.to(features.device), token_shape)

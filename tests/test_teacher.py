@@ -296,6 +296,14 @@ def test_cluster_reference_recovers_three_regions():
     assert clip["logits"].shape[2] == 3
     assert np.array_equal(clip["reference_ids"][0].numpy(), image_ids)
 
+    # distill.position_weight reaches the clustering: a heavy position term splits by place, not colour.
+    by_place = teacher.cluster_reference(features, 3, image_size=(HEIGHT, WIDTH), position_weight=50.0)[1]
+    assert not np.array_equal(by_place[0].numpy(), image_ids)
+    clip = teacher.propagate_clip(
+        image[:, None].expand(1, 3, 3, HEIGHT, WIDTH), num_segments=3, position_weight=50.0
+    )
+    assert np.array_equal(clip["reference_ids"][0].numpy(), by_place[0].numpy())
+
 
 # --------------------------------------------------------------------------------------------
 # Masks ↔ feature grid

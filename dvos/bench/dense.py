@@ -278,10 +278,7 @@ class DenseMemorySegmenter(StudentSegmenter):
         """New objects: the merged mask of this frame joins the bank (AOT adds such frames to memory)."""
         if self.dense_memory is None or self._previous is None:
             raise RuntimeError("DenseMemorySegmenter.add_objects() before start()")
-        self.ids.add(new_ids)
-        self._check_count()
-        given = self.ids.to_model(mask_ids, only=new_ids)
-        merged = np.where(given > 0, given, self._previous).astype(np.uint8)
+        merged = self._merge_new_objects(mask_ids, new_ids)
         features = self.model.encode_frame(self._image(frame))
         entry = self.model.memory_entry(features, self._one_hot(merged), self.dense_memory.id_permutation)
         self.dense_memory = self.dense_memory.replace_short_term(*entry).append_long_term(*entry)

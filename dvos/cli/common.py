@@ -92,11 +92,12 @@ def prepare_data(cfg: DictConfig) -> None:
     log.info("synthetic data ready in %s (%.1f s)", synth.out, time.perf_counter() - started)
 
 
-def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None) -> VideoClipDataModule:
-    """Unlabelled training clips from `data.train_root` (validation from `val_dataloader_fn`)."""
+def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None, **overrides) -> VideoClipDataModule:
+    """Unlabelled training clips from `data.train_root` (validation from `val_dataloader_fn`);
+    `overrides` replace `VideoClipDataModule` arguments taken from `cfg.data` (teacher pretraining
+    uses its own clip length, crop and batch size)."""
     data = cfg.data
-    return VideoClipDataModule(
-        data.train_root,
+    options = dict(
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         clip_len=data.clip_len,
@@ -109,9 +110,11 @@ def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None) -> VideoCl
         per_frame_photometric=data.per_frame_photometric,
         clips_per_video=data.clips_per_video,
         decord_threads=data.decord_threads,
-        seed=cfg.seed,
+        seed=int(cfg.seed),
         val_dataloader_fn=val_dataloader_fn,
     )
+    options.update(overrides)
+    return VideoClipDataModule(data.train_root, **options)
 
 
 def build_eval_datamodule(cfg: DictConfig) -> VOSEvalDataModule:

@@ -50,28 +50,18 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
     """Run CRW pretraining on `data.train_root` clips and export the encoder to `output`."""
     import lightning.pytorch as pl
 
-    from dvos.cli.common import log
+    from dvos.cli.common import build_clip_datamodule, log
     from dvos.cli.factory import build_trainer
-    from dvos.data.datamodules import VideoClipDataModule
     from dvos.lit.pretrain import CRWPretrainModule, export_teacher_encoder
 
     p = cfg.pretrain
     pl.seed_everything(int(cfg.seed), workers=True)
-    clips = VideoClipDataModule(
-        cfg.data.train_root,
+    clips = build_clip_datamodule(
+        cfg,
         batch_size=p.batch_size,
-        num_workers=cfg.data.num_workers,
         clip_len=p.clip_len,
-        max_gap=cfg.data.max_gap,
-        reverse_prob=cfg.data.reverse_prob,
         crop_size=tuple(p.crop_size),
-        scale=tuple(cfg.data.scale),
-        hflip_p=cfg.data.hflip_p,
-        photometric_p=cfg.data.photometric_p,
         per_frame_photometric=False,  # the walk matches appearance across frames: jitter the clip as one
-        clips_per_video=cfg.data.clips_per_video,
-        decord_threads=cfg.data.decord_threads,
-        seed=int(cfg.seed),
     )
     module = CRWPretrainModule(
         widths=list(p.widths),

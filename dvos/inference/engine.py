@@ -255,16 +255,20 @@ class StudentSegmenter(_TorchSegmenter):
         self._previous = model_ids
         return self.ids.to_sequence(model_ids)
 
+    def _merge_new_objects(self, mask_ids: np.ndarray, new_ids: Sequence[int]) -> np.ndarray:
+        """Register `new_ids` and paint their given masks over the previous prediction (model ids)."""
+        self.ids.add(new_ids)
+        self._check_count()
+        given = self.ids.to_model(mask_ids, only=new_ids)
+        return np.where(given > 0, given, self._previous).astype(np.uint8)
+
     @torch.inference_mode()
     def add_objects(
         self, index: int, frame: np.ndarray, mask_ids: np.ndarray, new_ids: Sequence[int]
     ) -> np.ndarray:
         if self.memory is None or self._previous is None:
             raise RuntimeError("StudentSegmenter.add_objects() before start()")
-        self.ids.add(new_ids)
-        self._check_count()
-        given = self.ids.to_model(mask_ids, only=new_ids)
-        merged = np.where(given > 0, given, self._previous).astype(np.uint8)
+        merged = self._merge_new_objects(mask_ids, new_ids)
         # Re-anchor the long-term memory on this frame and its merged mask: still two frames.
         features = self.student.encode_frame(self._image(frame))
         self.memory = self.student.initialize_memory(

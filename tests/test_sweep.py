@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 # experiment=smoke cut further for the default test run: a one-step epoch (then validation), two-frame
 # clips, a short teacher context.
 FAST = ["trainer.limit_train_batches=1", "data.clip_len=2", "teacher.n_recent=1"]
-TRIAL_ENV = {**os.environ, "WANDB_MODE": "offline"}
+TRIAL_ENV = {name: value for name, value in os.environ.items() if name != "WANDB_SERVICE"}
+TRIAL_ENV["WANDB_MODE"] = "offline"
 SWEEPS = REPO / "experiments" / "sweeps"
 
 

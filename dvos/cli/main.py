@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Quiet defaults chosen before wandb / albumentations are imported anywhere.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    # A W&B service inherited from a parent process (a notebook, a test runner) would be shared with
+    # it, and keeps a SIGKILLed job's run "in use": `ckpt_path=last` could not reopen that run.
+    os.environ.pop("WANDB_SERVICE", None)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -385,6 +385,7 @@ def train_command(overrides: list[str]) -> list[str]:
 def launch(overrides: list[str], log_path: Path, verbose: bool) -> int:
     """Run `dvos train <overrides>`, its output into `log_path` (and the terminal when verbose)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("WANDB_SERVICE", None)  # each trial its own W&B service: a crashed trial blocks no other
     with open(log_path, "w", encoding="utf-8") as log_file:
         log_file.write("$ dvos train " + " ".join(overrides) + "\n")
         log_file.flush()

@@ -147,6 +147,10 @@ def test_lightning_slurm_environment_accepts_the_job(monkeypatch):
         "SLURM_NODEID": "1",
     }.items():
         monkeypatch.setenv(key, value)
+    # SLURMEnvironment writes MASTER_ADDR / MASTER_PORT into os.environ itself: register them with
+    # monkeypatch so they are removed afterwards (a leaked MASTER_ADDR=node01 hangs later DDP tests).
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     assert SLURMEnvironment.detect()
     environment = SLURMEnvironment()
     assert environment.auto_requeue and environment.requeue_signal.name == "SIGUSR1"

@@ -40,7 +40,11 @@ def subprocess_env() -> dict[str, str]:
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", NO_ALBUMENTATIONS_UPDATE="1", OMP_NUM_THREADS="1")
     # WANDB_SERVICE: a W&B service started by an earlier in-process test would be shared by the
     # children; it keeps a SIGKILLed child's run "in use", so its resume could not reopen the run.
-    for name in ("DVOS_RUN_DIR", "PL_GLOBAL_SEED", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "WANDB_SERVICE"):
+    # MASTER_ADDR / MASTER_PORT / RANK: a DDP child must not inherit a rendezvous of the test process.
+    for name in (
+        *("DVOS_RUN_DIR", "PL_GLOBAL_SEED", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "WANDB_SERVICE"),
+        *("MASTER_ADDR", "MASTER_PORT", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"),
+    ):
         env.pop(name, None)
     return env
 

@@ -5,6 +5,7 @@ checks the results schema and the picture (no speed assertions)."""
 import json
 from types import SimpleNamespace
 
+import helpers_models
 import numpy as np
 import pytest
 import torch
@@ -18,21 +19,6 @@ from dvos.cli.bench_cmd import parse_size
 from dvos.cli.main import main
 from dvos.config import load_config, to_dict
 from dvos.inference.engine import StudentSegmenter
-from dvos.models.student import build_student
-
-TINY_MODEL = dict(
-    d_model=32,
-    num_heads=4,
-    num_groups=2,
-    deform_stride=2,
-    offset_range=4.0,
-    offset_kernel=3,
-    max_objects=5,
-    decoder_dim=16,
-    ffn_ratio=2.0,
-    permute_ids=True,
-    pretrained="none",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -45,9 +31,7 @@ def one_thread():
 
 
 def tiny_student():
-    torch.manual_seed(0)
-    student, _ = build_student(SimpleNamespace(**TINY_MODEL))
-    return student.eval()
+    return helpers_models.tiny_student().eval()
 
 
 def test_flop_count_matches_a_hand_count():

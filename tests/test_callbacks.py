@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers_models import tiny_student_and_teacher
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from torch import nn
@@ -30,32 +31,13 @@ from dvos.callbacks.attention import (
     student_padding,
 )
 from dvos.callbacks.vos_results import gather_objects, render_overlays, table_row
-from dvos.models.backbones.resnet import ResNetEncoder
 from dvos.models.student import DeformableStudent, labels_to_onehot
-from dvos.models.teacher import LabelPropagationTeacher
 
 HEIGHT, WIDTH, FRAMES = 88, 120, 3  # not multiples of 16: the student pads (4 px each side)
 MAX_OBJECTS = 3
 
 
 # ---------------------------------------------------------------------------------------- fixtures
-class TinyEncoder(nn.Module):
-    """Stand-in for MobileNet-V2 (as in tests/test_student.py): strided convs to stride 4, 8, 16."""
-
-    encoder_channels = (4, 8, 12)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.to4 = nn.Conv2d(3, 4, 4, stride=4)
-        self.to8 = nn.Conv2d(4, 8, 2, stride=2)
-        self.to16 = nn.Conv2d(8, 12, 2, stride=2)
-
-    def forward(self, image):
-        stride4 = torch.relu(self.to4(image))
-        stride8 = torch.relu(self.to8(stride4))
-        return stride4, stride8, self.to16(stride8)
-
-
 class ClipOutputs(NamedTuple):
     """The fields of `dvos.lit.distill.ClipOutputs` the callbacks read."""
 
@@ -78,19 +60,7 @@ class TinyDistill(pl.LightningModule):
 
     def __init__(self, *, num_segments: int = 3) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.student = DeformableStudent(
-            TinyEncoder(),
-            d_model=32,
-            num_heads=4,
-            num_groups=2,
-            max_objects=MAX_OBJECTS,
-            decoder_dim=16,
-            offset_kernel=3,
-        )
-        teacher = LabelPropagationTeacher(
-            ResNetEncoder(widths=(8, 8, 8), depths=(1, 1, 1), stem_width=8), radius=4
-        )
+        self.student, teacher = tiny_student_and_teacher(MAX_OBJECTS)
         object.__setattr__(self, "teacher", teacher)  # frozen, not a sub-module (as in DistillationModule)
         self.num_segments = num_segments
         self.val_sequence_results: list[dict[str, Any]] = []

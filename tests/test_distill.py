@@ -11,38 +11,18 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers_models import tiny_student_and_teacher
 from lightning.fabric.plugins.io import torch_io
 from torch import nn
 
 from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from dvos.config import load_config
 from dvos.lit.distill import DistillationModule, ema_decay_at, warmup_poly
-from dvos.models.backbones.resnet import ResNetEncoder
-from dvos.models.student import DeformableStudent
-from dvos.models.teacher import LabelPropagationTeacher
 from dvos.utils.errors import ConfigError
 
 HEIGHT, WIDTH, FRAMES, BATCH = 48, 64, 3, 2
 MAX_OBJECTS = 3
 LAMBDAS = {"att": 0.5, "inter": 2.0, "intra": 1.5, "ce": 0.25}
-
-
-class TinyEncoder(nn.Module):
-    """Stand-in for MobileNet-V2 (as in tests/test_student.py): strided convs to stride 4, 8, 16."""
-
-    encoder_channels = (4, 8, 12)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.to4 = nn.Conv2d(3, 4, 4, stride=4)
-        self.bn4 = nn.BatchNorm2d(4)  # a buffer that the EMA must copy
-        self.to8 = nn.Conv2d(4, 8, 2, stride=2)
-        self.to16 = nn.Conv2d(8, 12, 2, stride=2)
-
-    def forward(self, image):
-        stride4 = torch.relu(self.bn4(self.to4(image)))
-        stride8 = torch.relu(self.to8(stride4))
-        return stride4, stride8, self.to16(stride8)
 
 
 @pytest.fixture(autouse=True)
@@ -72,19 +52,9 @@ def make_config(tmp_path, *overrides):
 
 
 def make_module(tmp_path, *overrides) -> DistillationModule:
-    torch.manual_seed(0)
-    student = DeformableStudent(
-        TinyEncoder(),
-        d_model=32,
-        num_heads=4,
-        num_groups=2,
-        max_objects=MAX_OBJECTS,
-        decoder_dim=16,
-        offset_kernel=3,
-    )
-    teacher = LabelPropagationTeacher(
-        ResNetEncoder(widths=(8, 8, 8), depths=(1, 1, 1), stem_width=8), radius=4
-    )
+    student, teacher = tiny_student_and_teacher(
+        MAX_OBJECTS, batch_norm=True
+    )  # BatchNorm: a buffer the EMA must copy
     return DistillationModule(make_config(tmp_path, *overrides), student=student, teacher=teacher)
 
 

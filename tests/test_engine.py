@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers_data import write_frame_folder
+from helpers_models import TINY_MODEL, tiny_student
 from PIL import Image
 from torch import nn
 
@@ -31,30 +32,9 @@ from dvos.inference.engine import (
 from dvos.inference.overlay import write_overlay_video
 from dvos.inference.writer import MaskWriter
 from dvos.models.backbones.resnet import ResNetEncoder
-from dvos.models.student import build_student
 from dvos.models.teacher import LabelPropagationTeacher
 from dvos.utils.errors import DvosError
 from dvos.utils.masks import default_palette, read_mask, write_mask
-
-TINY_MODEL = dict(
-    d_model=32,
-    num_heads=4,
-    num_groups=2,
-    deform_stride=2,
-    offset_range=4.0,
-    offset_kernel=3,
-    max_objects=5,
-    decoder_dim=16,
-    ffn_ratio=2.0,
-    permute_ids=True,
-    pretrained="none",
-)
-
-
-def tiny_student(**overrides):
-    torch.manual_seed(0)
-    student, _ = build_student(SimpleNamespace(**{**TINY_MODEL, **overrides}))
-    return student
 
 
 def tiny_teacher(n_recent: int = 3, encoder: nn.Module | None = None) -> LabelPropagationTeacher:

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers_models import TinyEncoder
 from torch import nn
 
 from dvos.models.layers import LayerNorm2d, pad_to_stride, sine_position_embedding, unpad
@@ -16,23 +17,6 @@ from dvos.models.student import (
 )
 
 MAX_OBJECTS = 5
-
-
-class TinyEncoder(nn.Module):
-    """Stand-in for MobileNet-V2: strided convs to stride 4, 8, 16 (sizes ⌈H/s⌉ for padded inputs)."""
-
-    encoder_channels = (4, 8, 12)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.to4 = nn.Conv2d(3, 4, 4, stride=4)
-        self.to8 = nn.Conv2d(4, 8, 2, stride=2)
-        self.to16 = nn.Conv2d(8, 12, 2, stride=2)
-
-    def forward(self, image):
-        stride4 = torch.relu(self.to4(image))
-        stride8 = torch.relu(self.to8(stride4))
-        return stride4, stride8, self.to16(stride8)
 
 
 def make_student(**kwargs) -> DeformableStudent:

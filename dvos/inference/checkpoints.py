@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dvos.models.state import state_dict_problems
 from dvos.models.student import DeformableStudent, build_student
 from dvos.utils.errors import DvosError
 
@@ -121,18 +122,7 @@ def _model_options(model_cfg: Any) -> dict[str, Any]:
 
 
 def _load_weights(student: DeformableStudent, state: dict[str, torch.Tensor], path: Path) -> None:
-    own = student.state_dict()
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
-    wrong = [key for key in own if key in state and tuple(state[key].shape) != tuple(own[key].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:3]} ({len(missing)} in all)")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:3]} ({len(unexpected)} in all)")
-    if wrong:
-        key = wrong[0]
-        problems.append(f"shape mismatch {key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}")
+    problems = state_dict_problems(student.state_dict(), state)
     if problems:
         raise DvosError(f"checkpoint {path} does not fit the student: " + "; ".join(problems))
     student.load_state_dict(state, strict=True)

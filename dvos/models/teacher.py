@@ -67,6 +67,7 @@ from torch import nn
 
 from dvos.models.backbones.mobilenet_v2 import imagenet_normalize
 from dvos.models.backbones.resnet import ResNetEncoder
+from dvos.models.state import state_dict_problems
 from dvos.utils.errors import ConfigError, DvosError
 
 logger = logging.getLogger(__name__)
@@ -882,19 +883,7 @@ def load_resnet_encoder(path: str | os.PathLike) -> ResNetEncoder:
         raise DvosError(
             f"teacher checkpoint {path} holds no ResNet encoder ({_one_line(err)}; keys: {sample})"
         ) from err
-    own = encoder.state_dict()
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
-    wrong = [key for key in own if key in state and state[key].shape != own[key].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:3]} ({len(missing)} in all)")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:3]} ({len(unexpected)} in all)")
-    if wrong:
-        problems.append(
-            f"shape mismatch {wrong[0]} {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}"
-        )
+    problems = state_dict_problems(encoder.state_dict(), state)
     if problems:
         raise DvosError(
             f"teacher checkpoint {path} does not fit ResNetEncoder{config}: " + "; ".join(problems)

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvos.models.state import state_dict_problems
 from dvos.utils.errors import DvosError
 
 logger = logging.getLogger(__name__)
@@ -341,25 +342,7 @@ def load_dino_checkpoint(model: VisionTransformer, path: str | os.PathLike) -> s
                 state_dict[key] = value
 
     own = model.state_dict()
-    missing = [key for key in own if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in own]
-    wrong_shape = [
-        f"{key} {tuple(state_dict[key].shape)} in file vs {tuple(own[key].shape)} in model"
-        for key in own
-        if key in state_dict
-        and isinstance(state_dict[key], torch.Tensor)
-        and state_dict[key].shape != own[key].shape
-    ]
-    not_tensors = [key for key in own if key in state_dict and not isinstance(state_dict[key], torch.Tensor)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:3]} ({len(missing)} in all)")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:3]} ({len(unexpected)} in all)")
-    if wrong_shape:
-        problems.append(f"shape mismatch {wrong_shape[0]} ({len(wrong_shape)} in all)")
-    if not_tensors:
-        problems.append(f"not tensors {not_tensors[:3]}")
+    problems = state_dict_problems(own, state_dict)
     if problems:
         architecture = f"ViT (patch {model.patch_size}, dim {model.embed_dim}, depth {len(model.blocks)})"
         raise DvosError(f"DINO checkpoint {path} does not fit {architecture}: " + "; ".join(problems))

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dvos.models.state import state_dict_problems
 from dvos.utils.errors import DvosError
 
 logger = logging.getLogger(__name__)
@@ -78,20 +79,7 @@ def load_mobilenet_v2_state_dict(
     """Copy every parameter and buffer of `model` from `state_dict`, strictly, ignoring head keys
     (`features.18.*`, `classifier.*`) that `model` does not have. One-line DvosError on mismatch."""
     own = model.state_dict()
-    missing = [key for key in own if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in own and not key.startswith(HEAD_PREFIXES)]
-    wrong_shape = [
-        f"{key} {tuple(state_dict[key].shape)} in file vs {tuple(own[key].shape)} in model"
-        for key in own
-        if key in state_dict and state_dict[key].shape != own[key].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:3]} ({len(missing)} in all)")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:3]} ({len(unexpected)} in all)")
-    if wrong_shape:
-        problems.append(f"shape mismatch {wrong_shape[0]} ({len(wrong_shape)} in all)")
+    problems = state_dict_problems(own, state_dict, ignore_prefixes=HEAD_PREFIXES)
     if problems:
         raise DvosError(
             f"MobileNet-V2 weights {path} do not fit {type(model).__name__}: " + "; ".join(problems)

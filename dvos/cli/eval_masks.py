@@ -19,16 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dvos import __version__
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from dvos.cli.segment_cmd import positive_int
 
 
 def _sequence_list(text: str) -> list[str]:
@@ -71,7 +62,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="processes (default min(#CPU, #sequences))",

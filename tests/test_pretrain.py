@@ -116,3 +116,21 @@ def test_export_rejects_files_without_an_encoder(tmp_path):
     with pytest.raises(DvosError, match="cannot read"):
         export_teacher_encoder(tmp_path / "missing.ckpt", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_finish_wandb_closes_the_pretraining_run(tmp_path):
+    """`dvos train` pretrains and distils in one process: the pretraining W&B run must be closed, or
+    the distillation logger would reuse it and its metrics would land in the pretraining run."""
+    import lightning.pytorch as pl
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from dvos.cli.pretrain_cmd import finish_wandb
+
+    logger = WandbLogger(save_dir=str(tmp_path), mode="offline", project="dvos-test")
+    trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)
+    run_id = logger.experiment.id
+    assert wandb.run is not None and wandb.run.id == run_id
+    finish_wandb(trainer)
+    assert wandb.run is None
+    finish_wandb(pl.Trainer(logger=False, accelerator="cpu"))  # no W&B logger: nothing to do

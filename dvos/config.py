@@ -135,11 +135,14 @@ class DistillConfig:
     ref_masks: str = "pseudo"  # pseudo (cluster the teacher's features) | annotation (first-frame labels)
     num_segments: int = 4  # pseudo-objects per clip, background included
     position_weight: float = 0.3  # weight of the position in the pseudo-object clustering (0: appearance)
+    feature_weight: float = 1.0  # weight of the teacher's (unit) features in that clustering
+    colour_weight: float = 0.0  # weight of frame 0's smoothed colours in it (a weak teacher needs them)
     tau: float = 1.0  # softmax temperature of the relation losses
     lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
     lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
     lambda_ce: float = 1.0  # optional cross-entropy to the teacher's hard pseudo-masks (paper-scale: 0)
+    lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
     att_branches: str = "both"  # which student attention is distilled: long | short | both
 
 
@@ -178,6 +181,7 @@ class PretrainConfig:
     head_dim: int = 128  # CRW's projection head (used only for the loss, not kept in the teacher)
     temperature: float = 0.07
     edge_dropout: float = 0.1
+    spatial_jitter: int = 32  # pixels: each frame cropped at its own offset, against the position shortcut
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20

@@ -188,6 +188,23 @@ def test_training_step_gives_a_finite_weighted_loss_and_logs_every_part(tmp_path
         assert name in logged and math.isfinite(float(logged[name])), name
 
 
+def test_reference_reconstruction_loss_reads_frame_0_back(tmp_path):
+    module = make_module(tmp_path, "distill.lambda_ref=0.5")
+    module.train()
+    loss, parts, outputs = module.compute_loss(make_batch())
+    assert len(outputs.student_logits) == FRAMES - 1  # frame 0's reading is kept apart
+    assert outputs.reference_logits.shape == (2, module.student.max_objects + 1, *make_clip().shape[-2:])
+    expected = torch.nn.functional.cross_entropy(outputs.reference_logits, outputs.reference_ids)
+    assert parts["ref"].item() == pytest.approx(expected.item(), rel=1e-5)
+    weighted = sum(LAMBDAS[name] * parts[name] for name in LAMBDAS) + 0.5 * parts["ref"]
+    assert loss.item() == pytest.approx(weighted.item(), rel=1e-5)
+    loss.backward()
+    assert module.student.decoder.head.weight.grad.abs().sum() > 0
+    # off by default: no extra step, no part
+    _, parts, outputs = make_module(tmp_path).compute_loss(make_batch())
+    assert "ref" not in parts and outputs.reference_logits is None
+
+
 @pytest.mark.parametrize("ref_masks", ["pseudo", "annotation"])
 def test_target_frame_annotations_change_nothing(tmp_path, ref_masks):
     module = make_module(tmp_path, f"distill.ref_masks={ref_masks}")
@@ -244,6 +261,8 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("distill.att_branches=all", "distill.att_branches"),
         ("distill.num_segments=9", "distill.num_segments"),
         ("optim.max_non_finite=0", "optim.max_non_finite"),
+        ("distill.lambda_ref=-1", "distill.lambda_ref"),
+        ("distill.colour_weight=-0.5", "distill.colour_weight"),
     ],
 )
 def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):

@@ -9,7 +9,7 @@ import torch
 
 from dvos.data.datamodules import VideoClipDataModule
 from dvos.data.synth import generate_synthetic
-from dvos.lit.pretrain import CRWPretrainModule, WarmupDecay, export_teacher_encoder
+from dvos.lit.pretrain import CRWPretrainModule, WarmupDecay, export_teacher_encoder, jitter_frames
 from dvos.models.backbones.resnet import ResNetEncoder
 from dvos.models.teacher import load_resnet_encoder
 from dvos.utils.errors import DvosError
@@ -45,6 +45,42 @@ def test_module_keys_and_embeddings():
     no_head = CRWPretrainModule(**TINY_ENCODER, head_dim=0)
     assert not any(key.startswith("head.") for key in no_head.state_dict())
     assert no_head.embed_clip(torch.rand(1, 2, 3, 32, 32)).shape == (1, 2, 32, 4, 4)
+
+
+def test_spatial_jitter_crops_each_frame_at_its_own_offset():
+    # Every pixel value encodes its (frame, row, column): a crop's first pixel gives its offset.
+    batch, frames, height, width, jitter = 2, 3, 20, 24, 6
+    index = torch.arange(batch * frames * height * width, dtype=torch.float32)
+    clip = index.view(batch, frames, 1, height, width).expand(-1, -1, 3, -1, -1).contiguous()
+    out = jitter_frames(clip, jitter, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (batch, frames, 3, height - jitter, width - jitter)
+    offsets = set()
+    for b in range(batch):
+        for t in range(frames):
+            first = int(out[b, t, 0, 0, 0]) - (b * frames + t) * height * width
+            top, left = divmod(first, width)
+            assert 0 <= top <= jitter and 0 <= left <= jitter
+            expected = clip[b, t, :, top : top + height - jitter, left : left + width - jitter]
+            assert torch.equal(out[b, t], expected)
+            offsets.add((top, left))
+    assert len(offsets) > 1  # frames are not cropped alike
+    assert jitter_frames(clip, 0) is clip
+    with pytest.raises(ValueError, match="spatial_jitter=14"):
+        jitter_frames(clip, 14)
+
+
+def test_jitter_applies_in_training_only():
+    module = CRWPretrainModule(**TINY_ENCODER, head_dim=0, spatial_jitter=16)
+    clip = torch.rand(1, 2, 3, 48, 48)
+    seen = []
+    module.embed_clip = lambda frames: seen.append(frames.shape[-2:]) or torch.rand(1, 2, 4, 4, 4)
+    module.train()
+    module(clip)
+    module.eval()
+    module(clip)
+    assert seen == [(32, 32), (48, 48)]
+    with pytest.raises(ValueError, match="spatial_jitter"):
+        CRWPretrainModule(**TINY_ENCODER, spatial_jitter=-1)
 
 
 @pytest.fixture(scope="module")

@@ -155,6 +155,21 @@ def test_export_frame_step():
 
 
 # ---------------------------------------------------------------------------------------- ID permutation
+def test_reconstructing_the_reference_leaves_the_clip_alone():
+    student = make_student().eval()
+    frames = torch.rand(2, 3, 3, 64, 80)
+    masks = random_masks(2, 64, 80, 2)
+    with torch.no_grad():
+        plain, _ = student.segment_clip(frames, masks, num_objects=2)
+        with_reference, _ = student.segment_clip(frames, masks, num_objects=2, reconstruct_reference=True)
+        memory = student.initialize_memory(student.encode_frame(frames[:, 0]), masks)
+        frame_0 = student.step(frames[:, 0], memory, num_objects=2).logits
+    assert len(with_reference) == len(plain) + 1
+    torch.testing.assert_close(with_reference[0], frame_0)
+    for ours, theirs in zip(with_reference[1:], plain):
+        torch.testing.assert_close(ours, theirs)  # frame 0's reading did not become the short-term memory
+
+
 def test_permutation_draw_is_reproducible_and_training_only():
     student = make_student().train()
     first = student.sample_id_permutation(4, generator=torch.Generator().manual_seed(7))

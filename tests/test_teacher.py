@@ -14,6 +14,7 @@ from dvos.config import TeacherConfig
 from dvos.metrics import evaluate_arrays, region_similarity, summarize
 from dvos.models.backbones.resnet import ResNetEncoder, stage_strides
 from dvos.models.teacher import (
+    cell_colours,
     LabelPropagationTeacher,
     TeacherAttention,
     ViTPatchEncoder,
@@ -303,6 +304,59 @@ def test_cluster_reference_recovers_three_regions():
         image[:, None].expand(1, 3, 3, HEIGHT, WIDTH), num_segments=3, position_weight=50.0
     )
     assert np.array_equal(clip["reference_ids"][0].numpy(), by_place[0].numpy())
+
+
+class BorderDistanceEncoder(nn.Module):
+    """Features that only say how far a cell is from the frame's border (the shortcut a dense CRW
+    encoder with zero padding can learn), blind to colour."""
+
+    stride = 4
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2] // self.stride, image.shape[-1] // self.stride
+        ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+        xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+        ring = torch.minimum(torch.minimum(ys, height - 1 - ys), torch.minimum(xs, width - 1 - xs))
+        levels = torch.stack([torch.exp(-((ring - c) ** 2) / 2) for c in range(0, 12, 2)])
+        return levels[None].expand(image.shape[0], -1, -1, -1)
+
+
+def test_colour_weight_finds_colour_regions_the_features_cannot():
+    image, regions = three_region_image()
+    teacher = LabelPropagationTeacher(BorderDistanceEncoder())
+    features = teacher.encode(image)
+
+    def purity(image_ids):
+        return min(
+            np.unique(image_ids[regions == region], return_counts=True)[1].max() / (regions == region).sum()
+            for region in range(3)
+        )
+
+    by_features = teacher.cluster_reference(features, 3, image_size=(HEIGHT, WIDTH))[1][0].numpy()
+    by_colour = teacher.cluster_reference(
+        features, 3, image_size=(HEIGHT, WIDTH), image=image, colour_weight=1.0, feature_weight=0.0
+    )[1][0].numpy()
+    assert purity(by_features) < 0.8  # rings around the border, not the objects
+    assert purity(by_colour) > 0.85
+    # the weights reach the clustering through the clip API (distill.colour_weight / feature_weight)
+    clip = teacher.propagate_clip(
+        image[:, None].expand(1, 2, 3, HEIGHT, WIDTH), num_segments=3, colour_weight=1.0, feature_weight=0.0
+    )
+    assert np.array_equal(clip["reference_ids"][0].numpy(), by_colour)
+    with pytest.raises(ValueError, match="reference image"):
+        teacher.cluster_reference(features, 3, colour_weight=1.0)
+
+
+def test_cell_colours_average_texture_and_centre_per_image():
+    stripes = torch.zeros(1, 3, 32, 48)
+    stripes[:, 0, :, ::2] = 1.0  # red / black columns, 1 pixel wide
+    colours = cell_colours(stripes, (8, 12), 4)
+    assert colours.shape == (1, 3, 8, 12)
+    torch.testing.assert_close(colours, torch.zeros_like(colours))  # uniform on average, centred
+    halves = torch.zeros(1, 3, 32, 48)
+    halves[:, 1, :, 24:] = 1.0
+    green = cell_colours(halves, (8, 12), 4)[0, 1]
+    assert green[:, 0].max() < 0 < green[:, -1].min()  # left darker than the mean, right brighter
 
 
 # --------------------------------------------------------------------------------------------

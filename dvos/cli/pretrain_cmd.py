@@ -70,6 +70,7 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
         head_dim=p.head_dim,
         temperature=p.temperature,
         edge_dropout=p.edge_dropout,
+        spatial_jitter=p.spatial_jitter,
         lr=p.lr,
         weight_decay=p.weight_decay,
         warmup_steps=p.warmup_steps,

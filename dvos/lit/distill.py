@@ -61,6 +61,8 @@ class ClipOutputs(NamedTuple):
         teacher_attention: T entries (entry 0 None), `TeacherAttention` per frame.
         teacher_token_shape: (h_t, w_t).
         teacher_stride: pixels per teacher feature cell.
+        reference_logits: B × C × H × W, the student's reading of frame 0 from its fresh memory
+            (with `distill.lambda_ref` > 0), else None.
     """
 
     reference_ids: torch.Tensor
@@ -71,6 +73,7 @@ class ClipOutputs(NamedTuple):
     teacher_attention: list[TeacherAttention | None]
     teacher_token_shape: tuple[int, int]
     teacher_stride: int
+    reference_logits: torch.Tensor | None = None
 
 
 def file_sha256(path: str | Path | None) -> str | None:
@@ -104,6 +107,17 @@ def ema_decay_at(step: int, decay: float) -> float:
     The warm-up of the average (as in common EMA schedules) lets early steps follow the student.
     """
     return min(float(decay), (1 + step) / (10 + step))
+
+
+def reference_reconstruction_loss(logits: torch.Tensor, reference_ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student's reading of frame 0 (its memory's own frame) to the reference
+    objects it was given, at image resolution: B × C × H × W logits, B × H × W ids → float32 scalar.
+
+    Label-free (the reference objects are the pseudo-objects, or frame 0's annotation): it asks the
+    ID embedding and the decoder to give a mask back as sharp as it went in, which the teacher's
+    stride-8 targets of later frames cannot (docs/DESIGN.md, "The default make train").
+    """
+    return F.cross_entropy(logits.float(), reference_ids.long())
 
 
 REF_MASKS = ("pseudo", "annotation")
@@ -240,19 +254,26 @@ class DistillationModule(pl.LightningModule):
                 teacher_masks,
                 num_segments=int(self.config.distill.num_segments),
                 position_weight=float(self.config.distill.get("position_weight", 0.3)),
+                colour_weight=float(self.config.distill.get("colour_weight", 0.0)),
+                feature_weight=float(self.config.distill.get("feature_weight", 1.0)),
             )
         reference_ids = teacher_out["reference_ids"].to(frames.device)
         max_objects = int(self.student.max_objects)
         reference_ids = reference_ids.clamp(max=max_objects)
         num_objects = reference_ids.flatten(1).amax(dim=1)
         reference_masks = labels_to_onehot(reference_ids, max_objects + 1)
+        reconstruct = float(self.config.distill.get("lambda_ref", 0.0)) > 0
         logits, aux = self.student.segment_clip(
             frames,
             reference_masks,
             num_objects=num_objects,
             return_attention=return_attention,
             generator=self._clip_generator if self.training else None,
+            reconstruct_reference=reconstruct,
         )
+        reference_logits = None
+        if reconstruct:
+            reference_logits, logits, aux = logits[0], logits[1:], aux[1:]
         return ClipOutputs(
             reference_ids=reference_ids,
             num_objects=num_objects,
@@ -262,6 +283,7 @@ class DistillationModule(pl.LightningModule):
             teacher_attention=teacher_out["attention"],
             teacher_token_shape=tuple(teacher_out["token_shape"]),
             teacher_stride=int(teacher_out["stride"]),
+            reference_logits=reference_logits,
         )
 
     def clip_loss(
@@ -301,7 +323,14 @@ class DistillationModule(pl.LightningModule):
             for name, value in parts.items():
                 parts_sum[name] = parts_sum.get(name, 0.0) + value.detach()
         count = len(outputs.student_logits)
-        return total / count, {name: value / count for name, value in parts_sum.items()}
+        total = total / count
+        parts = {name: value / count for name, value in parts_sum.items()}
+        if outputs.reference_logits is not None:
+            weight = float(self.config.distill.lambda_ref)
+            reference = reference_reconstruction_loss(outputs.reference_logits, outputs.reference_ids)
+            total = total + weight * reference
+            parts["ref"] = reference.detach()
+        return total, parts
 
     # ------------------------------------------------------------------------------------------ training
     def seed_clip_generator(self, batch_idx: int) -> None:
@@ -517,6 +546,9 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         raise ConfigError(
             f"distill.num_segments must be in [2, model.max_objects + 1 = {max_labels}], got {d.num_segments}"
         )
+    for key in ("lambda_ref", "colour_weight", "feature_weight", "position_weight"):
+        if float(d.get(key, 0.0)) < 0:
+            raise ConfigError(f"distill.{key} must be ≥ 0, got {d.get(key)}")
     if int(optim.max_non_finite) < 1:
         raise ConfigError(f"optim.max_non_finite must be >= 1, got {optim.max_non_finite}")
     if optim.ema and not 0.0 <= float(optim.ema_decay) < 1.0:

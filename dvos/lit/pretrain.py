@@ -98,6 +98,31 @@ def projection_head(in_channels: int, dim: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def jitter_frames(frames: torch.Tensor, jitter: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop every frame of every clip at its own random offset: B × T × C × H × W → B × T × C ×
+    (H − j) × (W − j), offsets uniform in [0, j] on each axis (drawn on the CPU from `generator`).
+
+    Raises:
+        ValueError: j leaves fewer than 8 pixels on a side.
+    """
+    height, width = frames.shape[-2:]
+    if jitter <= 0:
+        return frames
+    if min(height, width) - jitter < 8:
+        raise ValueError(
+            f"pretrain.spatial_jitter={jitter} leaves less than 8 pixels of {height}×{width} frames; "
+            "lower it or raise pretrain.crop_size"
+        )
+    batch, num_frames = frames.shape[:2]
+    offsets = torch.randint(jitter + 1, (batch * num_frames, 2), generator=generator).tolist()
+    flat = frames.flatten(0, 1)
+    crops = [
+        flat[index, :, top : top + height - jitter, left : left + width - jitter]
+        for index, (top, left) in enumerate(offsets)
+    ]
+    return torch.stack(crops).view(batch, num_frames, frames.shape[2], height - jitter, width - jitter)
+
+
 class CRWPretrainModule(pl.LightningModule):
     """Contrastive-random-walk pretraining of a `ResNetEncoder` (the label-propagation teacher's).
 
@@ -107,6 +132,10 @@ class CRWPretrainModule(pl.LightningModule):
             encoder's features); head_depth: its hidden layers (0: one linear 1 × 1 conv, CRW's default).
         temperature: τ of the walk's transitions.
         edge_dropout: share of affinities dropped while training.
+        spatial_jitter: while training, every frame of a clip is cropped to (H − j) × (W − j) at
+            its own random offset in [0, j]² pixels (`jitter_frames`). CRW's spatial jitter: a
+            dense encoder with zero padding can otherwise return the walk by absolute position
+            (distance to the border) instead of appearance (docs/DESIGN.md, Teacher). 0: off.
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up length (optimizer steps).
         max_steps: schedule length; None takes the trainer's `estimated_stepping_batches`.
@@ -124,6 +153,7 @@ class CRWPretrainModule(pl.LightningModule):
         head_depth: int = 0,
         temperature: float = 0.07,
         edge_dropout: float = 0.1,
+        spatial_jitter: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         warmup_steps: int = 20,
@@ -143,6 +173,7 @@ class CRWPretrainModule(pl.LightningModule):
             "head_depth": int(head_depth),
             "temperature": float(temperature),
             "edge_dropout": float(edge_dropout),
+            "spatial_jitter": int(spatial_jitter),
             "lr": float(lr),
             "weight_decay": float(weight_decay),
             "warmup_steps": int(warmup_steps),
@@ -153,6 +184,8 @@ class CRWPretrainModule(pl.LightningModule):
         }
         if not 0.0 <= hparams["edge_dropout"] < 1.0:
             raise ValueError(f"edge_dropout must be in [0, 1), got {edge_dropout}")
+        if hparams["spatial_jitter"] < 0:
+            raise ValueError(f"spatial_jitter must be ≥ 0 pixels, got {spatial_jitter}")
         if hparams["temperature"] <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.save_hyperparameters(hparams)
@@ -180,7 +213,10 @@ class CRWPretrainModule(pl.LightningModule):
         return features.view(batch, num_frames, *features.shape[1:])
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames B × T × 3 × H × W → (CRW loss, return accuracy); edge dropout only in training."""
+        """frames B × T × 3 × H × W → (CRW loss, return accuracy); edge dropout and spatial jitter
+        only in training."""
+        if self.training and self.hparams.get("spatial_jitter", 0) > 0:
+            frames = jitter_frames(frames, int(self.hparams.spatial_jitter))
         return crw_loss(
             self.embed_clip(frames),
             temperature=self.hparams.temperature,

@@ -702,6 +702,7 @@ class DeformableStudent(nn.Module):
         return_attention: bool = False,
         update_memory: bool = True,
         soft_memory: bool | None = None,
+        features: FrameFeatures | None = None,
     ) -> StepOutput:
         """Segment one frame from the memory, then (by default) make it the short-term memory.
 
@@ -713,11 +714,13 @@ class DeformableStudent(nn.Module):
             update_memory: replace the short-term memory with this frame and its prediction.
             soft_memory: embed the softmax probabilities (differentiable) instead of the argmax one-hot;
                 default: soft in training mode, hard in eval mode.
+            features: the frame's `encode_frame(image)` when already computed.
 
         Returns:
             `StepOutput(logits, memory, aux)`.
         """
-        features = self.encode_frame(image)
+        if features is None:
+            features = self.encode_frame(image)
         propagated, key, value, aux = self.propagation(
             features.embedding, features.position, memory, return_attention=return_attention
         )
@@ -743,6 +746,7 @@ class DeformableStudent(nn.Module):
         return_attention: bool = False,
         generator: torch.Generator | None = None,
         soft_memory: bool | None = None,
+        reconstruct_reference: bool = False,
     ) -> tuple[list[torch.Tensor], list[dict[str, DeformableAttentionAux] | None]]:
         """Propagate the reference masks (frame 0) through a clip, one frame at a time.
 
@@ -750,12 +754,28 @@ class DeformableStudent(nn.Module):
             frames: B × T × 3 × H × W in [0, 1]; frame 0 is the reference.
             reference_masks: B × (K + 1) × H × W one-hot masks of frame 0.
             num_objects: objects per sample (B long or an int).
+            reconstruct_reference: also segment frame 0 itself from the fresh memory (first in the
+                outputs; the memory is not updated by it): reading a mask back from its own frame
+                must return it, the distillation's reference-reconstruction loss.
 
         Returns:
-            (logits, aux): T − 1 tensors B × (K + 1) × H × W for frames 1..T−1, and their aux (or None).
+            (logits, aux): T − 1 tensors B × (K + 1) × H × W for frames 1..T−1, and their aux (or
+            None); with `reconstruct_reference`, T tensors, frame 0's first.
         """
-        memory = self.initialize_memory(self.encode_frame(frames[:, 0]), reference_masks, generator=generator)
+        reference = self.encode_frame(frames[:, 0])
+        memory = self.initialize_memory(reference, reference_masks, generator=generator)
         all_logits, all_aux = [], []
+        if reconstruct_reference:
+            output = self.step(
+                frames[:, 0],
+                memory,
+                num_objects=num_objects,
+                return_attention=return_attention,
+                update_memory=False,
+                features=reference,
+            )
+            all_logits.append(output.logits)
+            all_aux.append(output.aux)
         for index in range(1, frames.shape[1]):
             output = self.step(
                 frames[:, index],

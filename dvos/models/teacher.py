@@ -47,8 +47,9 @@ Objects that appear later (YouTube-VOS): `add_objects(frame_index, masks)` after
 merges the given masks into that frame's soft labels (see the method); later frames propagate them.
 
 Pseudo-objects without labels (DESIGN §2.2): `cluster_reference` — k-means of the reference
-frame's features plus a small weight on position; the segment touching the image border most is
-the background (id 0).
+frame's features plus a small weight on position (and optionally on the frame's colours: a weak
+teacher's features need that, docs/DESIGN.md); the segment touching the image border most is the
+background (id 0).
 """
 
 from __future__ import annotations
@@ -352,18 +353,40 @@ def order_segments(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     return mapping.to(segments.device)[segments]
 
 
+def cell_colours(image: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
+    """The colour of each feature cell's neighbourhood, centred per image: B × 3 × H × W in [0, 1]
+    → B × 3 × h × w.
+
+    The mean colour of each cell (`masks_to_labels`' pooling), then a 3 × 3-cell box blur
+    (replicated borders), so that a fine texture (stripes, checks) averages to one colour, minus
+    the image's mean colour.
+    """
+    height, width = token_shape[0] * stride, token_shape[1] * stride
+    image = image.float()[..., :height, :width]
+    pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
+    sums = F.avg_pool2d(F.pad(image, pad), stride)
+    counts = F.avg_pool2d(F.pad(torch.ones_like(image[:, :1]), pad), stride)
+    colours = sums / counts.clamp_min(1e-12)
+    colours = F.avg_pool2d(F.pad(colours, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return colours - colours.mean(dim=(2, 3), keepdim=True)
+
+
 def kmeans_segments(
     features: torch.Tensor,
     num_segments: int,
     *,
     position_weight: float = 0.3,
+    colours: torch.Tensor | None = None,
+    colour_weight: float = 0.0,
+    feature_weight: float = 1.0,
     iterations: int = 10,
     restarts: int = 3,
     seed: int = 0,
 ) -> torch.Tensor:
     """Cluster each feature map into `num_segments` compact segments (k-means, deterministic).
 
-    Points are the L2-normalised features (distance between two points ≤ 2) concatenated with
+    Points are `feature_weight` · the L2-normalised features (distance between two points ≤ 2),
+    concatenated with `colour_weight` · `colours` (e.g. `cell_colours`, RGB in [0, 1] centred) and
     `position_weight` · (y, x) / (max(h, w) − 1), so that a segment prefers compact regions. k-means++
     seeding from a CPU generator seeded with `seed`, `restarts` runs of `iterations` Lloyd steps,
     the lowest inertia kept; then `order_segments` (background = most border cells = id 0).
@@ -371,6 +394,7 @@ def kmeans_segments(
     Args:
         features: B × C × h × w.
         num_segments: k, segments including the background (k ≥ 1).
+        colours: B × 3 × h × w (needed when colour_weight > 0).
 
     Returns:
         B × h × w int64 ids in 0..k−1 (on the device of `features`).
@@ -379,9 +403,18 @@ def kmeans_segments(
         raise ValueError(f"num_segments must be ≥ 1, got {num_segments}")
     batch, channels, height, width = features.shape
     k = min(int(num_segments), height * width)
-    points = (
-        F.normalize(features.detach().float().cpu(), dim=1).permute(0, 2, 3, 1).reshape(batch, -1, channels)
-    )
+    if colour_weight < 0 or feature_weight < 0 or position_weight < 0:
+        raise ValueError(
+            f"clustering weights must be ≥ 0, got feature {feature_weight}, colour {colour_weight}, "
+            f"position {position_weight}"
+        )
+    points = F.normalize(features.detach().float().cpu(), dim=1) * float(feature_weight)
+    if colour_weight > 0:
+        if colours is None or colours.shape[-2:] != features.shape[-2:]:
+            raise ValueError("colour_weight > 0 needs colours B × 3 × h × w on the features' grid")
+        points = torch.cat([points, float(colour_weight) * colours.detach().float().cpu()], 1)
+    channels = points.shape[1]
+    points = points.permute(0, 2, 3, 1).reshape(batch, -1, channels)
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     position = torch.stack([ys, xs], -1).reshape(-1, 2).float() / max(max(height, width) - 1, 1)
     out = []
@@ -686,6 +719,8 @@ class LabelPropagationTeacher(nn.Module):
         *,
         num_segments: int = 4,
         position_weight: float = 0.3,
+        colour_weight: float = 0.0,
+        feature_weight: float = 1.0,
         object_masks: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Propagate the reference masks through a clip (the streaming state is left untouched).
@@ -696,6 +731,7 @@ class LabelPropagationTeacher(nn.Module):
                 (`cluster_reference` of frame 0 into `num_segments` segments, K = num_segments − 1).
             num_segments: segments (background included) when `reference_masks` is None.
             position_weight: weight of the position in that clustering (0: appearance only).
+            colour_weight, feature_weight: weights of frame 0's colours and of its features there.
             object_masks: {t: B × (K'+1) × H × W} objects given on frame t ≥ 1 (`add_objects`).
 
         Returns:
@@ -714,7 +750,13 @@ class LabelPropagationTeacher(nn.Module):
         token_shape = (features.shape[-2], features.shape[-1])
         if reference_masks is None:
             feature_ids, reference_ids = self.cluster_reference(
-                features, num_segments, image_size=image_size, position_weight=position_weight
+                features,
+                num_segments,
+                image_size=image_size,
+                position_weight=position_weight,
+                image=frames[:, 0],
+                colour_weight=colour_weight,
+                feature_weight=feature_weight,
             )
             labels = F.one_hot(feature_ids, num_segments).permute(0, 3, 1, 2).float()
         else:
@@ -768,25 +810,45 @@ class LabelPropagationTeacher(nn.Module):
         *,
         image_size: tuple[int, int] | None = None,
         position_weight: float = 0.3,
+        image: torch.Tensor | None = None,
+        colour_weight: float = 0.0,
+        feature_weight: float = 1.0,
         iterations: int = 10,
         seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pseudo-objects without labels: k-means segments of the reference frame's features.
+        """Pseudo-objects without labels: k-means segments of the reference frame's features
+        (optionally with its colours).
 
-        See `kmeans_segments` (features + `position_weight` · position, deterministic seed) and
-        `order_segments`: the segment with the most cells on the map's border is the background
-        (id 0, ties → larger area), the others are 1..k−1 by decreasing area.
+        See `kmeans_segments` (`feature_weight` · features + `colour_weight` · `cell_colours` +
+        `position_weight` · position, deterministic seed) and `order_segments`: the segment with
+        the most cells on the map's border is the background (id 0, ties → larger area), the
+        others are 1..k−1 by decreasing area.
 
         Args:
             features: B × C × h × w (e.g. `encode(reference_frame)`).
             k: segments, background included.
             image_size: (H, W) of the image-resolution ids; default (h·s, w·s).
+            image: B × 3 × H × W in [0, 1], the reference frame (needed when colour_weight > 0).
 
         Returns:
             ids at feature resolution B × h × w and at image resolution B × H × W (int64; the
             image ids are the argmax of the bilinearly upsampled one-hot segments).
         """
-        ids = kmeans_segments(features, k, position_weight=position_weight, iterations=iterations, seed=seed)
+        colours = None
+        if colour_weight > 0:
+            if image is None:
+                raise ValueError("colour_weight > 0 needs the reference image")
+            colours = cell_colours(image.to(features.device), tuple(features.shape[-2:]), self.stride)
+        ids = kmeans_segments(
+            features,
+            k,
+            position_weight=position_weight,
+            colours=colours,
+            colour_weight=colour_weight,
+            feature_weight=feature_weight,
+            iterations=iterations,
+            seed=seed,
+        )
         size = image_size or (features.shape[-2] * self.stride, features.shape[-1] * self.stride)
         one_hot = F.one_hot(ids, k).permute(0, 3, 1, 2).float()
         return ids, upsample_probabilities(one_hot, size, self.stride).argmax(1)

@@ -14,11 +14,11 @@ from dvos.config import TeacherConfig
 from dvos.metrics import evaluate_arrays, region_similarity, summarize
 from dvos.models.backbones.resnet import ResNetEncoder, stage_strides
 from dvos.models.teacher import (
-    cell_colours,
     LabelPropagationTeacher,
     TeacherAttention,
     ViTPatchEncoder,
     build_teacher,
+    cell_colours,
     masks_to_labels,
     propagate_labels,
 )

@@ -98,7 +98,9 @@ def projection_head(in_channels: int, dim: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def jitter_frames(frames: torch.Tensor, jitter: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def jitter_frames(
+    frames: torch.Tensor, jitter: int, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Crop every frame of every clip at its own random offset: B × T × C × H × W → B × T × C ×
     (H − j) × (W − j), offsets uniform in [0, j] on each axis (drawn on the CPU from `generator`).
 

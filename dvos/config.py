@@ -143,6 +143,7 @@ class DistillConfig:
     lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
     lambda_ce: float = 1.0  # optional cross-entropy to the teacher's hard pseudo-masks (paper-scale: 0)
     lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
+    refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
     att_branches: str = "both"  # which student attention is distilled: long | short | both
 
 
@@ -166,6 +167,7 @@ class EvalConfig:
     """Inference during validation and `dvos evaluate`."""
 
     max_size: int | None = None  # cap on the long side of frames fed to the model (None: full size)
+    min_size: int | None = None  # smaller short sides are upsampled to this for the models (None: never)
 
 
 @dataclass

@@ -205,6 +205,23 @@ def test_reference_reconstruction_loss_reads_frame_0_back(tmp_path):
     assert "ref" not in parts and outputs.reference_logits is None
 
 
+def test_edge_refinement_gives_the_ce_image_sized_targets_of_known_objects(tmp_path):
+    module = make_module(tmp_path, "distill.refine_iterations=2")
+    plain = make_module(tmp_path)
+    batch = make_batch()
+    _, parts, outputs = module.compute_loss(batch)
+    _, _, unrefined = plain.compute_loss(batch)
+    height, width = batch["frames"].shape[-2:]
+    assert len(outputs.ce_targets) == FRAMES - 1 and unrefined.ce_targets is None
+    for target in outputs.ce_targets:
+        assert target.shape == (2, height, width)
+        assert int(target.max()) <= int(outputs.num_objects.max())
+    # the refined reference keeps every object of the unrefined one
+    for refined, original in zip(outputs.reference_ids, unrefined.reference_ids):
+        assert set(refined.unique().tolist()) == set(original.unique().tolist())
+    assert torch.isfinite(parts["ce"])
+
+
 @pytest.mark.parametrize("ref_masks", ["pseudo", "annotation"])
 def test_target_frame_annotations_change_nothing(tmp_path, ref_masks):
     module = make_module(tmp_path, f"distill.ref_masks={ref_masks}")

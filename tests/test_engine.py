@@ -33,7 +33,7 @@ from dvos.inference.overlay import write_overlay_video
 from dvos.inference.writer import MaskWriter
 from dvos.models.backbones.resnet import ResNetEncoder
 from dvos.models.teacher import LabelPropagationTeacher
-from dvos.utils.errors import DvosError
+from dvos.utils.errors import DataError, DvosError
 from dvos.utils.masks import default_palette, read_mask, write_mask
 
 
@@ -218,8 +218,8 @@ def test_frames_before_the_first_object_are_background(tmp_path):
 # --------------------------------------------------------------------------------------------
 # Names, sizes, palettes
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("max_size", [None, 48])
-def test_outputs_are_named_and_sized_like_the_inputs_with_the_first_palette(tmp_path, max_size):
+@pytest.mark.parametrize("max_size, min_size", [(None, None), (48, None), (None, 96)])
+def test_outputs_are_named_and_sized_like_the_inputs_with_the_first_palette(tmp_path, max_size, min_size):
     frames, masks = moving_scene(5, height=70, width=98)
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -230,10 +230,10 @@ def test_outputs_are_named_and_sized_like_the_inputs_with_the_first_palette(tmp_
     write_mask(tmp_path / "first.png", masks[0], palette)
     first, first_palette = read_mask(tmp_path / "first.png")
     reader = open_video(folder)
-    segmenter = StudentSegmenter(tiny_student(), max_size=max_size)
+    segmenter = StudentSegmenter(tiny_student(), max_size=max_size, min_size=min_size)
     with MaskWriter(tmp_path / "out") as writer:
         segment_sequence(segmenter, reader, first, writer=writer, flat=True, palette=first_palette)
-    assert segmenter.input_size == ((70, 98) if max_size is None else model_size((70, 98), 48))
+    assert segmenter.input_size == {None: (70, 98), 48: (34, 48)}[max_size] if min_size is None else (96, 134)
     for name in names:
         with Image.open(tmp_path / "out" / f"{name}.png") as image:
             assert image.mode == "P" and image.size == (98, 70)
@@ -246,6 +246,15 @@ def test_model_size_caps_the_long_side():
     assert model_size((480, 854), 240) == (135, 240)
     assert model_size((854, 480), 240) == (240, 135)
     assert model_size((100, 120), 240) == (100, 120)
+
+
+def test_model_size_upsamples_a_short_side_below_min_size_and_the_cap_wins():
+    assert model_size((240, 432), None, 360) == (360, 648)
+    assert model_size((432, 240), None, 360) == (648, 360)
+    assert model_size((480, 854), None, 360) == (480, 854)  # already large enough
+    assert model_size((240, 432), 540, 360) == (300, 540)  # both: the long-side cap wins
+    with pytest.raises(DataError, match="min_size"):
+        StudentSegmenter(tiny_student(), min_size=8)
 
 
 def test_mask_of_another_size_is_a_one_line_error():

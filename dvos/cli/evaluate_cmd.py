@@ -206,6 +206,7 @@ def evaluate_segmenter(
         "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
         "device": str(device),
         "max_size": getattr(segmenter, "max_size", None),
+        "min_size": getattr(segmenter, "min_size", None),
         "data": {"name": cfg.data.name, "root": str(cfg.data.root), "split": split},
         "config": to_dict(cfg),
         "versions": environment_info(),
@@ -213,7 +214,7 @@ def evaluate_segmenter(
     write_json(
         out_dir / TIMING_JSON,
         {
-            **{k: run_info[k] for k in ("method", "checkpoint", "device", "max_size")},
+            **{k: run_info[k] for k in ("method", "checkpoint", "device", "max_size", "min_size")},
             **summary,
             "sequences": timing,
         },

@@ -90,6 +90,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, baseline: bool = Fal
         "size; default: eval.max_size, none = original size)",
     )
     parser.add_argument(
+        "--min-size",
+        type=positive_int,
+        metavar="N",
+        default=None,
+        help="upsample frames whose short side is below N pixels for the model (predictions keep the "
+        "original size; default: eval.min_size, none = never)",
+    )
+    parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available"
     )
     parser.add_argument(
@@ -160,11 +168,13 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def max_size_of(args: argparse.Namespace, cfg: Any) -> int | None:
-    """--max-size, else `eval.max_size` of the config (None: original size)."""
-    if args.max_size is not None:
-        return int(args.max_size)
-    value = cfg.get("eval", {}).get("max_size") if hasattr(cfg, "get") else None
+def size_limit_of(args: argparse.Namespace, cfg: Any, key: str) -> int | None:
+    """--max-size / --min-size (`key` = "max_size" / "min_size"), else `eval.<key>` of the config
+    (None: no limit)."""
+    given = getattr(args, key, None)
+    if given is not None:
+        return int(given)
+    value = cfg.get("eval", {}).get(key) if hasattr(cfg, "get") else None
     return None if value is None else int(value)
 
 
@@ -179,7 +189,10 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
     from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter
     from dvos.models.teacher import build_teacher
 
-    max_size = max_size_of(args, cfg)
+    sizes = {
+        "max_size": size_limit_of(args, cfg, "max_size"),
+        "min_size": size_limit_of(args, cfg, "min_size"),
+    }
     if getattr(args, "baseline", None) == "copy":
         return CopySegmenter(), "first-frame copy baseline", None
     if args.teacher:
@@ -188,15 +201,15 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
         description = (
             f"label-propagation teacher ({cfg.teacher.encoder}, {weights}, n_recent={teacher.n_recent})"
         )
-        return TeacherSegmenter(teacher, device=device, max_size=max_size), description, None
+        return TeacherSegmenter(teacher, device=device, **sizes), description, None
     checkpoint = args.ckpt
     if checkpoint is None:
         checkpoint = find_latest_checkpoint(cfg.paths.runs_dir)
         if checkpoint is None:
             student, description = load_student(None, cfg.model, runs_dir=cfg.paths.runs_dir)
-            return StudentSegmenter(student, device=device, max_size=max_size), description, None
+            return StudentSegmenter(student, device=device, **sizes), description, None
     student, description = load_student(checkpoint, cfg.model, runs_dir=cfg.paths.runs_dir)
-    return StudentSegmenter(student, device=device, max_size=max_size), description, Path(checkpoint)
+    return StudentSegmenter(student, device=device, **sizes), description, Path(checkpoint)
 
 
 def format_memory(stats: Any) -> str:

@@ -107,7 +107,7 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
     eval_data.setup("validate")
     sequences = list(eval_data.dataset)
     device = torch.device("cpu") if module.device.type == "cpu" else module.device
-    max_size = cfg.eval.max_size
+    max_size, min_size = cfg.eval.max_size, cfg.eval.get("min_size")
     if best_checkpoint:
         student, description = load_student(best_checkpoint, cfg.model)
     else:
@@ -117,13 +117,13 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
         ("baseline", CopySegmenter(), "first-frame copy baseline", 0),
         (
             "teacher",
-            TeacherSegmenter(teacher, device=device, max_size=max_size),
+            TeacherSegmenter(teacher, device=device, max_size=max_size, min_size=min_size),
             f"teacher ({cfg.teacher.encoder}, {cfg.teacher.checkpoint or 'random weights'})",
             count_parameters(teacher.encoder),
         ),
         (
             "student",
-            StudentSegmenter(student.eval(), device=device, max_size=max_size),
+            StudentSegmenter(student.eval(), device=device, max_size=max_size, min_size=min_size),
             f"student ({description})",
             count_parameters(student),
         ),

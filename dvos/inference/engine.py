@@ -30,8 +30,9 @@ Objects that appear later (YouTube-VOS): the given masks are pasted over the fra
   its context (its own bounded queue), so later frames propagate them.
 - copy: the new masks are pasted into the copied prediction from that frame on.
 
-Sizes: frames are fed at their original size unless `max_size` caps the long side (bilinear,
-antialiased downscaling; masks by nearest-exact); the student pads to a multiple of 16 inside and
+Sizes: frames are fed at their original size unless `min_size` upsamples a smaller short side or
+`max_size` caps the long side (the cap wins; bilinear, antialiased when downscaling; masks by
+nearest-exact); the student pads to a multiple of 16 inside and
 crops its logits back. Logits (the teacher's: probabilities) are upsampled bilinearly to the
 original size before the argmax, so predictions always have the input's size.
 
@@ -138,12 +139,17 @@ class Segmenter(Protocol):
         """Bytes of the state carried from frame to frame (bounded by construction)."""
 
 
-def model_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int]:
-    """(H, W) fed to a model: `size`, or scaled so that the long side is `max_size` when it is larger."""
+def model_size(size: tuple[int, int], max_size: int | None, min_size: int | None = None) -> tuple[int, int]:
+    """(H, W) fed to a model: `size`, scaled up so that the short side is `min_size` when it is
+    smaller, then scaled down so that the long side is `max_size` when it is larger (the cap wins)."""
     height, width = int(size[0]), int(size[1])
-    if max_size is None or max(height, width) <= int(max_size):
+    scale = 1.0
+    if min_size is not None and min(height, width) < int(min_size):
+        scale = int(min_size) / min(height, width)
+    if max_size is not None and max(height, width) * scale > int(max_size):
+        scale = int(max_size) / max(height, width)
+    if scale == 1.0:
         return height, width
-    scale = int(max_size) / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
@@ -152,11 +158,20 @@ class _TorchSegmenter:
 
     name = "model"
 
-    def __init__(self, *, device: str | torch.device = "cpu", max_size: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        device: str | torch.device = "cpu",
+        max_size: int | None = None,
+        min_size: int | None = None,
+    ) -> None:
         if max_size is not None and int(max_size) < 16:
             raise DataError(f"max_size must be at least 16 pixels, got {max_size}")
+        if min_size is not None and int(min_size) < 16:
+            raise DataError(f"min_size must be at least 16 pixels, got {min_size}")
         self.device = torch.device(device)
         self.max_size = None if max_size is None else int(max_size)
+        self.min_size = None if min_size is None else int(min_size)
         self.ids = ObjectIdMap()
         self.frame_size: tuple[int, int] | None = None  # original (H, W)
         self.input_size: tuple[int, int] | None = None  # (H, W) fed to the model
@@ -165,7 +180,7 @@ class _TorchSegmenter:
         self.ids = ObjectIdMap()
         self.ids.add(object_ids)
         self.frame_size = (int(frame.shape[0]), int(frame.shape[1]))
-        self.input_size = model_size(self.frame_size, self.max_size)
+        self.input_size = model_size(self.frame_size, self.max_size, self.min_size)
 
     def _check_frame(self, frame: np.ndarray) -> None:
         if self.frame_size is None:
@@ -208,14 +223,20 @@ class StudentSegmenter(_TorchSegmenter):
         student: a `DeformableStudent` (put in eval mode here: identity id permutation, hard memory).
         device: where it runs.
         max_size: cap on the long side of frames fed to the model (None: original size).
+        min_size: smaller short sides are upsampled to this for the model (None: never upsampled).
     """
 
     name = "student"
 
     def __init__(
-        self, student: DeformableStudent, *, device: str | torch.device = "cpu", max_size: int | None = None
+        self,
+        student: DeformableStudent,
+        *,
+        device: str | torch.device = "cpu",
+        max_size: int | None = None,
+        min_size: int | None = None,
     ) -> None:
-        super().__init__(device=device, max_size=max_size)
+        super().__init__(device=device, max_size=max_size, min_size=min_size)
         self.student = student.to(self.device).eval()
         self.max_objects = int(student.max_objects)
         self.memory: Memory | None = None
@@ -291,6 +312,7 @@ class TeacherSegmenter(_TorchSegmenter):
         teacher: a `LabelPropagationTeacher` (frozen).
         device: where it runs.
         max_size: cap on the long side of frames fed to the model (None: original size).
+        min_size: smaller short sides are upsampled to this for the model (None: never upsampled).
     """
 
     name = "teacher"
@@ -301,8 +323,9 @@ class TeacherSegmenter(_TorchSegmenter):
         *,
         device: str | torch.device = "cpu",
         max_size: int | None = None,
+        min_size: int | None = None,
     ) -> None:
-        super().__init__(device=device, max_size=max_size)
+        super().__init__(device=device, max_size=max_size, min_size=min_size)
         self.teacher = teacher.to(self.device).eval()
 
     @property

@@ -38,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from dvos.lit.losses import DistillationLoss
+from dvos.lit.losses import DistillationLoss, objects_to_valid, teacher_probabilities
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
 from dvos.models.deformable import DeformableAttentionAux
+from dvos.models.refine import bilateral_refine
 from dvos.models.student import DeformableStudent, build_student, labels_to_onehot
 from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention, build_teacher
 from dvos.utils.errors import ConfigError
@@ -63,6 +64,8 @@ class ClipOutputs(NamedTuple):
         teacher_stride: pixels per teacher feature cell.
         reference_logits: B × C × H × W, the student's reading of frame 0 from its fresh memory
             (with `distill.lambda_ref` > 0), else None.
+        ce_targets: T − 1 tensors B × H × W, the teacher's hard masks of frames 1..T−1 moved onto
+            the frames' edges (with `distill.refine_iterations` > 0), else None (plain argmax).
     """
 
     reference_ids: torch.Tensor
@@ -74,6 +77,7 @@ class ClipOutputs(NamedTuple):
     teacher_token_shape: tuple[int, int]
     teacher_stride: int
     reference_logits: torch.Tensor | None = None
+    ce_targets: list[torch.Tensor] | None = None
 
 
 def file_sha256(path: str | Path | None) -> str | None:
@@ -261,6 +265,9 @@ class DistillationModule(pl.LightningModule):
         max_objects = int(self.student.max_objects)
         reference_ids = reference_ids.clamp(max=max_objects)
         num_objects = reference_ids.flatten(1).amax(dim=1)
+        ce_targets = None
+        if int(self.config.distill.get("refine_iterations", 0)) > 0:
+            reference_ids, ce_targets = self.refine_to_edges(frames, reference_ids, teacher_out, num_objects)
         reference_masks = labels_to_onehot(reference_ids, max_objects + 1)
         reconstruct = float(self.config.distill.get("lambda_ref", 0.0)) > 0
         logits, aux = self.student.segment_clip(
@@ -284,7 +291,46 @@ class DistillationModule(pl.LightningModule):
             teacher_token_shape=tuple(teacher_out["token_shape"]),
             teacher_stride=int(teacher_out["stride"]),
             reference_logits=reference_logits,
+            ce_targets=ce_targets,
         )
+
+    @torch.no_grad()
+    def refine_to_edges(
+        self,
+        frames: torch.Tensor,
+        reference_ids: torch.Tensor,
+        teacher_out: dict[str, Any],
+        num_objects: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Move the reference objects and the teacher's hard masks onto the frames' colour edges
+        (`bilateral_refine`, `distill.refine_iterations` passes): the student is then asked for
+        edges that are in the image, not the bilinear curves of a stride-8 grid. An object the
+        filter would erase from frame 0 keeps its unrefined mask.
+
+        Returns:
+            (reference ids B × H × W, CE targets: T − 1 tensors B × H × W).
+        """
+        iterations = int(self.config.distill.refine_iterations)
+        num_labels = int(teacher_out["logits"].shape[2])
+        labels = max(num_labels, int(reference_ids.max()) + 1)
+        one_hot = labels_to_onehot(reference_ids, labels).float()
+        refined = bilateral_refine(one_hot, frames[:, 0], iterations=iterations).argmax(1)
+        kept = torch.stack(
+            [torch.isin(reference_ids[b].unique(), refined[b].unique()).all() for b in range(len(refined))]
+        )
+        reference_ids = torch.where(kept[:, None, None], refined, reference_ids)
+        valid = objects_to_valid(num_objects, num_labels, frames.shape[0], device=frames.device)
+        stride = int(teacher_out["stride"])
+        targets = []
+        for t in range(1, frames.shape[1]):
+            probabilities = teacher_probabilities(
+                teacher_out["logits"][:, t].to(frames.device),
+                tuple(frames.shape[-2:]),
+                valid,
+                ratio=1.0 / stride,
+            )
+            targets.append(bilateral_refine(probabilities, frames[:, t], iterations=iterations).argmax(1))
+        return reference_ids, targets
 
     def clip_loss(
         self, outputs: ClipOutputs, image_size: tuple[int, int]
@@ -318,6 +364,7 @@ class DistillationModule(pl.LightningModule):
                 teacher_query_shape=outputs.teacher_token_shape,
                 logit_ratio=1.0 / outputs.teacher_stride,
                 query_ratio=16.0 / outputs.teacher_stride,
+                ce_target=None if outputs.ce_targets is None else outputs.ce_targets[index],
             )
             total = loss if total is None else total + loss
             for name, value in parts.items():
@@ -459,7 +506,10 @@ class DistillationModule(pl.LightningModule):
         if not sequence.has_full_gt or self.is_repeated_sequence(batch_idx):
             return
         segmenter = StudentSegmenter(
-            self.eval_student, device=self.device, max_size=self.config.eval.max_size
+            self.eval_student,
+            device=self.device,
+            max_size=self.config.eval.max_size,
+            min_size=self.config.eval.get("min_size"),
         )
         predictions: list[np.ndarray] = []
         stats = segment_sequence(segmenter, sequence, on_frame=lambda index, mask: predictions.append(mask))
@@ -546,7 +596,7 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         raise ConfigError(
             f"distill.num_segments must be in [2, model.max_objects + 1 = {max_labels}], got {d.num_segments}"
         )
-    for key in ("lambda_ref", "colour_weight", "feature_weight", "position_weight"):
+    for key in ("lambda_ref", "colour_weight", "feature_weight", "position_weight", "refine_iterations"):
         if float(d.get(key, 0.0)) < 0:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d.get(key)}")
     if int(optim.max_non_finite) < 1:

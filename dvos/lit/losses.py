@@ -473,6 +473,7 @@ def pseudo_label_ce(
     valid: torch.Tensor | None = None,
     *,
     ratio: float | None = None,
+    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of the student to the teacher's hard pseudo-mask (argmax over valid ids).
 
@@ -484,6 +485,7 @@ def pseudo_label_ce(
         student_logits: B × C × H × W.
         teacher_logits: B × C × h × w.
         valid: B × C bool (None: channels not ABSENT in either map).
+        target: B × H × W ids to use instead of that argmax (e.g. edge-refined, `bilateral_refine`).
 
     Returns:
         float32 scalar, the mean over the pixels of samples with a valid channel.
@@ -493,10 +495,12 @@ def pseudo_label_ce(
             valid = valid_channels(student_logits, teacher_logits)
         valid = valid.to(device=student_logits.device, dtype=torch.bool)
         usable = valid.any(1)
-        with torch.no_grad():
-            target = teacher_probabilities(
-                teacher_logits, student_logits.shape[-2:], valid, ratio=ratio
-            ).argmax(1)
+        if target is None:
+            with torch.no_grad():
+                target = teacher_probabilities(
+                    teacher_logits, student_logits.shape[-2:], valid, ratio=ratio
+                ).argmax(1)
+        target = target.to(student_logits.device).long()
         logits = student_logits.float().masked_fill(~valid[:, :, None, None], MASKED_LOGIT)
         loss = F.cross_entropy(logits, target, reduction="none")  # B × H × W
         return _masked_mean(loss, usable[:, None, None].expand_as(loss))
@@ -555,6 +559,7 @@ class DistillationLoss(nn.Module):
         teacher_query_shape: tuple[int, int] | None = None,
         logit_ratio: float | None = None,
         query_ratio: float | None = None,
+        ce_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted total and its parts for one target frame.
 
@@ -569,6 +574,7 @@ class DistillationLoss(nn.Module):
                 resampled (`match_query_grid`) when they differ.
             logit_ratio: teacher cells per student logit cell (see `teacher_probabilities`).
             query_ratio: student query stride / teacher query stride (see `match_query_grid`).
+            ce_target: B × H × W ids for the CE instead of the teacher's argmax (`pseudo_label_ce`).
 
         Returns:
             (total float32 scalar, {"att", "inter", "intra", "ce"} detached float32 scalars).
@@ -593,7 +599,9 @@ class DistillationLoss(nn.Module):
                         student_logits, teacher_logits, tau=self.tau, valid=valid, ratio=logit_ratio
                     )
                 else:
-                    parts[name] = pseudo_label_ce(student_logits, teacher_logits, valid, ratio=logit_ratio)
+                    parts[name] = pseudo_label_ce(
+                        student_logits, teacher_logits, valid, ratio=logit_ratio, target=ce_target
+                    )
         total = sum(self.weights[name] * parts[name] for name in parts if self.weights[name] != 0.0)
         if not isinstance(total, torch.Tensor):  # every weight is 0
             total = _zero_like_graph(student_logits)

@@ -137,6 +137,7 @@ class DistillConfig:
     position_weight: float = 0.3  # weight of the position in the pseudo-object clustering (0: appearance)
     feature_weight: float = 1.0  # weight of the teacher's (unit) features in that clustering
     colour_weight: float = 0.0  # weight of frame 0's smoothed colours in it (a weak teacher needs them)
+    components: bool = False  # every connected piece of a segment is its own pseudo-object
     tau: float = 1.0  # softmax temperature of the relation losses
     lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)

@@ -21,6 +21,7 @@ from dvos.models.teacher import (
     cell_colours,
     masks_to_labels,
     propagate_labels,
+    split_components,
 )
 from dvos.utils.errors import ConfigError, DvosError
 
@@ -345,6 +346,23 @@ def test_colour_weight_finds_colour_regions_the_features_cannot():
     assert np.array_equal(clip["reference_ids"][0].numpy(), by_colour)
     with pytest.raises(ValueError, match="reference image"):
         teacher.cluster_reference(features, 3, colour_weight=1.0)
+
+
+def test_split_components_makes_each_piece_an_object_and_drops_specks_and_backgrounds():
+    segments = torch.zeros(1, 10, 10, dtype=torch.long)
+    segments[0, 0:2, 0:3] = 1  # segment 1, piece of 6 cells
+    segments[0, 6:9, 6:9] = 1  # segment 1 again, 9 cells: another object
+    segments[0, 4, 4] = 2  # a speck
+    segments[0, 5:10, 0:5] = 3  # 25 cells, a quarter of the map: still an object
+    assert int((segments == 3).sum()) == 25
+    out = split_components(segments, 4, min_cells=2, max_share=0.25)[0]
+    assert out[7, 2] == 1 and out[7, 7] == 2 and out[0, 0] == 3  # by decreasing area
+    assert out[4, 4] == 0  # the speck is background
+    assert set(out.unique().tolist()) == {0, 1, 2, 3}
+    assert int((split_components(segments, 3, min_cells=2)[0] > 0).sum()) == 25 + 9  # at most k − 1
+    big = segments.clone()
+    big[0, 5:10, 0:6] = 3  # 30 cells > a quarter: a background, not an object
+    assert int(split_components(big, 4, min_cells=2)[0][7, 2]) == 0
 
 
 def test_cell_colours_average_texture_and_centre_per_image():

@@ -260,6 +260,7 @@ class DistillationModule(pl.LightningModule):
                 position_weight=float(self.config.distill.get("position_weight", 0.3)),
                 colour_weight=float(self.config.distill.get("colour_weight", 0.0)),
                 feature_weight=float(self.config.distill.get("feature_weight", 1.0)),
+                components=bool(self.config.distill.get("components", False)),
             )
         reference_ids = teacher_out["reference_ids"].to(frames.device)
         max_objects = int(self.student.max_objects)

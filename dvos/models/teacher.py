@@ -353,6 +353,40 @@ def order_segments(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
     return mapping.to(segments.device)[segments]
 
 
+def split_components(
+    segments: torch.Tensor, num_segments: int, *, min_cells: int = 4, max_share: float = 0.25
+) -> torch.Tensor:
+    """Pseudo-objects as connected pieces: B × h × w segment ids (0 = background) → B × h × w ids
+    where every 4-connected component of a non-background segment with at least `min_cells` cells
+    and at most `max_share` of the map is its own object, numbered 1, 2, ... by decreasing area,
+    at most `num_segments` − 1 of them; the other cells (specks, pieces as large as a background,
+    pieces past the count) become background.
+
+    A k-means segment is often several separate regions of one colour or texture (two objects
+    alike, an object and a patch of background); as objects they would be asked to move as one.
+    """
+    import cv2
+    import numpy as np
+
+    out = torch.zeros_like(segments)
+    for index, ids in enumerate(segments.cpu().numpy()):
+        pieces = []
+        for segment in np.unique(ids):
+            if segment == 0:
+                continue
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(
+                (ids == segment).astype(np.uint8), connectivity=4
+            )
+            for label in range(1, count):
+                area = int(stats[label, cv2.CC_STAT_AREA])
+                if min_cells <= area <= max_share * ids.size:
+                    pieces.append((-area, int(segment), label, labels == label))
+        pieces.sort(key=lambda piece: piece[:3])
+        for new_id, (_, _, _, mask) in enumerate(pieces[: num_segments - 1], start=1):
+            out[index][torch.from_numpy(mask)] = new_id
+    return out
+
+
 def cell_colours(image: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
     """The colour of each feature cell's neighbourhood, centred per image: B × 3 × H × W in [0, 1]
     → B × 3 × h × w.
@@ -721,6 +755,7 @@ class LabelPropagationTeacher(nn.Module):
         position_weight: float = 0.3,
         colour_weight: float = 0.0,
         feature_weight: float = 1.0,
+        components: bool = False,
         object_masks: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Propagate the reference masks through a clip (the streaming state is left untouched).
@@ -732,6 +767,7 @@ class LabelPropagationTeacher(nn.Module):
             num_segments: segments (background included) when `reference_masks` is None.
             position_weight: weight of the position in that clustering (0: appearance only).
             colour_weight, feature_weight: weights of frame 0's colours and of its features there.
+            components: pseudo-objects are the connected pieces of the segments (`split_components`).
             object_masks: {t: B × (K'+1) × H × W} objects given on frame t ≥ 1 (`add_objects`).
 
         Returns:
@@ -757,6 +793,7 @@ class LabelPropagationTeacher(nn.Module):
                 image=frames[:, 0],
                 colour_weight=colour_weight,
                 feature_weight=feature_weight,
+                components=components,
             )
             labels = F.one_hot(feature_ids, num_segments).permute(0, 3, 1, 2).float()
         else:
@@ -813,6 +850,7 @@ class LabelPropagationTeacher(nn.Module):
         image: torch.Tensor | None = None,
         colour_weight: float = 0.0,
         feature_weight: float = 1.0,
+        components: bool = False,
         iterations: int = 10,
         seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -829,6 +867,7 @@ class LabelPropagationTeacher(nn.Module):
             k: segments, background included.
             image_size: (H, W) of the image-resolution ids; default (h·s, w·s).
             image: B × 3 × H × W in [0, 1], the reference frame (needed when colour_weight > 0).
+            components: make every connected piece of a segment its own object (`split_components`).
 
         Returns:
             ids at feature resolution B × h × w and at image resolution B × H × W (int64; the
@@ -849,6 +888,8 @@ class LabelPropagationTeacher(nn.Module):
             iterations=iterations,
             seed=seed,
         )
+        if components:
+            ids = split_components(ids, k)
         size = image_size or (features.shape[-2] * self.stride, features.shape[-1] * self.stride)
         one_hot = F.one_hot(ids, k).permute(0, 3, 1, 2).float()
         return ids, upsample_probabilities(one_hot, size, self.stride).argmax(1)

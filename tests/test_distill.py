@@ -45,6 +45,12 @@ def make_config(tmp_path, *overrides):
             f"teacher.checkpoint={teacher_file}",
             f"model.max_objects={MAX_OBJECTS}",
             "distill.num_segments=3",
+            # the paper's pseudo-objects and losses (the root config's embedded recipe is tested by name)
+            "distill.feature_weight=1.0",
+            "distill.colour_weight=0.0",
+            "distill.components=false",
+            "distill.refine_iterations=0",
+            "distill.lambda_ref=0.0",
             *(f"distill.lambda_{name}={value}" for name, value in LAMBDAS.items()),
             *overrides,
         ]
@@ -251,6 +257,10 @@ def test_annotation_reference_is_frame_0s_annotation(tmp_path, caplog):
     # the same annotation given as `reference_ids` (frame 0 only) gives the same reference
     _, _, from_ids = module.compute_loss({"frames": batch["frames"], "reference_ids": batch["masks"][:, 0]})
     assert torch.equal(from_ids.reference_ids, expected)
+    # edge refinement leaves an annotation as it is (it only moves the teacher's targets)
+    refining = make_module(tmp_path, "distill.ref_masks=annotation", "distill.refine_iterations=2")
+    _, _, refined = refining.compute_loss(batch)
+    assert torch.equal(refined.reference_ids, expected) and len(refined.ce_targets) == FRAMES - 1
     # ids above model.max_objects are dropped (warned), not merged into another object
     too_many = batch["masks"][:, 0].clone()
     too_many[:, 40:, :8] = MAX_OBJECTS + 2

@@ -306,20 +306,22 @@ class DistillationModule(pl.LightningModule):
         """Move the reference objects and the teacher's hard masks onto the frames' colour edges
         (`bilateral_refine`, `distill.refine_iterations` passes): the student is then asked for
         edges that are in the image, not the bilinear curves of a stride-8 grid. An object the
-        filter would erase from frame 0 keeps its unrefined mask.
+        filter would erase from frame 0 keeps its unrefined mask; a first-frame annotation
+        (`ref_masks=annotation`) is exact already and is left alone.
 
         Returns:
             (reference ids B × H × W, CE targets: T − 1 tensors B × H × W).
         """
         iterations = int(self.config.distill.refine_iterations)
         num_labels = int(teacher_out["logits"].shape[2])
-        labels = max(num_labels, int(reference_ids.max()) + 1)
-        one_hot = labels_to_onehot(reference_ids, labels).float()
-        refined = bilateral_refine(one_hot, frames[:, 0], iterations=iterations).argmax(1)
-        kept = torch.stack(
-            [torch.isin(reference_ids[b].unique(), refined[b].unique()).all() for b in range(len(refined))]
-        )
-        reference_ids = torch.where(kept[:, None, None], refined, reference_ids)
+        if self.config.distill.ref_masks == "pseudo":
+            labels = max(num_labels, int(reference_ids.max()) + 1)
+            one_hot = labels_to_onehot(reference_ids, labels).float()
+            refined = bilateral_refine(one_hot, frames[:, 0], iterations=iterations).argmax(1)
+            kept = torch.stack(
+                [torch.isin(reference_ids[b].unique(), refined[b].unique()).all() for b in range(len(refined))]
+            )
+            reference_ids = torch.where(kept[:, None, None], refined, reference_ids)
         valid = objects_to_valid(num_objects, num_labels, frames.shape[0], device=frames.device)
         stride = int(teacher_out["stride"])
         targets = []

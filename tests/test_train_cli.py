@@ -258,3 +258,17 @@ def test_ddp_two_cpu_processes_sync_the_validation_jf(smoke, tmp_path):
     teacher = teacher_path(load_config(args))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["teacher"]["checkpoint"] == str(teacher)
     assert torch.load(teacher, map_location="cpu", weights_only=True)["encoder_config"]["global_step"] == 2
+
+
+def test_summary_table_shows_no_fps_for_the_model_free_baseline():
+    from dvos.cli.train_cmd import format_summary
+
+    row = {"J&F": 0.5, "J": 0.6, "F": 0.4}
+    table = format_summary(
+        {
+            "baseline": {**row, "fps": 90000.0, "params": 0},
+            "student": {**row, "fps": 7.14, "params": 5_340_000},
+        }
+    ).splitlines()
+    assert table[1].split() == ["baseline", "0.500", "0.600", "0.400", "-", "0.00M"]
+    assert table[2].split() == ["student", "0.500", "0.600", "0.400", "7.1", "5.34M"]

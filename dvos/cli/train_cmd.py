@@ -147,9 +147,11 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
 
 
 def format_summary(summary: dict[str, dict]) -> str:
+    """The table `make train` prints; FPS of a method without a model (the copy baseline, which
+    only hands back its first mask) is shown as "-" (summary.json keeps the measured rate)."""
     lines = [f"{'':<9} {'J&F':>6} {'J':>6} {'F':>6} {'FPS':>8} {'params':>10}"]
     for name, row in summary.items():
-        fps = f"{row['fps']:.1f}" if row["fps"] is not None else "-"
+        fps = f"{row['fps']:.1f}" if row["fps"] is not None and row["params"] > 0 else "-"
         lines.append(
             f"{name:<9} {row['J&F']:6.3f} {row['J']:6.3f} {row['F']:6.3f} {fps:>8} {row['params'] / 1e6:9.2f}M"
         )

@@ -319,7 +319,10 @@ class DistillationModule(pl.LightningModule):
             one_hot = labels_to_onehot(reference_ids, labels).float()
             refined = bilateral_refine(one_hot, frames[:, 0], iterations=iterations).argmax(1)
             kept = torch.stack(
-                [torch.isin(reference_ids[b].unique(), refined[b].unique()).all() for b in range(len(refined))]
+                [
+                    torch.isin(reference_ids[b].unique(), refined[b].unique()).all()
+                    for b in range(len(refined))
+                ]
             )
             reference_ids = torch.where(kept[:, None, None], refined, reference_ids)
         valid = objects_to_valid(num_objects, num_labels, frames.shape[0], device=frames.device)

@@ -30,6 +30,41 @@ def moving_frames(num_frames: int = 12, height: int = 64, width: int = 96, *, se
     return frames
 
 
+def square_and_disc_clip(
+    num_frames: int,
+    height: int,
+    width: int,
+    *,
+    square: tuple[int, int, int, int, int],
+    disc: tuple[int, int, int, int],
+    seed: int = 0,
+):
+    """T × 3 × H × W float tensor in [0, 1]: a noisy two-tone background (green left, blue right), a
+    red square and a blue disc moving.
+
+    Args:
+        square: (x, y, side, dx, dy): top-left corner at (x + t·dx, y + t·dy) in frame t.
+        disc: (x, y, radius, dx): centre at (x + t·dx, y).
+    """
+    import cv2
+    import torch
+
+    rng = np.random.default_rng(seed)
+    x, y, side, dx, dy = square
+    cx, cy, radius, cdx = disc
+    frames = []
+    for t in range(num_frames):
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:, : width // 2] = (60, 110, 60)
+        image[:, width // 2 :] = (90, 90, 140)
+        image = np.clip(image + rng.integers(0, 30, image.shape), 0, 255).astype(np.uint8)
+        corner = (x + dx * t, y + dy * t)
+        cv2.rectangle(image, corner, (corner[0] + side, corner[1] + side), (230, 40, 40), -1)
+        cv2.circle(image, (cx + cdx * t, cy), radius, (40, 60, 230), -1)
+        frames.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
+    return torch.stack(frames)
+
+
 def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int = 10) -> Path:
     """Write `T × H × W × 3` uint8 frames as an H.264 (libx264, yuv420p) mp4."""
     path = Path(path)

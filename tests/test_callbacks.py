@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers_data import square_and_disc_clip
 from helpers_models import tiny_student_and_teacher
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
@@ -107,17 +108,9 @@ class TinyDistill(pl.LightningModule):
 
 def make_clip(seed: int = 0) -> torch.Tensor:
     """T × 3 × H × W in [0, 1]: a noisy two-tone background, a red square and a blue disc moving."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for t in range(FRAMES):
-        image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
-        image[:, : WIDTH // 2] = (60, 110, 60)
-        image[:, WIDTH // 2 :] = (90, 90, 140)
-        image = np.clip(image + rng.integers(0, 30, image.shape), 0, 255).astype(np.uint8)
-        cv2.rectangle(image, (20 + 4 * t, 20 + 2 * t), (50 + 4 * t, 50 + 2 * t), (230, 40, 40), -1)
-        cv2.circle(image, (90 - 3 * t, 60), 14, (40, 60, 230), -1)
-        frames.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
-    return torch.stack(frames)
+    return square_and_disc_clip(
+        FRAMES, HEIGHT, WIDTH, square=(20, 20, 30, 4, 2), disc=(90, 60, 14, -3), seed=seed
+    )
 
 
 def sequence_result(name: str, *, seed: int = 0) -> dict[str, Any]:

@@ -6,11 +6,10 @@ import hashlib
 import logging
 import math
 
-import cv2
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
+from helpers_data import square_and_disc_clip
 from helpers_models import tiny_student_and_teacher
 from lightning.fabric.plugins.io import torch_io
 from torch import nn
@@ -66,17 +65,9 @@ def make_module(tmp_path, *overrides) -> DistillationModule:
 
 def make_clip(seed: int = 0) -> torch.Tensor:
     """T × 3 × H × W in [0, 1]: a two-tone noisy background, a red square and a blue disc moving."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for t in range(FRAMES):
-        image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
-        image[:, : WIDTH // 2] = (60, 110, 60)
-        image[:, WIDTH // 2 :] = (90, 90, 140)
-        image = np.clip(image + rng.integers(0, 30, image.shape), 0, 255).astype(np.uint8)
-        cv2.rectangle(image, (8 + 3 * t, 8 + t), (24 + 3 * t, 24 + t), (230, 40, 40), -1)
-        cv2.circle(image, (48 - 2 * t, 30), 9, (40, 60, 230), -1)
-        frames.append(torch.from_numpy(image).permute(2, 0, 1).float() / 255)
-    return torch.stack(frames)
+    return square_and_disc_clip(
+        FRAMES, HEIGHT, WIDTH, square=(8, 8, 16, 3, 1), disc=(48, 30, 9, -2), seed=seed
+    )
 
 
 def make_masks(seed: int = 0) -> torch.Tensor:

@@ -3,8 +3,8 @@
 
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
+import helpers_models
 import numpy as np
 import pytest
 import torch
@@ -22,21 +22,10 @@ from dvos.inference.export import (
     step_inputs,
     zero_memory,
 )
-from dvos.models.student import build_student
 from dvos.utils.errors import DvosError
 
 # The real MobileNet-V2 encoder (the ops a device must run), a small propagation layer.
-TINY_MODEL = dict(
-    d_model=32,
-    num_heads=4,
-    num_groups=2,
-    deform_stride=2,
-    offset_range=4.0,
-    offset_kernel=3,
-    max_objects=4,
-    decoder_dim=16,
-    pretrained="none",
-)
+TINY_MODEL = {**helpers_models.TINY_MODEL, "max_objects": 4}
 TINY_OVERRIDES = [f"model.{key}={value}" for key, value in TINY_MODEL.items()]
 HEIGHT, WIDTH = 56, 88  # not multiples of 16: the padding is part of the graph
 TOLERANCE = 1e-4
@@ -44,8 +33,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def student():
-    torch.manual_seed(0)
-    model, _ = build_student(SimpleNamespace(**TINY_MODEL))
+    model = helpers_models.tiny_student(max_objects=4)
     # Non-zero offsets (a fresh offset network samples the regular grid): exercise grid_sample for real.
     for attention in (model.propagation.long_term, model.propagation.short_term):
         torch.nn.init.normal_(attention.offset_network.to_offsets.weight, std=0.5)
@@ -156,8 +144,7 @@ def test_onnx_round_trip_matches_pytorch(student, tmp_path):
 
 def test_export_cli_writes_and_verifies(tmp_path, capsys):
     checkpoint = tmp_path / "student.pt"
-    torch.manual_seed(0)
-    model, _ = build_student(SimpleNamespace(**TINY_MODEL))
+    model = helpers_models.tiny_student(max_objects=4)
     torch.save(model.state_dict(), checkpoint)
     out = tmp_path / "export" / "step.pt"
     code = main(

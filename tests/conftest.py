@@ -14,6 +14,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run faster on one, and on a busy 2-core machine
+    two threads wait for each other (10× slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path of ../shared/data (real DAVIS sequences, an mp4, reference scores); skip when absent."""

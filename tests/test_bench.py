@@ -20,14 +20,7 @@ from dvos.cli.main import main
 from dvos.config import load_config, to_dict
 from dvos.inference.engine import StudentSegmenter
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads wait for each other (10× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_student():

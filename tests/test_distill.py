@@ -24,13 +24,7 @@ MAX_OBJECTS = 3
 LAMBDAS = {"att": 0.5, "inter": 2.0, "intra": 1.5, "ce": 0.25}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and on a busy 2-core machine 100× faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(tmp_path, *overrides):

@@ -24,15 +24,10 @@ PRETRAIN_STEPS = 3  # not a multiple of the smoke epoch (2 batches): the final s
 
 
 @pytest.fixture(autouse=True)
-def quiet_process_state(monkeypatch):
-    """In-process runs set these; give every test a clean copy and one torch thread (tiny models:
-    one thread is faster, and far faster than two on a busy 2-core machine)."""
+def quiet_process_state(monkeypatch, one_thread):
+    """In-process runs set these; give every test a clean copy (and one torch thread)."""
     for name in ("DVOS_RUN_DIR", "PL_GLOBAL_SEED"):
         monkeypatch.setenv(name, "")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def subprocess_env() -> dict[str, str]:

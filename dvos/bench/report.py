@@ -47,6 +47,24 @@ def _memory_rows(rows: list[dict[str, Any]], *, with_window: bool) -> list[list[
     return out
 
 
+def _memory_section(
+    heading: list[str], block: dict[str, Any], summary: dict[str, Any], *, with_window: bool, growth_key: str
+) -> list[str]:
+    """A section of timed walks (the inference cells with their timed window, or the memory walk):
+    `heading` lines, peak-memory method, the table, the failures and the change with length."""
+    lines = ["", *heading, f"  peak memory: {block['memory_method']}; {block['isolation']}"]
+    header = ["model", "L", "FPS", "s/frame", *(["timed"] if with_window else [])]
+    header += ["mem frames", "state MB", "peak MB", "growth MB"]
+    lines += ["  " + line for line in _table(header, _memory_rows(block["rows"], with_window=with_window))]
+    for error in block.get("errors", []):
+        where = f" at L={error['length']}" if with_window else ""
+        lines.append(f"  {error['model']}{where}: FAILED ({error['error']})")
+    growth = _growth_line(summary, growth_key)
+    if growth:
+        lines.append(f"  {growth}")
+    return lines
+
+
 def _growth_line(summary: dict[str, Any], key: str) -> str | None:
     growth = summary.get(key)
     if not growth:
@@ -92,16 +110,13 @@ def format_report(results: dict[str, Any]) -> str:
     inference = results.get("inference")
     if inference:
         size = inference["size"]
-        lines += ["", f"Inference at {size[0]}×{size[1]} ({inference['video']})"]
-        lines.append(f"  how: {inference['measured']}")
-        lines.append(f"  peak memory: {inference['memory_method']}; {inference['isolation']}")
-        header = ["model", "L", "FPS", "s/frame", "timed", "mem frames", "state MB", "peak MB", "growth MB"]
-        lines += ["  " + line for line in _table(header, _memory_rows(inference["rows"], with_window=True))]
-        for error in inference.get("errors", []):
-            lines.append(f"  {error['model']} at L={error['length']}: FAILED ({error['error']})")
-        growth = _growth_line(summary, "memory_growth_inference")
-        if growth:
-            lines.append(f"  {growth}")
+        heading = [
+            f"Inference at {size[0]}×{size[1]} ({inference['video']})",
+            f"  how: {inference['measured']}",
+        ]
+        lines += _memory_section(
+            heading, inference, summary, with_window=True, growth_key="memory_growth_inference"
+        )
 
     flops = results.get("flops")
     if flops and flops.get("student"):
@@ -133,15 +148,10 @@ def format_report(results: dict[str, Any]) -> str:
     stream = results.get("stream")
     if stream:
         size = stream["size"]
-        lines += ["", f"Memory walk at {size[0]}×{size[1]}: {stream['measured']}"]
-        lines.append(f"  peak memory: {stream['memory_method']}; {stream['isolation']}")
-        header = ["model", "L", "FPS", "s/frame", "mem frames", "state MB", "peak MB", "growth MB"]
-        lines += ["  " + line for line in _table(header, _memory_rows(stream["rows"], with_window=False))]
-        for error in stream.get("errors", []):
-            lines.append(f"  {error['model']}: FAILED ({error['error']})")
-        growth = _growth_line(summary, "memory_growth_stream")
-        if growth:
-            lines.append(f"  {growth}")
+        heading = [f"Memory walk at {size[0]}×{size[1]}: {stream['measured']}"]
+        lines += _memory_section(
+            heading, stream, summary, with_window=False, growth_key="memory_growth_stream"
+        )
 
     loading = results.get("data_loading")
     if loading:

@@ -146,18 +146,15 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
     return SweepSpec(path, name, method, str(metric["name"]), goal, parameters, command, run_cap, raw)
 
 
-SAMPLERS = (
-    "constant",
-    "categorical",
+RANGED = (  # samplers drawing between `min` and `max`
     "uniform",
     "int_uniform",
     "q_uniform",
     "log_uniform",
     "log_uniform_values",
     "q_log_uniform_values",
-    "normal",
-    "log_normal",
 )
+SAMPLERS = ("constant", "categorical", *RANGED, "normal", "log_normal")
 
 
 def _distribution(spec: dict[str, Any]) -> str:
@@ -192,14 +189,7 @@ def _check_parameter(key: str, spec: dict[str, Any], where: str) -> None:
             len(probabilities) != len(values) or abs(sum(probabilities) - 1.0) > 1e-6
         ):
             raise DvosError(f"{where}: parameter '{key}': 'probabilities' must match 'values' and sum to 1")
-    if kind in (
-        "uniform",
-        "int_uniform",
-        "q_uniform",
-        "log_uniform",
-        "log_uniform_values",
-        "q_log_uniform_values",
-    ):
+    if kind in RANGED:
         low, high = spec.get("min"), spec.get("max")
         if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or low > high:
             raise DvosError(f"{where}: parameter '{key}': {kind} needs numbers min <= max")

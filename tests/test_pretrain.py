@@ -170,3 +170,22 @@ def test_finish_wandb_closes_the_pretraining_run(tmp_path):
     finish_wandb(trainer)
     assert wandb.run is None
     finish_wandb(pl.Trainer(logger=False, accelerator="cpu"))  # no W&B logger: nothing to do
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("pretrain.spatial_jitter=-1", "pretrain.spatial_jitter"),
+        ("pretrain.spatial_jitter=125", "pretrain.spatial_jitter"),  # 128-px crops keep at least 8
+        ("pretrain.edge_dropout=1.0", "pretrain.edge_dropout"),
+        ("pretrain.temperature=0", "pretrain.temperature"),
+    ],
+)
+def test_unusable_pretraining_settings_are_one_line_config_errors(override, key):
+    from dvos.cli.pretrain_cmd import check_pretrain_config
+    from dvos.config import load_config
+    from dvos.utils.errors import ConfigError
+
+    check_pretrain_config(load_config([]))  # the defaults pass
+    with pytest.raises(ConfigError, match=key):
+        check_pretrain_config(load_config([override]))

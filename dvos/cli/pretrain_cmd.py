@@ -46,6 +46,23 @@ def teacher_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.data_dir) / "teachers" / f"crw-resnet-{digest}.pt"
 
 
+def check_pretrain_config(cfg: DictConfig) -> None:
+    """One-line `ConfigError`s for pretraining settings that cannot work (before any data is read)."""
+    from dvos.utils.errors import ConfigError
+
+    p = cfg.pretrain
+    if not 0.0 <= float(p.edge_dropout) < 1.0:
+        raise ConfigError(f"pretrain.edge_dropout must be in [0, 1), got {p.edge_dropout}")
+    if not float(p.temperature) > 0:
+        raise ConfigError(f"pretrain.temperature must be > 0, got {p.temperature}")
+    smallest = min(int(side) for side in p.crop_size)
+    if not 0 <= int(p.spatial_jitter) <= smallest - 8:
+        raise ConfigError(
+            f"pretrain.spatial_jitter must be in [0, {smallest - 8}] pixels (crops of {smallest} px keep "
+            f"at least 8), got {p.spatial_jitter}"
+        )
+
+
 def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
     """Run CRW pretraining on `data.train_root` clips and export the encoder to `output`."""
     import lightning.pytorch as pl
@@ -54,6 +71,7 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
     from dvos.cli.factory import build_trainer
     from dvos.lit.pretrain import CRWPretrainModule, export_teacher_encoder
 
+    check_pretrain_config(cfg)
     p = cfg.pretrain
     pl.seed_everything(int(cfg.seed), workers=True)
     clips = build_clip_datamodule(

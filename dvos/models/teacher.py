@@ -247,6 +247,19 @@ def labels_to_logits(labels: torch.Tensor) -> torch.Tensor:
     return labels.clamp_min(PROBABILITY_FLOOR).log()
 
 
+def cell_means(maps: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
+    """B × C × H × W → B × C × h × w float32: the mean of each feature cell's pixels. Cell (i, j)
+    covers pixels [s·i, s·i + s) × [s·j, s·j + s) clipped to the image; pixels past the grid are
+    dropped, cells past the image average the pixels they have."""
+    maps = maps.float()
+    height, width = token_shape[0] * stride, token_shape[1] * stride
+    maps = maps[..., :height, :width]
+    pad = (0, width - maps.shape[-1], 0, height - maps.shape[-2])
+    sums = F.avg_pool2d(F.pad(maps, pad), stride)
+    counts = F.avg_pool2d(F.pad(torch.ones_like(maps[:, :1]), pad), stride)
+    return sums / counts.clamp_min(1e-12)
+
+
 def masks_to_labels(masks: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
     """Image-size masks to soft labels on the feature grid: the mean of each cell's pixels.
 
@@ -267,14 +280,7 @@ def masks_to_labels(masks: torch.Tensor, token_shape: tuple[int, int], stride: i
         if masks.dtype.is_floating_point:
             raise ValueError("id masks must be integer tensors; pass one-hot masks as B × L × H × W")
         masks = F.one_hot(masks.long(), int(masks.max()) + 1).permute(0, 3, 1, 2)
-    masks = masks.float()
-    height, width = token_shape[0] * stride, token_shape[1] * stride
-    masks = masks[..., :height, :width]
-    valid = torch.ones_like(masks[:, :1])
-    pad = (0, width - masks.shape[-1], 0, height - masks.shape[-2])
-    sums = F.avg_pool2d(F.pad(masks, pad), stride)
-    counts = F.avg_pool2d(F.pad(valid, pad), stride)
-    labels = sums / counts.clamp_min(1e-12)
+    labels = cell_means(masks, token_shape, stride)
     total = labels.sum(1, keepdim=True)
     labels = labels / total.clamp_min(1e-12)
     labels[:, :1] += (total <= 0).float()
@@ -391,16 +397,10 @@ def cell_colours(image: torch.Tensor, token_shape: tuple[int, int], stride: int)
     """The colour of each feature cell's neighbourhood, centred per image: B × 3 × H × W in [0, 1]
     → B × 3 × h × w.
 
-    The mean colour of each cell (`masks_to_labels`' pooling), then a 3 × 3-cell box blur
-    (replicated borders), so that a fine texture (stripes, checks) averages to one colour, minus
-    the image's mean colour.
+    The mean colour of each cell (`cell_means`), then a 3 × 3-cell box blur (replicated borders),
+    so that a fine texture (stripes, checks) averages to one colour, minus the image's mean colour.
     """
-    height, width = token_shape[0] * stride, token_shape[1] * stride
-    image = image.float()[..., :height, :width]
-    pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
-    sums = F.avg_pool2d(F.pad(image, pad), stride)
-    counts = F.avg_pool2d(F.pad(torch.ones_like(image[:, :1]), pad), stride)
-    colours = sums / counts.clamp_min(1e-12)
+    colours = cell_means(image, token_shape, stride)
     colours = F.avg_pool2d(F.pad(colours, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     return colours - colours.mean(dim=(2, 3), keepdim=True)
 

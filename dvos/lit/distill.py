@@ -302,7 +302,7 @@ class DistillationModule(pl.LightningModule):
         reference_ids: torch.Tensor,
         teacher_out: dict[str, Any],
         num_objects: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Move the reference objects and the teacher's hard masks onto the frames' colour edges
         (`bilateral_refine`, `distill.refine_iterations` passes): the student is then asked for
         edges that are in the image, not the bilinear curves of a stride-8 grid. An object the
@@ -310,7 +310,8 @@ class DistillationModule(pl.LightningModule):
         (`ref_masks=annotation`) is exact already and is left alone.
 
         Returns:
-            (reference ids B × H × W, CE targets: T − 1 tensors B × H × W).
+            (reference ids B × H × W, CE targets: T − 1 tensors B × H × W, or None when
+            `distill.lambda_ce` is 0: the logged CE then reads the plain argmax).
         """
         iterations = int(self.config.distill.refine_iterations)
         num_labels = int(teacher_out["logits"].shape[2])
@@ -325,6 +326,8 @@ class DistillationModule(pl.LightningModule):
                 ]
             )
             reference_ids = torch.where(kept[:, None, None], refined, reference_ids)
+        if float(self.config.distill.lambda_ce) == 0.0:
+            return reference_ids, None
         valid = objects_to_valid(num_objects, num_labels, frames.shape[0], device=frames.device)
         stride = int(teacher_out["stride"])
         targets = []

@@ -15,7 +15,7 @@ from dvos.cli.main import main
 from dvos.config import load_config
 from dvos.data.vos import youtubevos_sequences
 from dvos.inference.submission import listed_frames, write_youtubevos_submission
-from dvos.utils.errors import ConfigError
+from dvos.utils.errors import ConfigError, DvosError
 from dvos.utils.masks import write_mask
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +138,24 @@ def test_youtubevos_evaluation_writes_the_official_submission_zip(tmp_path, caps
         with archive.open("Annotations/early/00004.png") as handle:
             assert set(np.unique(np.asarray(Image.open(handle)))) == {0, 1, 2}  # both objects tracked
     assert not list(out.glob(".*tmp*"))
+
+
+def test_a_failed_youtubevos_rerun_leaves_no_older_submission_zip(tmp_path, capsys, monkeypatch):
+    root = youtubevos_valid(tmp_path / "ytvos")
+    out = tmp_path / "predictions"
+    words = ["evaluate", "--baseline", "copy", "--out", str(out), "data=youtubevos", f"data.root={root}",
+             f"paths.runs_dir={tmp_path / 'runs'}"]  # fmt: skip
+    assert main(words) == 0 and (out / "submission.zip").is_file()
+
+    import dvos.cli.evaluate_cmd as evaluate_cmd
+
+    def fail(*args, **kwargs):
+        raise DvosError("frame 00003.jpg of early cannot be decoded")
+
+    monkeypatch.setattr(evaluate_cmd, "evaluate_segmenter", fail)
+    assert main(words) == 2
+    assert "cannot be decoded" in capsys.readouterr().err
+    assert not (out / "submission.zip").exists()
 
 
 def test_submission_fills_frames_without_prediction_and_reads_meta(tmp_path):

@@ -259,6 +259,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     segmenter, description, checkpoint = build_segmenter(args, cfg, device)
     out_dir = ensure_writable_dir(args.out or default_out_dir(cfg, checkpoint))
+    if cfg.data.format == "youtubevos":
+        from dvos.inference.submission import SUBMISSION_ZIP
+
+        # An archive from an earlier run must not outlive a rerun that fails: it would look current.
+        (out_dir / SUBMISSION_ZIP).unlink(missing_ok=True)
     report = evaluate_segmenter(
         segmenter,
         description,

@@ -107,7 +107,7 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
     eval_data.setup("validate")
     sequences = list(eval_data.dataset)
     device = torch.device("cpu") if module.device.type == "cpu" else module.device
-    max_size, min_size = cfg.eval.max_size, cfg.eval.get("min_size")
+    max_size, min_size = cfg.eval.max_size, cfg.eval.min_size
     if best_checkpoint:
         student, description = load_student(best_checkpoint, cfg.model)
     else:

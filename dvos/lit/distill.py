@@ -257,20 +257,20 @@ class DistillationModule(pl.LightningModule):
                 frames,
                 teacher_masks,
                 num_segments=int(self.config.distill.num_segments),
-                position_weight=float(self.config.distill.get("position_weight", 0.3)),
-                colour_weight=float(self.config.distill.get("colour_weight", 0.0)),
-                feature_weight=float(self.config.distill.get("feature_weight", 1.0)),
-                components=bool(self.config.distill.get("components", False)),
+                position_weight=float(self.config.distill.position_weight),
+                colour_weight=float(self.config.distill.colour_weight),
+                feature_weight=float(self.config.distill.feature_weight),
+                components=bool(self.config.distill.components),
             )
         reference_ids = teacher_out["reference_ids"].to(frames.device)
         max_objects = int(self.student.max_objects)
         reference_ids = reference_ids.clamp(max=max_objects)
         num_objects = reference_ids.flatten(1).amax(dim=1)
         ce_targets = None
-        if int(self.config.distill.get("refine_iterations", 0)) > 0:
+        if int(self.config.distill.refine_iterations) > 0:
             reference_ids, ce_targets = self.refine_to_edges(frames, reference_ids, teacher_out, num_objects)
         reference_masks = labels_to_onehot(reference_ids, max_objects + 1)
-        reconstruct = float(self.config.distill.get("lambda_ref", 0.0)) > 0
+        reconstruct = float(self.config.distill.lambda_ref) > 0
         logits, aux = self.student.segment_clip(
             frames,
             reference_masks,
@@ -518,7 +518,7 @@ class DistillationModule(pl.LightningModule):
             self.eval_student,
             device=self.device,
             max_size=self.config.eval.max_size,
-            min_size=self.config.eval.get("min_size"),
+            min_size=self.config.eval.min_size,
         )
         predictions: list[np.ndarray] = []
         stats = segment_sequence(segmenter, sequence, on_frame=lambda index, mask: predictions.append(mask))
@@ -606,8 +606,8 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
             f"distill.num_segments must be in [2, model.max_objects + 1 = {max_labels}], got {d.num_segments}"
         )
     for key in ("lambda_ref", "colour_weight", "feature_weight", "position_weight", "refine_iterations"):
-        if float(d.get(key, 0.0)) < 0:
-            raise ConfigError(f"distill.{key} must be ≥ 0, got {d.get(key)}")
+        if float(d[key]) < 0:
+            raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")
     if int(optim.max_non_finite) < 1:
         raise ConfigError(f"optim.max_non_finite must be >= 1, got {optim.max_non_finite}")
     if optim.ema and not 0.0 <= float(optim.ema_decay) < 1.0:

@@ -217,7 +217,7 @@ class CRWPretrainModule(pl.LightningModule):
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """frames B × T × 3 × H × W → (CRW loss, return accuracy); edge dropout and spatial jitter
         only in training."""
-        if self.training and self.hparams.get("spatial_jitter", 0) > 0:
+        if self.training and self.hparams.spatial_jitter > 0:
             frames = jitter_frames(frames, int(self.hparams.spatial_jitter))
         return crw_loss(
             self.embed_clip(frames),

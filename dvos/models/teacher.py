@@ -374,8 +374,9 @@ def split_components(
     import cv2
     import numpy as np
 
-    out = torch.zeros_like(segments)
-    for index, ids in enumerate(segments.cpu().numpy()):
+    segment_maps = segments.cpu().numpy()
+    out = np.zeros_like(segment_maps)
+    for index, ids in enumerate(segment_maps):
         pieces = []
         for segment in np.unique(ids):
             if segment == 0:
@@ -389,8 +390,8 @@ def split_components(
                     pieces.append((-area, int(segment), label, labels == label))
         pieces.sort(key=lambda piece: piece[:3])
         for new_id, (_, _, _, mask) in enumerate(pieces[: num_segments - 1], start=1):
-            out[index][torch.from_numpy(mask)] = new_id
-    return out
+            out[index][mask] = new_id
+    return torch.from_numpy(out).to(segments.device)
 
 
 def cell_colours(image: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:

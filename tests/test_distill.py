@@ -275,6 +275,8 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("optim.max_non_finite=0", "optim.max_non_finite"),
         ("distill.lambda_ref=-1", "distill.lambda_ref"),
         ("distill.colour_weight=-0.5", "distill.colour_weight"),
+        ("eval.min_size=8", "eval.min_size"),
+        ("eval.max_size=0", "eval.max_size"),
     ],
 )
 def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):

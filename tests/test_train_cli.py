@@ -255,6 +255,16 @@ def test_ddp_two_cpu_processes_sync_the_validation_jf(smoke, tmp_path):
     assert torch.load(teacher, map_location="cpu", weights_only=True)["encoder_config"]["global_step"] == 2
 
 
+def test_unusable_distill_setting_fails_before_any_run_folder_data_or_teacher(tmp_path, capsys):
+    args = [f"paths.data_dir={tmp_path / 'data'}", f"paths.runs_dir={tmp_path / 'runs'}"]
+    assert main(["train", *args, "eval.min_size=8"]) == 2
+    assert (
+        last_line(capsys.readouterr().err)
+        == "dvos: error: eval.min_size must be at least 16 pixels (or null), got 8"
+    )
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
 def test_summary_table_shows_no_fps_for_the_model_free_baseline():
     from dvos.cli.train_cmd import format_summary
 

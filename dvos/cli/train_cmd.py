@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.cli.factory import build_trainer
     from dvos.cli.pretrain_cmd import ensure_teacher
     from dvos.config import load_config, save_config
-    from dvos.lit.distill import DistillationModule
+    from dvos.lit.distill import DistillationModule, check_distill_config
     from dvos.utils.io import write_json
 
     setup_logging()
@@ -182,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
     resume = resolve_resume(cfg)
     if resume and cfg.ckpt_path == "last":
         cfg = resumed_config(cfg, args.overrides)
+    # Before any folder, data or teacher pretraining: a bad setting must not cost minutes first.
+    check_distill_config(cfg, max_objects=int(cfg.model.max_objects))
     run_dir = start_run(cfg)
     pl.seed_everything(int(cfg.seed), workers=True)
     prepare_data(cfg)

@@ -608,6 +608,10 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     for key in ("lambda_ref", "colour_weight", "feature_weight", "position_weight", "refine_iterations"):
         if float(d[key]) < 0:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")
+    for key in ("max_size", "min_size"):  # the segmenters refuse these only at the first validation
+        value = config.eval[key]
+        if value is not None and int(value) < 16:
+            raise ConfigError(f"eval.{key} must be at least 16 pixels (or null), got {value}")
     if int(optim.max_non_finite) < 1:
         raise ConfigError(f"optim.max_non_finite must be >= 1, got {optim.max_non_finite}")
     if optim.ema and not 0.0 <= float(optim.ema_decay) < 1.0:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -169,6 +169,10 @@ class EvalConfig:
 
     max_size: int | None = None  # cap on the long side of frames fed to the model (None: full size)
     min_size: int | None = None  # smaller short sides are upsampled to this for the models (None: never)
+    # The same two for the validation during training only (default: the values above); a cheaper
+    # size keeps frequent validation affordable when the final evaluation runs magnified.
+    val_max_size: int | None = II("eval.max_size")
+    val_min_size: int | None = II("eval.min_size")
 
 
 @dataclass

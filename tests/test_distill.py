@@ -5,6 +5,7 @@ never used; warm-up + poly learning rate, EMA and non-finite losses by hand; exa
 import hashlib
 import logging
 import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -12,10 +13,11 @@ import torch
 from helpers_data import square_and_disc_clip
 from helpers_models import tiny_student_and_teacher
 from lightning.fabric.plugins.io import torch_io
+from omegaconf import OmegaConf
 from torch import nn
 
 from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
-from dvos.config import load_config
+from dvos.config import Config, load_config
 from dvos.lit.distill import DistillationModule, ema_decay_at, warmup_poly
 from dvos.utils.errors import ConfigError
 
@@ -277,11 +279,33 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("distill.colour_weight=-0.5", "distill.colour_weight"),
         ("eval.min_size=8", "eval.min_size"),
         ("eval.max_size=0", "eval.max_size"),
+        ("eval.val_min_size=15", "eval.val_min_size"),
     ],
 )
 def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):
         make_module(tmp_path, override)
+
+
+def test_validation_segments_at_the_validation_sizes(tmp_path, monkeypatch):
+    from dvos.inference import engine
+
+    class Seen(Exception):
+        pass
+
+    def recorder(*args, **kwargs):
+        raise Seen(kwargs["min_size"], kwargs["max_size"])
+
+    monkeypatch.setattr(engine, "StudentSegmenter", recorder)
+    sequence = SimpleNamespace(has_full_gt=True)
+    module = make_module(tmp_path, "eval.min_size=600", "eval.val_min_size=64", "eval.val_max_size=128")
+    with pytest.raises(Seen) as info:
+        module.validation_step(sequence, 0)
+    assert info.value.args == (64, 128)
+    # the schema's default: the evaluation's own sizes (the root config and smoke set their own)
+    schema = OmegaConf.structured(Config)
+    schema.eval.min_size, schema.eval.max_size = 200, 300
+    assert (schema.eval.val_min_size, schema.eval.val_max_size) == (200, 300)
 
 
 # ---------------------------------------------------------------------------------------- optimisation

@@ -517,8 +517,8 @@ class DistillationModule(pl.LightningModule):
         segmenter = StudentSegmenter(
             self.eval_student,
             device=self.device,
-            max_size=self.config.eval.max_size,
-            min_size=self.config.eval.min_size,
+            max_size=self.config.eval.val_max_size,
+            min_size=self.config.eval.val_min_size,
         )
         predictions: list[np.ndarray] = []
         stats = segment_sequence(segmenter, sequence, on_frame=lambda index, mask: predictions.append(mask))
@@ -608,7 +608,7 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     for key in ("lambda_ref", "colour_weight", "feature_weight", "position_weight", "refine_iterations"):
         if float(d[key]) < 0:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")
-    for key in ("max_size", "min_size"):  # the segmenters refuse these only at the first validation
+    for key in ("max_size", "min_size", "val_max_size", "val_min_size"):  # else refused only when first used
         value = config.eval[key]
         if value is not None and int(value) < 16:
             raise ConfigError(f"eval.{key} must be at least 16 pixels (or null), got {value}")

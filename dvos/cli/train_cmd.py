@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         start_run,
     )
     from dvos.cli.factory import build_trainer
-    from dvos.cli.pretrain_cmd import ensure_teacher
+    from dvos.cli.pretrain_cmd import ensure_teacher, finish_wandb
     from dvos.config import load_config, save_config
     from dvos.lit.distill import DistillationModule, check_distill_config
     from dvos.utils.io import write_json
@@ -213,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.cli.run_summary import publish_run_summary
 
     publish_run_summary(trainer, summary, run_dir)  # the same W&B summary keys in every run (rank 0)
+    finish_wandb(trainer)  # now, so that W&B's closing lines come before the table and the folder
     print(format_summary(summary))
     print(run_dir)
     return 0

@@ -149,6 +149,22 @@ def test_segment_mask_of_another_size_is_one_line_naming_both(blackswan, tmp_pat
     assert "100×120" in lines[0] and "480×854" in lines[0]
 
 
+def test_size_flags_take_pixels_or_none_over_the_config(capsys):
+    from argparse import Namespace
+
+    from dvos.cli.segment_cmd import size_limit, size_limit_of
+    from dvos.config import load_config
+
+    cfg = load_config(["eval.min_size=600"])
+    assert size_limit_of(Namespace(min_size=None), cfg, "min_size") == 600  # no flag: the config
+    assert size_limit_of(Namespace(min_size=size_limit("480")), cfg, "min_size") == 480
+    assert size_limit_of(Namespace(min_size=size_limit("none")), cfg, "min_size") is None  # never
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--baseline", "copy", "--min-size", "8"])
+    assert info.value.code == 2
+    assert "--min-size: must be at least 16 pixels (or 'none'), got 8" in capsys.readouterr().err
+
+
 def test_segment_ckpt_and_teacher_are_exclusive(capsys):
     with pytest.raises(SystemExit) as info:
         main(

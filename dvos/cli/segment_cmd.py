@@ -31,6 +31,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+NO_SIZE_LIMIT = 0  # `--max-size none` / `--min-size none`: no limit, whatever eval.* says
+
+
+def size_limit(text: str) -> int:
+    """A --max-size / --min-size value: a whole number ≥ 16, or `none` (NO_SIZE_LIMIT)."""
+    if text.strip().lower() in ("none", "null"):
+        return NO_SIZE_LIMIT
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of pixels or 'none', got {text!r}"
+        ) from None
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"must be at least 16 pixels (or 'none'), got {value}")
+    return value
+
+
 class IntermixedArgumentParser(argparse.ArgumentParser):
     """A sub-command parser that accepts options after the positional overrides.
 
@@ -83,19 +101,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, baseline: bool = Fal
         method.add_argument("--baseline", choices=("copy",), help="first-frame copy baseline (no model)")
     parser.add_argument(
         "--max-size",
-        type=positive_int,
+        type=size_limit,
         metavar="N",
         default=None,
         help="cap the long side of frames fed to the model at N pixels (predictions keep the original "
-        "size; default: eval.max_size, none = original size)",
+        "size; default: eval.max_size; none: no cap)",
     )
     parser.add_argument(
         "--min-size",
-        type=positive_int,
+        type=size_limit,
         metavar="N",
         default=None,
         help="upsample frames whose short side is below N pixels for the model (predictions keep the "
-        "original size; default: eval.min_size, none = never)",
+        "original size; default: eval.min_size; none: never)",
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available"
@@ -173,7 +191,7 @@ def size_limit_of(args: argparse.Namespace, cfg: Any, key: str) -> int | None:
     (None: no limit)."""
     given = getattr(args, key, None)
     if given is not None:
-        return int(given)
+        return None if given == NO_SIZE_LIMIT else int(given)
     value = cfg.get("eval", {}).get(key) if hasattr(cfg, "get") else None
     return None if value is None else int(value)
 

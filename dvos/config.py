@@ -163,6 +163,9 @@ class OptimConfig:
     max_non_finite: int = 5  # stop after this many non-finite losses in a row
 
 
+MIN_MODEL_SIZE = 16  # pixels: the smallest frame side a model is fed (one stride-16 feature cell)
+
+
 @dataclass
 class EvalConfig:
     """Inference during validation and `dvos evaluate`."""

@@ -161,7 +161,7 @@ def test_finish_wandb_closes_the_pretraining_run(tmp_path):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from dvos.cli.pretrain_cmd import finish_wandb
+    from dvos.cli.factory import finish_wandb
 
     logger = WandbLogger(save_dir=str(tmp_path), mode="offline", project="dvos-test")
     trainer = pl.Trainer(logger=logger, accelerator="cpu", enable_progress_bar=False)

@@ -72,6 +72,15 @@ def build_logger(cfg: DictConfig, run_dir: Path, *, job_type: str, resume: bool 
     )
 
 
+def finish_wandb(trainer: Any) -> None:
+    """Close the W&B run a trainer's logger opened (one process, one run at a time in wandb)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl.Callback]:
     """The callbacks switched on in `cfg.callbacks` (conf/callbacks/)."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig
 
@@ -68,7 +67,7 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
     import lightning.pytorch as pl
 
     from dvos.cli.common import build_clip_datamodule, log
-    from dvos.cli.factory import build_trainer
+    from dvos.cli.factory import build_trainer, finish_wandb
     from dvos.lit.pretrain import CRWPretrainModule, export_teacher_encoder
 
     check_pretrain_config(cfg)
@@ -122,15 +121,6 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
     trainer.strategy.barrier()
     finish_wandb(trainer)  # or the distillation logger of the same process would reuse this run
     return output
-
-
-def finish_wandb(trainer: Any) -> None:
-    """Close the W&B run a trainer's logger opened (one process, one run at a time in wandb)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
 
 
 def ensure_teacher(cfg: DictConfig, run_dir: Path, *, force: bool = False) -> None:

@@ -18,6 +18,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from dvos.config import MIN_MODEL_SIZE
+
 DEFAULT_OVERLAY_FPS = 24.0  # frame folders have no frame rate of their own
 
 
@@ -44,8 +46,8 @@ def size_limit(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"expected a whole number of pixels or 'none', got {text!r}"
         ) from None
-    if value < 16:
-        raise argparse.ArgumentTypeError(f"must be at least 16 pixels (or 'none'), got {value}")
+    if value < MIN_MODEL_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_MODEL_SIZE} pixels (or 'none'), got {value}")
     return value
 
 

@@ -171,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
         setup_logging,
         start_run,
     )
-    from dvos.cli.factory import build_trainer
-    from dvos.cli.pretrain_cmd import ensure_teacher, finish_wandb
+    from dvos.cli.factory import build_trainer, finish_wandb
+    from dvos.cli.pretrain_cmd import ensure_teacher
     from dvos.config import load_config, save_config
     from dvos.lit.distill import DistillationModule, check_distill_config
     from dvos.utils.io import write_json

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dvos.config import MIN_MODEL_SIZE
 from dvos.data.readers import FrameReader
 from dvos.data.vos import VOSSequence
 from dvos.inference.writer import MaskWriter
@@ -165,10 +166,10 @@ class _TorchSegmenter:
         max_size: int | None = None,
         min_size: int | None = None,
     ) -> None:
-        if max_size is not None and int(max_size) < 16:
-            raise DataError(f"max_size must be at least 16 pixels, got {max_size}")
-        if min_size is not None and int(min_size) < 16:
-            raise DataError(f"min_size must be at least 16 pixels, got {min_size}")
+        if max_size is not None and int(max_size) < MIN_MODEL_SIZE:
+            raise DataError(f"max_size must be at least {MIN_MODEL_SIZE} pixels, got {max_size}")
+        if min_size is not None and int(min_size) < MIN_MODEL_SIZE:
+            raise DataError(f"min_size must be at least {MIN_MODEL_SIZE} pixels, got {min_size}")
         self.device = torch.device(device)
         self.max_size = None if max_size is None else int(max_size)
         self.min_size = None if min_size is None else int(min_size)

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from dvos import __version__
+from dvos.config import MIN_MODEL_SIZE
 from dvos.inference.engine import _TorchSegmenter
 from dvos.models.student import FEATURE_STRIDE, DeformableStudent, Memory
 from dvos.utils.errors import DvosError
@@ -214,8 +215,10 @@ def check_format(fmt: str) -> str:
 
 
 def _check_size(height: int, width: int) -> tuple[int, int]:
-    if int(height) < 16 or int(width) < 16:
-        raise DvosError(f"export size {height}×{width} is too small (at least 16×16 pixels)")
+    if int(height) < MIN_MODEL_SIZE or int(width) < MIN_MODEL_SIZE:
+        raise DvosError(
+            f"export size {height}×{width} is too small (at least {MIN_MODEL_SIZE}×{MIN_MODEL_SIZE} pixels)"
+        )
     return int(height), int(width)
 
 

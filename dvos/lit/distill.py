@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from dvos.config import MIN_MODEL_SIZE
 from dvos.lit.losses import DistillationLoss, objects_to_valid, teacher_probabilities
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
@@ -610,8 +611,8 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")
     for key in ("max_size", "min_size", "val_max_size", "val_min_size"):  # else refused only when first used
         value = config.eval[key]
-        if value is not None and int(value) < 16:
-            raise ConfigError(f"eval.{key} must be at least 16 pixels (or null), got {value}")
+        if value is not None and int(value) < MIN_MODEL_SIZE:
+            raise ConfigError(f"eval.{key} must be at least {MIN_MODEL_SIZE} pixels (or null), got {value}")
     if int(optim.max_non_finite) < 1:
         raise ConfigError(f"optim.max_non_finite must be >= 1, got {optim.max_non_finite}")
     if optim.ema and not 0.0 <= float(optim.ema_decay) < 1.0:

@@ -146,6 +146,7 @@ class DistillConfig:
     lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
     refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
     att_branches: str = "both"  # which student attention is distilled: long | short | both
+    teacher_scale: int = 1  # the teacher sees the training clips magnified this many times (finer targets)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import nn
 
 from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from dvos.config import Config, load_config
-from dvos.lit.distill import DistillationModule, ema_decay_at, warmup_poly
+from dvos.lit.distill import DistillationModule, ema_decay_at, magnify, warmup_poly
 from dvos.utils.errors import ConfigError
 
 HEIGHT, WIDTH, FRAMES, BATCH = 48, 64, 3, 2
@@ -46,6 +46,7 @@ def make_config(tmp_path, *overrides):
             "distill.components=false",
             "distill.refine_iterations=0",
             "distill.lambda_ref=0.0",
+            "distill.teacher_scale=1",
             *(f"distill.lambda_{name}={value}" for name, value in LAMBDAS.items()),
             *overrides,
         ]
@@ -261,6 +262,43 @@ def test_annotation_reference_is_frame_0s_annotation(tmp_path, caplog):
     assert not torch.equal(clustered.reference_ids, expected)
 
 
+def test_magnify_repeats_each_pixel_into_a_block_for_masks():
+    ids = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
+    expected = torch.tensor([[[[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]]])
+    assert torch.equal(magnify(ids, 2, nearest=True), expected)
+    # images: bilinear, a constant stays constant, the size is s × s
+    image = torch.full((2, 3, 5, 7), 0.25)
+    assert torch.allclose(magnify(image, 3), torch.full((2, 3, 15, 21), 0.25))
+
+
+def test_magnified_teacher_gives_finer_targets_on_the_frames_grid(tmp_path):
+    batch = make_batch(masks=True)
+    expected = batch["masks"][:, 0].long()
+    expected[expected == 255] = 0
+    plain = make_module(tmp_path, "distill.ref_masks=annotation")
+    magnified = make_module(tmp_path, "distill.ref_masks=annotation", "distill.teacher_scale=2")
+    _, _, base = plain.compute_loss(batch)
+    loss, parts, outputs = magnified.compute_loss(batch)
+    # the teacher's cells cover half as many of the frames' pixels, twice as many cells each way
+    assert outputs.teacher_stride * 2 == base.teacher_stride
+    assert outputs.teacher_token_shape == (2 * base.teacher_token_shape[0], 2 * base.teacher_token_shape[1])
+    assert tuple(outputs.teacher_logits.shape[-2:]) == outputs.teacher_token_shape
+    # the reference objects are still the annotation, at the frames' own size
+    assert torch.equal(outputs.reference_ids, expected)
+    assert all(torch.isfinite(value) for value in parts.values())
+    loss.backward()
+    # pseudo-objects come back at the frames' size too, and the edge-refined CE targets as well
+    pseudo = make_module(tmp_path, "distill.teacher_scale=2", "distill.refine_iterations=1")
+    _, _, clustered = pseudo.compute_loss(batch)
+    assert clustered.reference_ids.shape == (BATCH, HEIGHT, WIDTH)
+    assert all(target.shape == (BATCH, HEIGHT, WIDTH) for target in clustered.ce_targets)
+
+
+def test_teacher_scale_must_divide_the_teachers_stride(tmp_path):
+    with pytest.raises(ConfigError, match=r"distill.teacher_scale=3 must divide the teacher's stride \(8"):
+        make_module(tmp_path, "distill.teacher_scale=3")
+
+
 def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_path):
     module = make_module(tmp_path, "distill.ref_masks=annotation")
     with pytest.raises(ConfigError, match="distill.ref_masks=annotation") as info:
@@ -280,6 +318,7 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("eval.min_size=8", "eval.min_size"),
         ("eval.max_size=0", "eval.max_size"),
         ("eval.val_min_size=15", "eval.val_min_size"),
+        ("distill.teacher_scale=0", "distill.teacher_scale"),
     ],
 )
 def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):

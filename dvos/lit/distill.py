@@ -125,6 +125,14 @@ def reference_reconstruction_loss(logits: torch.Tensor, reference_ids: torch.Ten
     return F.cross_entropy(logits.float(), reference_ids.long())
 
 
+def magnify(images: torch.Tensor, scale: int, *, nearest: bool = False) -> torch.Tensor:
+    """N × C × H × W → N × C × sH × sW, bilinear (images) or nearest (masks): pixel (y, x) becomes
+    the s × s block at (sy, sx), so a stride-k grid over the result is a stride-k/s grid over the input."""
+    if nearest:
+        return images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
 REF_MASKS = ("pseudo", "annotation")
 ATT_BRANCHES = ("long", "short", "both")
 
@@ -166,6 +174,11 @@ class DistillationModule(pl.LightningModule):
             self, "_teacher", teacher if teacher is not None else build_teacher(self.config.teacher)
         )
         self._teacher.requires_grad_(False).eval()
+        if int(self._teacher.stride) % int(self.config.distill.teacher_scale):
+            raise ConfigError(
+                f"distill.teacher_scale={self.config.distill.teacher_scale} must divide the teacher's "
+                f"stride ({self._teacher.stride} pixels per feature cell)"
+            )
         d = self.config.distill
         self.criterion = DistillationLoss(
             lambda_att=d.lambda_att,
@@ -253,9 +266,15 @@ class DistillationModule(pl.LightningModule):
             return_attention: also return the student's attention maps and sampling positions.
         """
         teacher_masks, _ = self.reference_objects(frames, annotation)
+        scale = int(self.config.distill.teacher_scale)
         with torch.no_grad():  # the teacher is frozen: nothing it computes carries gradients
+            teacher_frames = frames
+            if scale > 1:
+                teacher_frames = magnify(frames.flatten(0, 1), scale).unflatten(0, frames.shape[:2])
+                if teacher_masks is not None:
+                    teacher_masks = magnify(teacher_masks, scale, nearest=True)
             teacher_out = self.teacher.propagate_clip(
-                frames,
+                teacher_frames,
                 teacher_masks,
                 num_segments=int(self.config.distill.num_segments),
                 position_weight=float(self.config.distill.position_weight),
@@ -263,6 +282,10 @@ class DistillationModule(pl.LightningModule):
                 feature_weight=float(self.config.distill.feature_weight),
                 components=bool(self.config.distill.components),
             )
+        if scale > 1:  # back to the frames' pixels: a teacher cell now covers stride / scale of them
+            ids = teacher_out["reference_ids"][:, None].float()
+            ids = F.interpolate(ids, size=tuple(frames.shape[-2:]), mode="nearest")[:, 0].long()
+            teacher_out = {**teacher_out, "reference_ids": ids, "stride": teacher_out["stride"] // scale}
         reference_ids = teacher_out["reference_ids"].to(frames.device)
         max_objects = int(self.student.max_objects)
         reference_ids = reference_ids.clamp(max=max_objects)
@@ -613,6 +636,8 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         value = config.eval[key]
         if value is not None and int(value) < MIN_MODEL_SIZE:
             raise ConfigError(f"eval.{key} must be at least {MIN_MODEL_SIZE} pixels (or null), got {value}")
+    if int(d.teacher_scale) < 1:
+        raise ConfigError(f"distill.teacher_scale must be ≥ 1, got {d.teacher_scale}")
     if int(optim.max_non_finite) < 1:
         raise ConfigError(f"optim.max_non_finite must be >= 1, got {optim.max_non_finite}")
     if optim.ema and not 0.0 <= float(optim.ema_decay) < 1.0:

@@ -5,8 +5,9 @@ Per training clip (frames B × T × 3 × H × W, frame 0 the reference):
 1. reference objects: pseudo-objects from clustering the teacher's features of frame 0 into
    `distill.num_segments` segments (id 0 = background), or the first-frame annotation when
    `distill.ref_masks=annotation` and the batch carries one; target frames' labels are never used;
-2. the teacher propagates them through the clip (no gradients): per-object logits and, per frame,
-   its attention over the reference frame's and the previous frame's tokens;
+2. the teacher propagates them through the clip (no gradients; magnified `distill.teacher_scale`
+   times, so its cells are finer on the clip): per-object logits and, per frame, its attention over
+   the reference frame's and the previous frame's tokens;
 3. the student propagates the same reference masks, feeding its own previous prediction back as the
    short-term memory (as at test time), and returns its deformable attention maps;
 4. loss = λ_att·(1 − CKA) on the attention maps (long-term vs the teacher's reference columns,
@@ -62,7 +63,7 @@ class ClipOutputs(NamedTuple):
         teacher_logits: B × T × L × h_t × w_t (L = num_segments or annotated objects + 1).
         teacher_attention: T entries (entry 0 None), `TeacherAttention` per frame.
         teacher_token_shape: (h_t, w_t).
-        teacher_stride: pixels per teacher feature cell.
+        teacher_stride: pixels of the clip per teacher feature cell (its stride / `distill.teacher_scale`).
         reference_logits: B × C × H × W, the student's reading of frame 0 from its fresh memory
             (with `distill.lambda_ref` > 0), else None.
         ce_targets: T − 1 tensors B × H × W, the teacher's hard masks of frames 1..T−1 moved onto

@@ -283,9 +283,8 @@ class DistillationModule(pl.LightningModule):
                 feature_weight=float(self.config.distill.feature_weight),
                 components=bool(self.config.distill.components),
             )
-        if scale > 1:  # back to the frames' pixels: a teacher cell now covers stride / scale of them
-            ids = teacher_out["reference_ids"][:, None].float()
-            ids = F.interpolate(ids, size=tuple(frames.shape[-2:]), mode="nearest")[:, 0].long()
+        if scale > 1:  # back to the frames' pixels (one per magnified block); a cell covers stride / scale
+            ids = teacher_out["reference_ids"][:, ::scale, ::scale]
             teacher_out = {**teacher_out, "reference_ids": ids, "stride": teacher_out["stride"] // scale}
         reference_ids = teacher_out["reference_ids"].to(frames.device)
         max_objects = int(self.student.max_objects)

@@ -111,6 +111,7 @@ class ModelConfig:
     ffn_ratio: float = 2.0
     permute_ids: bool = True  # random permutation of object ids in training (undone on the output)
     attention_scale: float = 30.0  # > 0: cosine attention with a learned scale starting here; 0: q·k/√d
+    attention_topk: int = 0  # > 0: each query reads only its k most similar sampled points (0: all)
     propagation_init: bool = True  # a fresh student starts as a label propagator (docs/DESIGN.md)
 
 

@@ -200,3 +200,32 @@ def test_attention_weights_stay_float32_under_autocast():
         attention = attention_weights(q.bfloat16(), k.bfloat16())
     assert attention.dtype == torch.float32
     assert torch.allclose(attention.sum(-1), torch.ones(()), atol=1e-6)
+
+
+def test_topk_attention_is_the_softmax_over_the_k_most_similar_keys():
+    # one head, one query, four keys with affinities 2, -1, 0.5, 1 (q · k / √d with d = 1)
+    query = torch.ones(1, 1, 1, 1)
+    key = torch.tensor([2.0, -1.0, 0.5, 1.0]).reshape(1, 1, 4, 1)
+    attention = attention_weights(query, key, topk=2)[0, 0, 0]
+    by_hand = torch.tensor([math.exp(2.0), 0.0, 0.0, math.exp(1.0)]) / (math.exp(2.0) + math.exp(1.0))
+    assert torch.allclose(attention, by_hand, atol=1e-6)
+    # k of 0 or at least M keeps the dense softmax
+    dense = torch.softmax(key.flatten(), dim=0)
+    for k in (0, 4, 9):
+        assert torch.allclose(attention_weights(query, key, topk=k)[0, 0, 0], dense, atol=1e-6)
+
+
+def test_topk_deformable_attention_reads_k_points_and_has_finite_gradients():
+    torch.manual_seed(0)
+    module = DeformableAttention(16, num_heads=4, num_groups=2, stride=2, attention_scale=30.0, topk=3)
+    query = torch.randn(2, 16, 6, 8, requires_grad=True)
+    memory_key = torch.randn(2, 16, 6, 8, requires_grad=True)
+    value = torch.randn(2, 16, 6, 8, requires_grad=True)
+    (out,), aux = module(query, memory_key, [value], return_aux=True)
+    assert ((aux.attention > 0).sum(-1) == 3).all()  # 12 sampled points, 3 read per query and head
+    assert torch.allclose(aux.attention.sum(-1), torch.ones(()), atol=1e-6)
+    out.square().sum().backward()
+    for tensor in (query, memory_key, value):
+        assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="topk"):
+        DeformableAttention(16, num_heads=4, topk=-1)

@@ -280,12 +280,19 @@ def test_build_student_from_config_with_injected_encoder():
     from dvos.config import ModelConfig
 
     cfg = ModelConfig(
-        d_model=32, num_heads=4, max_objects=3, deform_stride=1, offset_range=2.0, offset_kernel=3
+        d_model=32,
+        num_heads=4,
+        max_objects=3,
+        deform_stride=1,
+        offset_range=2.0,
+        offset_kernel=3,
+        attention_topk=5,
     )
     student, init = build_student(cfg, encoder=TinyEncoder())
     assert "injected" in init
     assert student.max_objects == 3 and student.d_model == 32
     assert student.propagation.long_term.stride == 1
+    assert student.propagation.long_term.topk == student.propagation.short_term.topk == 5
 
 
 def test_default_mobilenet_v2_encoder_is_wired():

@@ -11,8 +11,8 @@ through one `DeformableAttention`:
    the last conv starts at zero, so a fresh network samples the regular grid;
 3. sampling: memory keys and values (visual and ID branches) are read at reference + offset with
    bilinear `grid_sample`;
-4. attention: softmax(q · kᵀ / √d_head) of each query token over the M sampled points, in float32,
-   one map per head shared by every value branch.
+4. attention: softmax(q · kᵀ / √d_head) of each query token over the M sampled points (or over its
+   `topk` most similar ones), in float32, one map per head shared by every value branch.
 
 Heads are split into groups; the heads of one group use the group's channels and share its sampling
 points (num_groups divides num_heads).
@@ -130,14 +130,23 @@ def grouped_points_to_heads(sampled: torch.Tensor, num_heads: int) -> torch.Tens
 
 
 def attention_weights(
-    query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor | None = None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    logit_scale: torch.Tensor | None = None,
+    *,
+    topk: int = 0,
 ) -> torch.Tensor:
     """softmax(q · kᵀ / √d_head) over the keys (or, with `logit_scale` (heads,), the cosine form
     softmax(exp(logit_scale) · q̂ · k̂ᵀ)), computed in float32 even under autocast.
 
+    With 0 < topk < M each query keeps only its `topk` largest affinities and the softmax runs over
+    those (the others get weight exactly 0), as in the teacher's and STCN's / XMem's top-k memory
+    reading.
+
     Args:
         query: B × heads × N × d_head.
         key: B × heads × M × d_head.
+        topk: keys kept per query (0: all).
 
     Returns:
         B × heads × N × M, float32 (float64 for float64 inputs), rows sum to 1.
@@ -151,6 +160,9 @@ def attention_weights(
             query = F.normalize(query.to(dtype), dim=-1) * scale
             key = F.normalize(key.to(dtype), dim=-1)
         affinity = torch.matmul(query, key.to(dtype).transpose(-1, -2))
+        if 0 < topk < affinity.shape[-1]:
+            kept, index = affinity.topk(topk, dim=-1)
+            affinity = torch.full_like(affinity, float("-inf")).scatter(-1, index, kept)
         return torch.softmax(affinity, dim=-1)
 
 
@@ -173,6 +185,7 @@ def deformable_attention(
     num_heads: int,
     stride: int,
     logit_scale: torch.Tensor | None = None,
+    topk: int = 0,
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Multi-head attention of every query token over memory points read at reference + offset.
 
@@ -185,6 +198,7 @@ def deformable_attention(
         num_heads: heads; G = offsets.shape[1] divides it.
         stride: s of the reference grid.
         logit_scale: per-head log scale of cosine attention (None: scaled dot product).
+        topk: sampled points each query attends to, its most similar ones (0: all M).
 
     Returns:
         (outputs, attention, positions): one B × N × C_v tensor per value map; the attention
@@ -201,7 +215,7 @@ def deformable_attention(
 
     queries = split_heads(query.flatten(2).transpose(1, 2), num_heads)
     keys = grouped_points_to_heads(sample_memory(memory_key, positions), num_heads)
-    attention = attention_weights(queries, keys, logit_scale)
+    attention = attention_weights(queries, keys, logit_scale, topk=topk)
     outputs = [
         apply_attention(attention, grouped_points_to_heads(sample_memory(value, positions), num_heads))
         for value in memory_values
@@ -281,6 +295,7 @@ class DeformableAttention(nn.Module):
         offset_kernel: k of the offset network's depth-wise conv.
         attention_scale: > 0: cosine attention, softmax(scale · q̂·k̂) with a learned per-head scale
             starting here (sharp, correspondence-like maps from the first step); 0: softmax(q·k/√d).
+        topk: each query token attends to its `topk` most similar sampled points (0: all of them).
     """
 
     def __init__(
@@ -293,8 +308,11 @@ class DeformableAttention(nn.Module):
         offset_range: float = 4.0,
         offset_kernel: int = 5,
         attention_scale: float = 0.0,
+        topk: int = 0,
     ) -> None:
         super().__init__()
+        if topk < 0:
+            raise ValueError(f"topk must be >= 0, got {topk}")
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         if num_heads % num_groups != 0:
@@ -302,6 +320,7 @@ class DeformableAttention(nn.Module):
         self.num_heads = num_heads
         self.num_groups = num_groups
         self.stride = stride
+        self.topk = int(topk)
         self.offset_network = OffsetNetwork(
             dim // num_groups, kernel=offset_kernel, stride=stride, offset_range=offset_range
         )
@@ -351,6 +370,7 @@ class DeformableAttention(nn.Module):
             num_heads=self.num_heads,
             stride=self.stride,
             logit_scale=self.logit_scale,
+            topk=self.topk,
         )
         if not return_aux:
             return outputs, None

@@ -172,6 +172,7 @@ class GatedDeformablePropagation(nn.Module):
     Args:
         dim: d.
         num_heads, num_groups, deform_stride, offset_range, offset_kernel: see `DeformableAttention`.
+        attention_scale, attention_topk: see `DeformableAttention` (`attention_scale`, `topk`).
         ffn_ratio: hidden width of the feed-forward, in multiples of d.
     """
 
@@ -186,6 +187,7 @@ class GatedDeformablePropagation(nn.Module):
         offset_kernel: int = 5,
         ffn_ratio: float = 2.0,
         attention_scale: float = 0.0,
+        attention_topk: int = 0,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -196,6 +198,7 @@ class GatedDeformablePropagation(nn.Module):
             offset_range=offset_range,
             offset_kernel=offset_kernel,
             attention_scale=attention_scale,
+            topk=attention_topk,
         )
         # Reading the memory (long-term + short-term).
         self.norm_input = nn.LayerNorm(dim)
@@ -422,6 +425,8 @@ class DeformableStudent(nn.Module):
         permute_ids: draw random object-id permutations in training mode (AOT's identity assignment).
         attention_scale: > 0: cosine attention in the deformable reads with a learned per-head scale
             starting here; 0: scaled dot product (`DeformableAttention`).
+        attention_topk: each query token reads only its k most similar sampled points per memory
+            frame (0: all of them; `DeformableAttention`).
         propagation_init: start as a label propagator (`init_for_propagation`).
     """
 
@@ -441,6 +446,7 @@ class DeformableStudent(nn.Module):
         ffn_ratio: float = 2.0,
         permute_ids: bool = True,
         attention_scale: float = 30.0,
+        attention_topk: int = 0,
         propagation_init: bool = True,
     ) -> None:
         super().__init__()
@@ -468,6 +474,7 @@ class DeformableStudent(nn.Module):
             offset_kernel=offset_kernel,
             ffn_ratio=ffn_ratio,
             attention_scale=attention_scale,
+            attention_topk=attention_topk,
         )
         self.decoder = FPNDecoder(2 * d_model, channels[:2], max_objects + 1, hidden=decoder_dim)
         if propagation_init:
@@ -814,6 +821,7 @@ def build_student(model_cfg: Any, *, encoder: nn.Module | None = None) -> tuple[
         ffn_ratio=getattr(model_cfg, "ffn_ratio", 2.0),
         permute_ids=getattr(model_cfg, "permute_ids", True),
         attention_scale=float(getattr(model_cfg, "attention_scale", 30.0)),
+        attention_topk=int(getattr(model_cfg, "attention_topk", 0)),
         propagation_init=bool(getattr(model_cfg, "propagation_init", True)),
     )
     if encoder is not None:

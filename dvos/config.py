@@ -81,6 +81,9 @@ class DataConfig:
     train_root: str = MISSING
     clip_len: int = 3
     max_gap: int = 4
+    reference_gap: int | None = (
+        None  # largest gap from the reference (first) frame to the next; None: max_gap
+    )
     reverse_prob: float = 0.5
     clips_per_video: int = 8
     crop_size: list[int] = field(default_factory=lambda: [224, 224])

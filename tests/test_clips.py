@@ -64,6 +64,25 @@ def test_clip_sampler_reversal():
     assert 0.43 < share < 0.57
 
 
+def test_clip_sampler_reference_gap_is_next_to_the_reference_both_ways():
+    rng = np.random.default_rng(4)
+    sampler = ClipSampler(3, 2, reverse_prob=0.5, reference_gap=12)
+    clips = np.stack([sampler.sample(48, rng) for _ in range(2000)])
+    assert clips.min() >= 0 and clips.max() < 48
+    reference_gaps = np.abs(clips[:, 1] - clips[:, 0])
+    other_gaps = np.abs(clips[:, 2] - clips[:, 1])
+    assert set(reference_gaps.tolist()) == set(range(1, 13))  # every reference gap is drawn
+    assert set(other_gaps.tolist()) == {1, 2}  # the target frames keep max_gap
+    backwards = clips[:, 1] < clips[:, 0]
+    assert 0.45 < backwards.mean() < 0.55
+    assert np.all(np.diff(clips[backwards], axis=1) < 0) and np.all(np.diff(clips[~backwards], axis=1) > 0)
+    # a video too short for the full gap still gives a clip that fits: 4 frames, clip of 3
+    short = np.stack([ClipSampler(3, 1, reference_gap=10).sample(4, rng) for _ in range(200)])
+    assert short.max() <= 3 and set(np.diff(short, axis=1)[:, 0].tolist()) == {1, 2}
+    with pytest.raises(ValueError, match="reference_gap"):
+        ClipSampler(3, 2, reference_gap=0)
+
+
 def test_clip_sampler_short_videos_policy():
     rng = np.random.default_rng(3)
     np.testing.assert_array_equal(ClipSampler(5, 2).sample(3, rng), [0, 1, 2, 2, 2])

@@ -229,3 +229,18 @@ def test_ddp_two_ranks_gather_skipped_videos(video_root, tmp_path):
     # which the rank(s) whose sampler drew that video met.
     assert [int(line[0]) for line in lines] == [2, 2]
     assert all(int(line[1]) >= 1 for line in lines) and max(int(line[1]) for line in lines) == 2
+
+
+def test_data_reference_gap_reaches_the_clip_sampler(video_root):
+    """`data.reference_gap` from the command line is the training sampler's; teacher pretraining
+    (CRW, no reference frame) keeps plain max_gap steps."""
+    from dvos.cli.common import build_clip_datamodule
+    from dvos.config import load_config
+
+    cfg = load_config([f"data.train_root={video_root}", "data.reference_gap=9", "data.num_workers=0"])
+    datamodule = build_clip_datamodule(cfg)
+    datamodule.setup("fit")
+    assert datamodule.train_dataset.sampler.reference_gap == 9
+    pretraining = build_clip_datamodule(cfg, reference_gap=None)
+    pretraining.setup("fit")
+    assert pretraining.train_dataset.sampler.reference_gap is None

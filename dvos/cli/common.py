@@ -102,6 +102,7 @@ def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None, **override
         num_workers=data.num_workers,
         clip_len=data.clip_len,
         max_gap=data.max_gap,
+        reference_gap=data.reference_gap,
         reverse_prob=data.reverse_prob,
         crop_size=tuple(data.crop_size),
         scale=tuple(data.scale),

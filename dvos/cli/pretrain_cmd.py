@@ -79,6 +79,7 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
         clip_len=p.clip_len,
         crop_size=tuple(p.crop_size),
         per_frame_photometric=False,  # the walk matches appearance across frames: jitter the clip as one
+        reference_gap=None,  # the walk has no reference frame: every step is a max_gap step
     )
     module = CRWPretrainModule(
         widths=list(p.widths),

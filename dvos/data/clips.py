@@ -49,7 +49,10 @@ class ClipSampler:
     Consecutive frames are separated by independent random gaps in [1, g], where g = `max_gap`
     reduced to `(num_frames - 1) // (clip_len - 1)` when the video is too short for the full gap
     (so the clip always fits); the start is uniform over the positions where the clip fits. With
-    probability `reverse_prob` the clip is played backwards.
+    probability `reverse_prob` the clip is played backwards. With `reference_gap` r, the gap between
+    the clip's first frame (the reference, whose masks are propagated) and the next one is drawn from
+    [1, r] instead (reduced so the clip fits), also when the clip is played backwards: long-range
+    reads of the reference, as at test time, next to short steps between the target frames.
 
     Short videos (fewer frames than `clip_len`): with `short_videos="repeat"` (default) every frame
     is taken once, in order, and the last one is repeated to fill the clip (gaps of 0 at the end);
@@ -60,6 +63,8 @@ class ClipSampler:
         max_gap: largest gap between consecutive frames (>= 1).
         reverse_prob: probability of reversing the clip, in [0, 1].
         short_videos: "repeat" or "reject" (see above).
+        reference_gap: largest gap between the reference (first) frame and the next (>= 1); None:
+            `max_gap`, like every other gap.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class ClipSampler:
         reverse_prob: float = 0.0,
         *,
         short_videos: ShortVideoPolicy = "repeat",
+        reference_gap: int | None = None,
     ) -> None:
         if clip_len < 1:
             raise ValueError(f"clip_len must be >= 1, got {clip_len}")
@@ -76,12 +82,15 @@ class ClipSampler:
             raise ValueError(f"max_gap must be >= 1, got {max_gap}")
         if not 0.0 <= reverse_prob <= 1.0:
             raise ValueError(f"reverse_prob must be in [0, 1], got {reverse_prob}")
+        if reference_gap is not None and reference_gap < 1:
+            raise ValueError(f"reference_gap must be >= 1, got {reference_gap}")
         if short_videos not in ("repeat", "reject"):
             raise ValueError(f"short_videos must be 'repeat' or 'reject', got {short_videos!r}")
         self.clip_len = int(clip_len)
         self.max_gap = int(max_gap)
         self.reverse_prob = float(reverse_prob)
         self.short_videos = short_videos
+        self.reference_gap = None if reference_gap is None else int(reference_gap)
 
     def accepts(self, num_frames: int) -> bool:
         """Whether a video of `num_frames` frames can give a clip under this policy."""
@@ -107,17 +116,26 @@ class ClipSampler:
         else:
             largest_gap = min(self.max_gap, (num_frames - 1) // (length - 1))
             gaps = rng.integers(1, largest_gap + 1, size=length - 1)
+            if self.reference_gap is not None:
+                # the other gaps take at most (T − 2)/(T − 1) of the video: room ≥ 1 is left
+                room = num_frames - 1 - int(gaps[1:].sum())
+                gaps[0] = rng.integers(1, min(self.reference_gap, room) + 1)
             span = int(gaps.sum())
             start = int(rng.integers(0, num_frames - span))
-            indices = start + np.concatenate([[0], np.cumsum(gaps)])
-        if self.reverse_prob > 0 and rng.random() < self.reverse_prob:
+            offsets = np.concatenate([[0], np.cumsum(gaps)])
+            indices = start + offsets
+            if self.reference_gap is not None and self.reverse_prob > 0 and rng.random() < self.reverse_prob:
+                # backwards with the reference still first: its gap stays next to it
+                return np.ascontiguousarray(start + span - offsets, dtype=np.int64)
+        if self.reference_gap is None and self.reverse_prob > 0 and rng.random() < self.reverse_prob:
             indices = indices[::-1]
         return np.ascontiguousarray(indices, dtype=np.int64)
 
     def __repr__(self) -> str:
         return (
             f"ClipSampler(clip_len={self.clip_len}, max_gap={self.max_gap}, "
-            f"reverse_prob={self.reverse_prob}, short_videos={self.short_videos!r})"
+            f"reverse_prob={self.reverse_prob}, short_videos={self.short_videos!r}, "
+            f"reference_gap={self.reference_gap})"
         )
 
 
@@ -201,7 +219,7 @@ class VideoClipDataset(Dataset):
 
     Args:
         videos_or_root: a folder searched with `list_videos`, or a sequence of video paths.
-        clip_len, max_gap, reverse_prob, short_videos: see `ClipSampler`.
+        clip_len, max_gap, reverse_prob, short_videos, reference_gap: see `ClipSampler`.
         transform: a callable `(frames T×H×W×3 uint8, masks=None) -> (frames, masks)`, e.g. a
             `ClipTransform`; its random state is driven by this dataset (`set_random_state`).
         clips_per_video: items per video and epoch.
@@ -229,6 +247,7 @@ class VideoClipDataset(Dataset):
         short_videos: ShortVideoPolicy = "repeat",
         log_skips: bool = True,
         probe_threads: int = 4,
+        reference_gap: int | None = None,
     ) -> None:
         if clips_per_video < 1:
             raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
@@ -238,7 +257,9 @@ class VideoClipDataset(Dataset):
             candidates = [Path(path) for path in videos_or_root]
             if not candidates:
                 raise DataError("no videos given to VideoClipDataset")
-        self.sampler = ClipSampler(clip_len, max_gap, reverse_prob, short_videos=short_videos)
+        self.sampler = ClipSampler(
+            clip_len, max_gap, reverse_prob, short_videos=short_videos, reference_gap=reference_gap
+        )
         self.transform = transform
         self.clips_per_video = int(clips_per_video)
         self.num_threads = int(num_threads)

@@ -63,7 +63,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         root: folder searched with `list_videos`, or a list of video paths.
         batch_size: clips per batch (per rank under DDP).
         num_workers: DataLoader worker processes (persistent when > 0).
-        clip_len, max_gap, reverse_prob, short_videos: clip sampling (`ClipSampler`).
+        clip_len, max_gap, reverse_prob, short_videos, reference_gap: clip sampling (`ClipSampler`).
         crop_size: (H, W) of the random resized crop.
         scale, ratio, hflip_p, affine_p, photometric_p, per_frame_photometric, brightness,
             contrast, saturation, hue: augmentation (`build_clip_transform`).
@@ -104,6 +104,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         drop_last: bool = True,
         prefetch_factor: int | None = None,
         val_dataloader_fn: Callable[[], Any] | None = None,
+        reference_gap: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -116,6 +117,7 @@ class VideoClipDataModule(pl.LightningDataModule):
         self.clip_options = {
             "clip_len": clip_len,
             "max_gap": max_gap,
+            "reference_gap": reference_gap,
             "reverse_prob": reverse_prob,
             "short_videos": short_videos,
             "clips_per_video": clips_per_video,

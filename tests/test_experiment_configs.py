@@ -54,7 +54,7 @@ def test_paper_scale_distillation_has_the_deaot_schedule(name):
     assert cfg.data.batch_size * 4 == 16  # DeAOT's global batch on 4 GPUs
     assert cfg.teacher.checkpoint.endswith("teachers/crw-resnet-youtubevos.pt")
     # the paper's method, not the embedded recipe of the root config
-    assert cfg.model.attention_topk == 0 and load_config([]).model.attention_topk == 4
+    assert cfg.model.attention_topk == 0
     assert cfg.distill.lambda_ce == 0 and cfg.distill.teacher_scale == 1 and cfg.eval.min_size is None
     teacher = load_config(["experiment=teacher_crw_youtubevos", "data.root=/data/YouTubeVOS"])
     assert teacher.pretrain.output == cfg.teacher.checkpoint  # the pretraining writes what distillation loads

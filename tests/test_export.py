@@ -216,3 +216,20 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, student,
     assert os.listdir(out.parent) == []
     with pytest.raises(DvosError, match="exported model not found"):
         load_exported(out, "torchscript")
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_a_topk_student_exports_and_matches_pytorch(fmt, tmp_path):
+    """The embedded recipe's student reads its top-k sampled points: topk and scatter are in the graph."""
+    if fmt == "onnx":
+        pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
+        pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    model = helpers_models.tiny_student(max_objects=4, attention_topk=3).eval()
+    assert model.propagation.long_term.topk == 3
+    path = export_student(model, fmt, tmp_path / f"step.{fmt}", height=HEIGHT, width=WIDTH)
+    exported = load_exported(path, fmt)
+    inputs = step_inputs(torch.rand(1, 3, HEIGHT, WIDTH), [torch.randn(1, 32, 4, 6) for _ in range(6)], 2)
+    with torch.inference_mode():
+        expected = FrameStep(model)(*inputs)
+    for name, a, b in zip(OUTPUT_NAMES, expected, exported(*inputs)):
+        assert (a.float() - b.float()).abs().max().item() < TOLERANCE, name

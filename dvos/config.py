@@ -81,9 +81,8 @@ class DataConfig:
     train_root: str = MISSING
     clip_len: int = 3
     max_gap: int = 4
-    reference_gap: int | None = (
-        None  # largest gap from the reference (first) frame to the next; None: max_gap
-    )
+    # largest gap from the reference (first) frame of a clip to the next; None: max_gap like the others
+    reference_gap: int | None = None
     reverse_prob: float = 0.5
     clips_per_video: int = 8
     crop_size: list[int] = field(default_factory=lambda: [224, 224])

@@ -263,6 +263,13 @@ def test_unusable_distill_setting_fails_before_any_run_folder_data_or_teacher(tm
         == "dvos: error: eval.min_size must be at least 16 pixels (or null), got 8"
     )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    for setting, message in (
+        ("model.attention_topk=-1", "model.attention_topk must be ≥ 0 (0: all points), got -1"),
+        ("data.reference_gap=0", "data.reference_gap must be ≥ 1 (or null), got 0"),
+    ):
+        assert main(["train", *args, setting]) == 2
+        assert last_line(capsys.readouterr().err) == f"dvos: error: {message}"
+        assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
 def test_summary_table_shows_no_fps_for_the_model_free_baseline():

@@ -636,6 +636,12 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         value = config.eval[key]
         if value is not None and int(value) < MIN_MODEL_SIZE:
             raise ConfigError(f"eval.{key} must be at least {MIN_MODEL_SIZE} pixels (or null), got {value}")
+    topk = (config.get("model") or {}).get("attention_topk", 0)
+    if int(topk) < 0:
+        raise ConfigError(f"model.attention_topk must be ≥ 0 (0: all points), got {topk}")
+    reference_gap = (config.get("data") or {}).get("reference_gap")
+    if reference_gap is not None and int(reference_gap) < 1:
+        raise ConfigError(f"data.reference_gap must be ≥ 1 (or null), got {reference_gap}")
     if int(d.teacher_scale) < 1:
         raise ConfigError(f"distill.teacher_scale must be ≥ 1, got {d.teacher_scale}")
     if int(optim.max_non_finite) < 1:

@@ -279,15 +279,8 @@ def test_backward_reaches_the_offset_networks():
 def test_build_student_from_config_with_injected_encoder():
     from dvos.config import ModelConfig
 
-    cfg = ModelConfig(
-        d_model=32,
-        num_heads=4,
-        max_objects=3,
-        deform_stride=1,
-        offset_range=2.0,
-        offset_kernel=3,
-        attention_topk=5,
-    )
+    sizes = dict(d_model=32, num_heads=4, max_objects=3)
+    cfg = ModelConfig(**sizes, deform_stride=1, offset_range=2.0, offset_kernel=3, attention_topk=5)
     student, init = build_student(cfg, encoder=TinyEncoder())
     assert "injected" in init
     assert student.max_objects == 3 and student.d_model == 32

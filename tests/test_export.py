@@ -220,7 +220,7 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, student,
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_a_topk_student_exports_and_matches_pytorch(fmt, tmp_path):
-    """The embedded recipe's student reads its top-k sampled points: topk and scatter are in the graph."""
+    """A student with `model.attention_topk` exports too: topk and scatter are in the graph."""
     if fmt == "onnx":
         pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
         pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")

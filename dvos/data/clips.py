@@ -107,6 +107,7 @@ class ClipSampler:
         if num_frames < 1:
             raise ValueError(f"a video needs at least one frame, got {num_frames}")
         length = self.clip_len
+        offsets = None  # frame offsets from the clip's start, when sampled with gaps
         if num_frames < length:
             if self.short_videos == "reject":
                 raise ValueError(f"video has {num_frames} frames, fewer than clip_len={length}")
@@ -124,11 +125,11 @@ class ClipSampler:
             start = int(rng.integers(0, num_frames - span))
             offsets = np.concatenate([[0], np.cumsum(gaps)])
             indices = start + offsets
-            if self.reference_gap is not None and self.reverse_prob > 0 and rng.random() < self.reverse_prob:
-                # backwards with the reference still first: its gap stays next to it
-                return np.ascontiguousarray(start + span - offsets, dtype=np.int64)
-        if self.reference_gap is None and self.reverse_prob > 0 and rng.random() < self.reverse_prob:
-            indices = indices[::-1]
+        if self.reverse_prob > 0 and rng.random() < self.reverse_prob:
+            if self.reference_gap is not None and offsets is not None:
+                indices = indices[-1] - offsets  # backwards, the reference still first with its gap
+            else:
+                indices = indices[::-1]
         return np.ascontiguousarray(indices, dtype=np.int64)
 
     def __repr__(self) -> str:

@@ -180,6 +180,12 @@ class EvalConfig:
     # size keeps frequent validation affordable when the final evaluation runs magnified.
     val_max_size: int | None = II("eval.max_size")
     val_min_size: int | None = II("eval.min_size")
+    # How the student reads its memory at inference (validation, evaluate, segment, the final table).
+    # soft_memory: the previous frame enters the short-term memory as its softmax probabilities, as in
+    # training (false: the argmax one-hot). attention_topk: each deformable read keeps its k most
+    # similar sampled points (0: all; null: model.attention_topk, as trained). docs/DESIGN.md.
+    soft_memory: bool = True
+    attention_topk: int | None = None
 
 
 @dataclass

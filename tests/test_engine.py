@@ -27,6 +27,7 @@ from dvos.inference.engine import (
     TeacherSegmenter,
     current_rss_mb,
     model_size,
+    reading_options,
     segment_sequence,
 )
 from dvos.inference.overlay import write_overlay_video
@@ -95,6 +96,75 @@ def test_student_memory_is_constant_over_200_frames():
     assert len(set(sizes)) == 1 and sizes[0] > 0  # the Memory holds two frames, always
     assert rss[199] - rss[20] < 30, f"RSS grew by {rss[199] - rss[20]:.1f} MB over 180 frames"
     assert stats.peak_rss_mb >= stats.rss_before_mb > 0
+
+
+# --------------------------------------------------------------------------------------------
+# How the student reads its memory (eval.soft_memory, eval.attention_topk)
+# --------------------------------------------------------------------------------------------
+def test_student_short_term_memory_is_soft_or_hard_as_asked():
+    frames, masks = moving_scene(3)
+    student = tiny_student().eval()
+    for soft in (True, False):
+        segmenter = StudentSegmenter(student, soft_memory=soft)
+        segmenter.start(frames[0], masks[0], [1, 2, 3])
+        memory = segmenter.memory
+        segmenter.step(frames[1])
+        with torch.inference_mode():  # the same step by hand: the logits, then the embedded masks
+            logits = student.step(
+                segmenter._image(frames[1]), memory, num_objects=3, update_memory=False
+            ).logits
+            probabilities = torch.softmax(logits, dim=1)
+            one_hot = F.one_hot(logits.argmax(1), logits.shape[1]).permute(0, 3, 1, 2).float()
+            expected = student.embed_ids(probabilities if soft else one_hot)
+            other = student.embed_ids(one_hot if soft else probabilities)
+        torch.testing.assert_close(segmenter.memory.previous_id, expected)
+        assert not torch.allclose(segmenter.memory.previous_id, other)  # the two readings differ here
+
+
+def test_inference_topk_override_reads_like_a_topk_student_and_leaves_the_model_alone():
+    frames, masks = moving_scene(4)
+    dense = tiny_student().eval()
+    for read in (dense.propagation.long_term, dense.propagation.short_term):  # non-grid samples
+        torch.nn.init.normal_(read.offset_network.to_offsets.weight, std=0.5)
+    built_sharp = tiny_student(attention_topk=2).eval()
+    built_sharp.load_state_dict(dense.state_dict())
+    runs = {}
+    for name, model, topk in (("override", dense, 2), ("built", built_sharp, None), ("dense", dense, None)):
+        segmenter = StudentSegmenter(model, attention_topk=topk)
+        logits = []
+
+        def record(*args, _step=model.step, _logits=logits, **kwargs):
+            output = _step(*args, **kwargs)
+            _logits.append(output.logits)
+            return output
+
+        model.step = record
+        try:
+            segment_sequence(segmenter, frames, masks[0])
+        finally:
+            del model.step
+        runs[name] = torch.stack(logits)
+    torch.testing.assert_close(runs["override"], runs["built"])
+    assert not torch.allclose(runs["override"], runs["dense"])
+    assert dense.propagation.long_term.topk == dense.propagation.short_term.topk == 0  # restored
+    with pytest.raises(RuntimeError), dense.attention_topk(3):  # restored after an error too
+        raise RuntimeError("inside")
+    assert dense.propagation.short_term.topk == 0
+
+
+def test_reading_options_come_from_the_eval_config():
+    from omegaconf import OmegaConf
+
+    from dvos.config import load_config
+    from dvos.utils.errors import ConfigError
+
+    assert reading_options(load_config([]).eval) == {"soft_memory": True, "attention_topk": None}
+    cfg = load_config(["eval.soft_memory=false", "eval.attention_topk=1"])
+    assert reading_options(cfg.eval) == {"soft_memory": False, "attention_topk": 1}
+    with pytest.raises(ConfigError, match=r"eval\.attention_topk .* got -1"):
+        reading_options(OmegaConf.create({"attention_topk": -1}))
+    with pytest.raises(DataError, match="attention_topk"):
+        StudentSegmenter(tiny_student(), attention_topk=-2)
 
 
 def test_teacher_context_is_bounded_over_200_frames():

@@ -20,6 +20,7 @@ from dvos.inference.export import (
     load_exported,
     memory_shape,
     step_inputs,
+    verify_export,
     zero_memory,
 )
 from dvos.utils.errors import DvosError
@@ -233,3 +234,36 @@ def test_a_topk_student_exports_and_matches_pytorch(fmt, tmp_path):
         expected = FrameStep(model)(*inputs)
     for name, a, b in zip(OUTPUT_NAMES, expected, exported(*inputs)):
         assert (a.float() - b.float()).abs().max().item() < TOLERANCE, name
+
+
+def test_export_reads_memory_as_the_engine_is_told(student, tmp_path):
+    """`eval.soft_memory=false eval.attention_topk=2` exported: the file records both, and a whole video
+    through it equals the engine's with the same reading."""
+    path = export_student(
+        student,
+        "torchscript",
+        tmp_path / "hard.pt",
+        height=HEIGHT,
+        width=WIDTH,
+        soft_memory=False,
+        attention_topk=2,
+    )
+    exported = load_exported(path, "torchscript")
+    assert exported.spec["soft_memory"] is False and exported.spec["attention_topk"] == 2
+    assert student.propagation.long_term.topk == 0  # the override did not stay on the student
+    frames, mask = scene(5)
+    runs = {}
+    for name, segmenter in (
+        ("exported", ExportedSegmenter(exported)),
+        ("engine", StudentSegmenter(student, soft_memory=False, attention_topk=2)),
+    ):
+        logits = []
+        segment_sequence(segmenter, frames, mask, on_frame=lambda i, p, out=logits: out.append(p))
+        runs[name] = np.stack(logits)
+    assert np.array_equal(runs["exported"], runs["engine"])
+    assert max(verify_export(student, exported).values()) < TOLERANCE
+    default = load_exported(
+        export_student(student, "torchscript", tmp_path / "soft.pt", height=HEIGHT, width=WIDTH),
+        "torchscript",
+    )
+    assert default.spec["soft_memory"] is True and default.spec["attention_topk"] == 0

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.cli.common import setup_logging
     from dvos.config import load_config
     from dvos.inference.checkpoints import load_student
+    from dvos.inference.engine import reading_options
     from dvos.inference.export import (
         check_format,
         check_output_path,
@@ -80,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(list(args.overrides))
     student, _ = load_student(args.ckpt, cfg.model)
     path = export_student(
-        student, fmt, out, height=args.height, width=args.width, max_objects=args.max_objects
+        student,
+        fmt,
+        out,
+        height=args.height,
+        width=args.width,
+        max_objects=args.max_objects,
+        **reading_options(cfg.eval),
     )
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({fmt}, {args.height}×{args.width} frames, {size:.1f} MB)")

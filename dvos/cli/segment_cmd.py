@@ -206,7 +206,7 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
         the copy baseline or a random student).
     """
     from dvos.inference.checkpoints import find_latest_checkpoint, load_student
-    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter
+    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
     from dvos.models.teacher import build_teacher
 
     sizes = {
@@ -215,6 +215,7 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
     }
     if getattr(args, "baseline", None) == "copy":
         return CopySegmenter(), "first-frame copy baseline", None
+    reading = reading_options(cfg.get("eval", {}) if hasattr(cfg, "get") else {})
     if args.teacher:
         teacher = build_teacher(cfg.teacher)
         weights = cfg.teacher.checkpoint or "random weights"
@@ -227,9 +228,9 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
         checkpoint = find_latest_checkpoint(cfg.paths.runs_dir)
         if checkpoint is None:
             student, description = load_student(None, cfg.model, runs_dir=cfg.paths.runs_dir)
-            return StudentSegmenter(student, device=device, **sizes), description, None
+            return StudentSegmenter(student, device=device, **sizes, **reading), description, None
     student, description = load_student(checkpoint, cfg.model, runs_dir=cfg.paths.runs_dir)
-    return StudentSegmenter(student, device=device, **sizes), description, Path(checkpoint)
+    return StudentSegmenter(student, device=device, **sizes, **reading), description, Path(checkpoint)
 
 
 def format_memory(stats: Any) -> str:

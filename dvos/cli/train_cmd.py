@@ -101,7 +101,7 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
     from dvos.cli.common import build_eval_datamodule, log
     from dvos.cli.evaluate_cmd import evaluate_segmenter
     from dvos.inference.checkpoints import load_student
-    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter
+    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
 
     eval_data = build_eval_datamodule(cfg)
     eval_data.setup("validate")
@@ -123,7 +123,13 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
         ),
         (
             "student",
-            StudentSegmenter(student.eval(), device=device, max_size=max_size, min_size=min_size),
+            StudentSegmenter(
+                student.eval(),
+                device=device,
+                max_size=max_size,
+                min_size=min_size,
+                **reading_options(cfg.eval),
+            ),
             f"student ({description})",
             count_parameters(student),
         ),

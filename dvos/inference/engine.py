@@ -64,7 +64,7 @@ from dvos.data.vos import VOSSequence
 from dvos.inference.writer import MaskWriter
 from dvos.models.student import DeformableStudent, Memory, labels_to_onehot
 from dvos.models.teacher import LabelPropagationTeacher, upsample_probabilities
-from dvos.utils.errors import DataError
+from dvos.utils.errors import ConfigError, DataError
 from dvos.utils.masks import VOID_ID
 
 READ_CHUNK = 8  # frames decoded at once from a video file (bounded: never the whole video)
@@ -217,14 +217,32 @@ class _TorchSegmenter:
         return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
+def reading_options(eval_config: Any) -> dict[str, Any]:
+    """`StudentSegmenter`'s memory-reading keyword arguments from a config's `eval` section
+    (`soft_memory`, `attention_topk`; defaults where the section lacks them)."""
+    get = eval_config.get if hasattr(eval_config, "get") else (lambda key, default: default)
+    topk = get("attention_topk", None)
+    if topk is not None and int(topk) < 0:
+        raise ConfigError(f"eval.attention_topk must be ≥ 0 (0: all points) or null, got {topk}")
+    return {
+        "soft_memory": bool(get("soft_memory", True)),
+        "attention_topk": None if topk is None else int(topk),
+    }
+
+
 class StudentSegmenter(_TorchSegmenter):
     """The deformable student, with its constant-size two-frame `Memory`.
 
     Args:
-        student: a `DeformableStudent` (put in eval mode here: identity id permutation, hard memory).
+        student: a `DeformableStudent` (put in eval mode here: identity id permutation).
         device: where it runs.
         max_size: cap on the long side of frames fed to the model (None: original size).
         min_size: smaller short sides are upsampled to this for the model (None: never upsampled).
+        soft_memory: the short-term memory embeds the prediction's softmax probabilities, as in
+            training (`eval.soft_memory`); False: its argmax one-hot. The returned masks are the
+            argmax either way.
+        attention_topk: each deformable read keeps its k most similar sampled points at inference
+            (`eval.attention_topk`; 0: all; None: as the student was built, `model.attention_topk`).
     """
 
     name = "student"
@@ -236,8 +254,14 @@ class StudentSegmenter(_TorchSegmenter):
         device: str | torch.device = "cpu",
         max_size: int | None = None,
         min_size: int | None = None,
+        soft_memory: bool = True,
+        attention_topk: int | None = None,
     ) -> None:
         super().__init__(device=device, max_size=max_size, min_size=min_size)
+        if attention_topk is not None and int(attention_topk) < 0:
+            raise DataError(f"attention_topk must be >= 0 (0: all points) or None, got {attention_topk}")
+        self.soft_memory = bool(soft_memory)
+        self.attention_topk = None if attention_topk is None else int(attention_topk)
         self.student = student.to(self.device).eval()
         self.max_objects = int(student.max_objects)
         self.memory: Memory | None = None
@@ -269,9 +293,10 @@ class StudentSegmenter(_TorchSegmenter):
         if self.memory is None:
             raise RuntimeError("StudentSegmenter.step() before start()")
         num_objects = len(self.ids)
-        output = self.student.step(
-            self._image(frame), self.memory, num_objects=num_objects, soft_memory=False
-        )
+        with self.student.attention_topk(self.attention_topk):
+            output = self.student.step(
+                self._image(frame), self.memory, num_objects=num_objects, soft_memory=self.soft_memory
+            )
         self.memory = output.memory
         model_ids = self._ids_at_frame_size(output.logits[:, : num_objects + 1])
         self._previous = model_ids

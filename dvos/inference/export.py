@@ -22,8 +22,9 @@ Outputs:
     logits           1 × (K+1) × H × W  float32  per-object logits (0 = background)
     labels           1 × H × W          int64    given_labels where ≥ 0, else argmax of the logits
     key              1 × d × h × w      float32  this frame's memory entries: key, visual value and
-    value            1 × d × h × w      float32  the ID embedding of `labels`
-    id_embedding     1 × d × h × w      float32
+    value            1 × d × h × w      float32  the ID embedding of its mask: the given labels where
+    id_embedding     1 × d × h × w      float32  ≥ 0, else the softmax of the logits (`soft_memory`,
+                                                 the default, as the engine) or `labels` one-hot
 
 One graph does the whole video (what `ExportedSegmenter` does, and what a device program does):
 
@@ -36,7 +37,8 @@ One graph does the whole video (what `ExportedSegmenter` does, and what a device
   they are and the prediction elsewhere; its outputs replace both memories (the engine's rule, see
   `dvos.inference.engine`).
 
-The graph is exported in eval mode (identity ID permutation, hard one-hot memory). Frames of another
+The graph is exported in eval mode (identity ID permutation) with the engine's memory reading
+(`eval.soft_memory`, `eval.attention_topk`; both recorded in the description). Frames of another
 size must be resized to H × W by the caller. Both formats carry a JSON description (sizes, names,
 the source checkpoint) in the file: ONNX metadata property `dvos`, TorchScript extra file
 `dvos_export.json`; `load_exported` reads it back.
@@ -98,9 +100,13 @@ class FrameStep(nn.Module):
     Args:
         student: a `DeformableStudent` (its weights are shared, not copied; put in eval mode).
         max_objects: K of the exported graph, at most the student's `max_objects` (default: that).
+        soft_memory: predicted pixels enter the ID embedding as softmax probabilities (as
+            `StudentSegmenter`'s default); False: as the argmax one-hot.
     """
 
-    def __init__(self, student: DeformableStudent, *, max_objects: int | None = None) -> None:
+    def __init__(
+        self, student: DeformableStudent, *, max_objects: int | None = None, soft_memory: bool = True
+    ) -> None:
         super().__init__()
         limit = int(student.max_objects)
         max_objects = limit if max_objects is None else int(max_objects)
@@ -110,6 +116,7 @@ class FrameStep(nn.Module):
             )
         self.student = student.eval()
         self.max_objects = max_objects
+        self.soft_memory = bool(soft_memory)
 
     def forward(
         self,
@@ -134,8 +141,14 @@ class FrameStep(nn.Module):
         logits = student.decode(propagated, features, num_objects=num_objects)[:, : self.max_objects + 1]
         labels = torch.where(given_labels >= 0, given_labels, logits.argmax(dim=1))
         # One-hot by comparison (exports as Equal; every exporter and runtime has it).
-        one_hot = (labels[:, None] == identity[:, :, None, None]).to(image.dtype)
-        id_embedding = student.embed_ids(one_hot)
+        masks = (labels[:, None] == identity[:, :, None, None]).to(image.dtype)
+        if self.soft_memory:
+            # Ids above num_objects have logit −1e4: their probability is 0, as over all K + 1 ids.
+            probabilities = torch.softmax(logits.float(), dim=1).to(image.dtype)
+            padding = masks.shape[1] - probabilities.shape[1]
+            probabilities = nn.functional.pad(probabilities, (0, 0, 0, 0, 0, padding))
+            masks = torch.where(given_labels[:, None] >= 0, masks, probabilities)
+        id_embedding = student.embed_ids(masks)
         return logits, labels, key, value, id_embedding
 
 
@@ -187,8 +200,19 @@ def example_inputs(
     return step_inputs(image, memory, max(1, max_objects - 1), labels)
 
 
-def export_spec(student: DeformableStudent, *, height: int, width: int, max_objects: int) -> dict[str, Any]:
-    """The JSON description stored in an exported file."""
+def export_spec(
+    student: DeformableStudent,
+    *,
+    height: int,
+    width: int,
+    max_objects: int,
+    soft_memory: bool = True,
+    attention_topk: int | None = None,
+) -> dict[str, Any]:
+    """The JSON description stored in an exported file (`attention_topk`: the value the graph reads
+    with, the student's own when None)."""
+    if attention_topk is None:
+        attention_topk = int(student.propagation.long_term.topk)
     shape = memory_shape(student.d_model, height, width)
     return {
         "dvos_version": __version__,
@@ -198,6 +222,8 @@ def export_spec(student: DeformableStudent, *, height: int, width: int, max_obje
         "max_objects": int(max_objects),
         "d_model": int(student.d_model),
         "memory_shape": list(shape),
+        "soft_memory": bool(soft_memory),
+        "attention_topk": int(attention_topk),
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
     }
@@ -292,6 +318,8 @@ def export_student(
     height: int,
     width: int,
     max_objects: int | None = None,
+    soft_memory: bool = True,
+    attention_topk: int | None = None,
 ) -> Path:
     """Export the student's frame step (`FrameStep`) for frames of `height` × `width`.
 
@@ -301,6 +329,8 @@ def export_student(
         path: the output file, written atomically (temporary name beside it, then renamed).
         height, width: the fixed frame size H × W of the exported graph.
         max_objects: K of the graph (default: the student's `max_objects`).
+        soft_memory, attention_topk: the memory reading (`StudentSegmenter`'s arguments of those names,
+            `eval.soft_memory` / `eval.attention_topk`).
 
     Returns:
         The written file.
@@ -316,12 +346,19 @@ def export_student(
         # Traced graphs keep the device of constants they create: export a CPU copy, so the file runs
         # anywhere (and the caller's student stays where it is).
         student = copy.deepcopy(student).cpu()
-    step = FrameStep(student, max_objects=max_objects)
-    spec = export_spec(student, height=height, width=width, max_objects=step.max_objects)
+    step = FrameStep(student, max_objects=max_objects, soft_memory=soft_memory)
+    spec = export_spec(
+        student,
+        height=height,
+        width=width,
+        max_objects=step.max_objects,
+        soft_memory=soft_memory,
+        attention_topk=attention_topk,
+    )
     inputs = example_inputs(student.d_model, height, width, step.max_objects)
     exporter = _export_onnx if fmt == "onnx" else _export_torchscript
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path) as tmp, student.attention_topk(attention_topk):
             exporter(step, inputs, tmp, spec)
     except DvosError:
         raise
@@ -434,10 +471,10 @@ def max_difference(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]
 def verify_export(student: DeformableStudent, exported: ExportedStep, *, seed: int = 1) -> dict[str, float]:
     """Run the exported step and the PyTorch `FrameStep` on the same random inputs; `max_difference`."""
     spec = exported.spec
-    step = FrameStep(student, max_objects=spec["max_objects"])
+    step = FrameStep(student, max_objects=spec["max_objects"], soft_memory=spec.get("soft_memory", False))
     inputs = example_inputs(spec["d_model"], spec["height"], spec["width"], spec["max_objects"], seed=seed)
     device = next(student.parameters()).device
-    with torch.inference_mode():
+    with torch.inference_mode(), student.attention_topk(spec.get("attention_topk")):
         expected = tuple(t.cpu() for t in step(*(t.to(device) for t in inputs)))
     return max_difference(expected, exported(*inputs))
 

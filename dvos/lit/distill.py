@@ -534,7 +534,7 @@ class DistillationModule(pl.LightningModule):
         return sampler.rank + batch_idx * sampler.num_replicas >= len(sampler.dataset)
 
     def validation_step(self, sequence: Any, batch_idx: int) -> None:
-        from dvos.inference.engine import StudentSegmenter, segment_sequence
+        from dvos.inference.engine import StudentSegmenter, reading_options, segment_sequence
 
         if not sequence.has_full_gt or self.is_repeated_sequence(batch_idx):
             return
@@ -543,6 +543,7 @@ class DistillationModule(pl.LightningModule):
             device=self.device,
             max_size=self.config.eval.val_max_size,
             min_size=self.config.eval.val_min_size,
+            **reading_options(self.config.eval),
         )
         predictions: list[np.ndarray] = []
         stats = segment_sequence(segmenter, sequence, on_frame=lambda index, mask: predictions.append(mask))
@@ -639,6 +640,9 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     topk = (config.get("model") or {}).get("attention_topk", 0)
     if int(topk) < 0:
         raise ConfigError(f"model.attention_topk must be ≥ 0 (0: all points), got {topk}")
+    from dvos.inference.engine import reading_options
+
+    reading_options(config.eval)  # eval.attention_topk: a one-line error now, not at the first validation
     reference_gap = (config.get("data") or {}).get("reference_gap")
     if reference_gap is not None and int(reference_gap) < 1:
         raise ConfigError(f"data.reference_gap must be ≥ 1 (or null), got {reference_gap}")

@@ -39,8 +39,9 @@ at a fixed input size); `step`/`segment_clip` are the convenient forms with a `M
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -538,6 +539,27 @@ class DeformableStudent(nn.Module):
         objects = [torch.randperm(self.max_objects, generator=generator) + 1 for _ in range(batch_size)]
         background = torch.zeros(batch_size, 1, dtype=torch.long)
         return torch.cat((background, torch.stack(objects)), dim=1).to(device)
+
+    @contextlib.contextmanager
+    def attention_topk(self, topk: int | None) -> Iterator[None]:
+        """Within the block, both deformable reads keep each query's `topk` most similar sampled points
+        (0: all of them; None: as built, `model.attention_topk`); restored on exit, so an inference-time
+        override never reaches training (`eval.attention_topk`).
+        """
+        reads = (self.propagation.long_term, self.propagation.short_term)
+        if topk is None:
+            yield
+            return
+        if int(topk) < 0:
+            raise ValueError(f"attention_topk must be >= 0 (0: all points) or None, got {topk}")
+        saved = [read.topk for read in reads]
+        for read in reads:
+            read.topk = int(topk)
+        try:
+            yield
+        finally:
+            for read, value in zip(reads, saved):
+                read.topk = value
 
     def embed_ids(self, masks: torch.Tensor, *, id_permutation: torch.Tensor | None = None) -> torch.Tensor:
         """ID embedding of object masks.

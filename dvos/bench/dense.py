@@ -177,7 +177,13 @@ class DenseMemoryStudent(nn.Module):
         return visual, identity
 
     def step(
-        self, image: torch.Tensor, memory: DenseMemory, *, frame_index: int, num_objects: int
+        self,
+        image: torch.Tensor,
+        memory: DenseMemory,
+        *,
+        frame_index: int,
+        num_objects: int,
+        soft_memory: bool = True,
     ) -> tuple[torch.Tensor, DenseMemory]:
         """Segment frame `frame_index` (> 0); it becomes the short-term memory and, every
         `memory_every` frames, joins the bank.
@@ -187,6 +193,8 @@ class DenseMemoryStudent(nn.Module):
             memory: the dense memory.
             frame_index: the frame's index in the video (the reference frame is 0).
             num_objects: objects of the video (ids above it get the student's absent logit).
+            soft_memory: the frame's mask enters the memory as softmax probabilities (as the
+                deformable student's `StudentSegmenter` default), else as the argmax one-hot.
 
         Returns:
             (logits B × (K + 1) × H × W, the next memory).
@@ -206,7 +214,10 @@ class DenseMemoryStudent(nn.Module):
         logits = student.decode(
             propagated, features, num_objects=num_objects, id_permutation=memory.id_permutation
         )
-        masks = labels_to_onehot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+        if soft_memory:
+            masks = torch.softmax(logits.float(), dim=1).to(logits.dtype)
+        else:
+            masks = labels_to_onehot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
         identity_map = student.embed_ids(masks, id_permutation=memory.id_permutation)
         entry = (
             _heads(key, self.num_heads),
@@ -229,7 +240,7 @@ class DenseMemorySegmenter(StudentSegmenter):
     Args:
         student: the `DeformableStudent` whose weights the baseline uses.
         memory_every: long-term memory period (5: DeAOT-L / AOT).
-        device, max_size: as for `StudentSegmenter`.
+        device, max_size, soft_memory: as for `StudentSegmenter`.
     """
 
     name = "dense"
@@ -241,8 +252,9 @@ class DenseMemorySegmenter(StudentSegmenter):
         memory_every: int = MEMORY_EVERY,
         device: str | torch.device = "cpu",
         max_size: int | None = None,
+        soft_memory: bool = True,
     ) -> None:
-        super().__init__(student, device=device, max_size=max_size)
+        super().__init__(student, device=device, max_size=max_size, soft_memory=soft_memory)
         self.model = DenseMemoryStudent(self.student, memory_every=memory_every).eval()
         self.dense_memory: DenseMemory | None = None
         self.frame_index = 0  # index of the last frame segmented
@@ -265,7 +277,11 @@ class DenseMemorySegmenter(StudentSegmenter):
         self.frame_index += 1
         num_objects = len(self.ids)
         logits, self.dense_memory = self.model.step(
-            self._image(frame), self.dense_memory, frame_index=self.frame_index, num_objects=num_objects
+            self._image(frame),
+            self.dense_memory,
+            frame_index=self.frame_index,
+            num_objects=num_objects,
+            soft_memory=self.soft_memory,
         )
         model_ids = self._ids_at_frame_size(logits[:, : num_objects + 1])
         self._previous = model_ids

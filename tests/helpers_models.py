@@ -27,6 +27,11 @@ TINY_MODEL = dict(
 )
 
 
+def tiny_model_overrides(**overrides) -> list[str]:
+    """TINY_MODEL (with overrides) as command-line `model.key=value` overrides."""
+    return [f"model.{key}={value}" for key, value in {**TINY_MODEL, **overrides}.items()]
+
+
 def tiny_student(**overrides) -> DeformableStudent:
     """`build_student` of TINY_MODEL (with overrides), seeded."""
     torch.manual_seed(0)

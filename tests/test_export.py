@@ -26,8 +26,7 @@ from dvos.inference.export import (
 from dvos.utils.errors import DvosError
 
 # The real MobileNet-V2 encoder (the ops a device must run), a small propagation layer.
-TINY_MODEL = {**helpers_models.TINY_MODEL, "max_objects": 4}
-TINY_OVERRIDES = [f"model.{key}={value}" for key, value in TINY_MODEL.items()]
+TINY_OVERRIDES = helpers_models.tiny_model_overrides(max_objects=4)
 HEIGHT, WIDTH = 56, 88  # not multiples of 16: the padding is part of the graph
 TOLERANCE = 1e-4
 
@@ -150,13 +149,14 @@ def test_export_cli_writes_and_verifies(tmp_path, capsys):
     out = tmp_path / "export" / "step.pt"
     code = main(
         ["export", "--ckpt", str(checkpoint), "--format", "torchscript", "--out", str(out),
-         "--height", "32", "--width", "48", *TINY_OVERRIDES]
+         "--height", "32", "--width", "48", *TINY_OVERRIDES, "eval.attention_topk=1"]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "verified against PyTorch: largest difference" in printed
     exported = load_exported(out, "torchscript")
     assert (exported.spec["height"], exported.spec["width"]) == (32, 48)
+    assert exported.spec["attention_topk"] == 1 and exported.spec["soft_memory"] is True  # eval.* reading
     assert os.listdir(out.parent) == ["step.pt"]
 
 
@@ -203,6 +203,20 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, student,
         capsys,
     )
     assert "max_objects 9" in line
+    line = run_failing(
+        [
+            "--ckpt",
+            str(checkpoint),
+            "--format",
+            "torchscript",
+            "--out",
+            str(out),
+            *common,
+            "eval.attention_topk=-1",
+        ],
+        capsys,
+    )
+    assert "eval.attention_topk must be ≥ 0" in line and "-1" in line
     assert not out.parent.exists() or not os.listdir(out.parent)
 
     # An exporter that dies half-way through writing leaves nothing behind, not even its temporary.

@@ -165,6 +165,24 @@ def test_size_flags_take_pixels_or_none_over_the_config(capsys):
     assert "--min-size: must be at least 16 pixels (or 'none'), got 8" in capsys.readouterr().err
 
 
+def test_evaluate_and_segment_read_the_student_memory_as_eval_says(tmp_path):
+    from argparse import Namespace
+
+    from helpers_models import tiny_model_overrides, tiny_student
+
+    from dvos.cli.segment_cmd import build_segmenter
+    from dvos.config import load_config
+
+    checkpoint = tmp_path / "student.pt"
+    torch.save(tiny_student().state_dict(), checkpoint)
+    args = Namespace(ckpt=str(checkpoint), teacher=None, baseline=None, max_size=None, min_size=None)
+    segmenter, _, _ = build_segmenter(args, load_config(tiny_model_overrides()), "cpu")
+    assert (segmenter.soft_memory, segmenter.attention_topk) == (True, None)  # defaults: soft, as trained
+    cfg = load_config([*tiny_model_overrides(), "eval.soft_memory=false", "eval.attention_topk=1"])
+    segmenter, _, _ = build_segmenter(args, cfg, "cpu")
+    assert (segmenter.soft_memory, segmenter.attention_topk) == (False, 1)
+
+
 def test_segment_ckpt_and_teacher_are_exclusive(capsys):
     with pytest.raises(SystemExit) as info:
         main(

@@ -266,6 +266,7 @@ def test_unusable_distill_setting_fails_before_any_run_folder_data_or_teacher(tm
     for setting, message in (
         ("model.attention_topk=-1", "model.attention_topk must be ≥ 0 (0: all points), got -1"),
         ("data.reference_gap=0", "data.reference_gap must be ≥ 1 (or null), got 0"),
+        ("eval.attention_topk=-1", "eval.attention_topk must be ≥ 0 (0: all points) or null, got -1"),
     ):
         assert main(["train", *args, setting]) == 2
         assert last_line(capsys.readouterr().err) == f"dvos: error: {message}"

@@ -188,35 +188,12 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, student,
     assert str(blocker) in line
     line = run_failing(["--ckpt", str(checkpoint), "--format", "onnx", "--out", str(tmp_path)], capsys)
     assert "is a folder" in line
-    line = run_failing(
-        [
-            "--ckpt",
-            str(checkpoint),
-            "--format",
-            "torchscript",
-            "--out",
-            str(out),
-            "--max-objects",
-            "9",
-            *common,
-        ],
-        capsys,
-    )
-    assert "max_objects 9" in line
-    line = run_failing(
-        [
-            "--ckpt",
-            str(checkpoint),
-            "--format",
-            "torchscript",
-            "--out",
-            str(out),
-            *common,
-            "eval.attention_topk=-1",
-        ],
-        capsys,
-    )
-    assert "eval.attention_topk must be ≥ 0" in line and "-1" in line
+    torchscript = ["--ckpt", str(checkpoint), "--format", "torchscript", "--out", str(out), *common]
+    for extra, message in (
+        (["--max-objects", "9"], "max_objects 9"),
+        (["eval.attention_topk=-1"], "eval.attention_topk must be ≥ 0 (0: all points) or null, got -1"),
+    ):
+        assert message in run_failing([*torchscript, *extra], capsys)
     assert not out.parent.exists() or not os.listdir(out.parent)
 
     # An exporter that dies half-way through writing leaves nothing behind, not even its temporary.

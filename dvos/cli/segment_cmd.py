@@ -215,7 +215,7 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
     }
     if getattr(args, "baseline", None) == "copy":
         return CopySegmenter(), "first-frame copy baseline", None
-    reading = reading_options(cfg.get("eval", {}) if hasattr(cfg, "get") else {})
+    reading = reading_options(cfg.get("eval"))
     if args.teacher:
         teacher = build_teacher(cfg.teacher)
         weights = cfg.teacher.checkpoint or "random weights"

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from dvos.config import MIN_MODEL_SIZE
+from dvos.inference.engine import reading_options
 from dvos.lit.losses import DistillationLoss, objects_to_valid, teacher_probabilities
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
@@ -534,7 +535,7 @@ class DistillationModule(pl.LightningModule):
         return sampler.rank + batch_idx * sampler.num_replicas >= len(sampler.dataset)
 
     def validation_step(self, sequence: Any, batch_idx: int) -> None:
-        from dvos.inference.engine import StudentSegmenter, reading_options, segment_sequence
+        from dvos.inference.engine import StudentSegmenter, segment_sequence
 
         if not sequence.has_full_gt or self.is_repeated_sequence(batch_idx):
             return
@@ -640,8 +641,6 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     topk = (config.get("model") or {}).get("attention_topk", 0)
     if int(topk) < 0:
         raise ConfigError(f"model.attention_topk must be ≥ 0 (0: all points), got {topk}")
-    from dvos.inference.engine import reading_options
-
     reading_options(config.eval)  # eval.attention_topk: a one-line error now, not at the first validation
     reference_gap = (config.get("data") or {}).get("reference_gap")
     if reference_gap is not None and int(reference_gap) < 1:

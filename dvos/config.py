@@ -146,6 +146,8 @@ class DistillConfig:
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
     lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
     lambda_ce: float = 1.0  # optional cross-entropy to the teacher's hard pseudo-masks (paper-scale: 0)
+    ce_hard_ratio: float = 1.0  # that CE (and the reference reading's) over each sample's hardest pixels (AOT: 0.15)
+    lambda_jaccard: float = 0.0  # soft Jaccard to the same hard masks (and in the reference reading's loss)
     lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
     refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
     att_branches: str = "both"  # which student attention is distilled: long | short | both
@@ -186,6 +188,14 @@ class EvalConfig:
     # similar sampled points (0: all; null: model.attention_topk, as trained). docs/DESIGN.md.
     soft_memory: bool = True
     attention_topk: int | None = None
+    # Edge refinement of the student's output (dvos/models/refine.py): refine_iterations passes of a
+    # joint bilateral filter guided by the frame, at the frame's size, before the argmax and the
+    # short-term memory (0: off). val_refine_iterations: the same for the validation during training.
+    refine_iterations: int = 0
+    val_refine_iterations: int = II("eval.refine_iterations")
+    refine_radius: int = 6  # pixels of the frame
+    refine_sigma_space: float = 4.0  # pixels
+    refine_sigma_colour: float = 0.1  # RGB in [0, 1]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch import nn
 from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from dvos.config import Config, load_config
 from dvos.lit.distill import DistillationModule, ema_decay_at, magnify, warmup_poly
+from dvos.lit.losses import bootstrapped_ce, objects_to_valid, soft_jaccard_loss
 from dvos.utils.errors import ConfigError
 
 HEIGHT, WIDTH, FRAMES, BATCH = 48, 64, 3, 2
@@ -167,7 +168,7 @@ def test_training_step_gives_a_finite_weighted_loss_and_logs_every_part(tmp_path
     module = make_module(tmp_path)
     module.train()
     loss, parts, outputs = module.compute_loss(make_batch())
-    assert set(parts) == set(LAMBDAS)
+    assert set(parts) == set(LAMBDAS) | {"jaccard"}  # logged with weight 0 too
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
     assert parts["att"] > 0 and parts["inter"] > 0 and parts["intra"] > 0
     weighted = sum(LAMBDAS[name] * parts[name] for name in LAMBDAS)
@@ -178,7 +179,7 @@ def test_training_step_gives_a_finite_weighted_loss_and_logs_every_part(tmp_path
     trainer = make_trainer(tmp_path, max_steps=1, log_every_n_steps=1)
     trainer.fit(module, train_loader())
     logged = trainer.callback_metrics
-    for name in ("train/loss", "train/att", "train/inter", "train/intra", "train/ce", "train/objects"):
+    for name in ("train/loss", "train/att", "train/inter", "train/intra", "train/ce", "train/jaccard", "train/objects"):
         assert name in logged and math.isfinite(float(logged[name])), name
 
 
@@ -197,6 +198,24 @@ def test_reference_reconstruction_loss_reads_frame_0_back(tmp_path):
     # off by default: no extra step, no part
     _, parts, outputs = make_module(tmp_path).compute_loss(make_batch())
     assert "ref" not in parts and outputs.reference_logits is None
+
+
+def test_hard_pixel_ce_and_jaccard_reach_both_segmentation_losses(tmp_path):
+    module = make_module(
+        tmp_path, "distill.lambda_ref=0.5", "distill.ce_hard_ratio=0.25", "distill.lambda_jaccard=2"
+    )
+    module.train()
+    loss, parts, outputs = module.compute_loss(make_batch())
+    valid = objects_to_valid(outputs.num_objects, outputs.reference_logits.shape[1], 2)
+    masked = outputs.reference_logits.detach().masked_fill(~valid[:, :, None, None], -1e4)
+    expected = bootstrapped_ce(masked, outputs.reference_ids, hard_ratio=0.25) + 2 * soft_jaccard_loss(
+        masked, outputs.reference_ids, valid
+    )
+    assert parts["ref"].item() == pytest.approx(expected.item(), rel=1e-5)
+    weighted = sum(LAMBDAS[name] * parts[name] for name in LAMBDAS) + 2 * parts["jaccard"] + 0.5 * parts["ref"]
+    assert loss.item() == pytest.approx(weighted.item(), rel=1e-5)
+    # the same settings for the loss to the teacher's masks (its value: tests/test_losses.py)
+    assert module.criterion.ce_hard_ratio == 0.25 and module.criterion.weights["jaccard"] == 2.0
 
 
 def test_edge_refinement_gives_the_ce_image_sized_targets_of_known_objects(tmp_path):
@@ -319,6 +338,11 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("eval.max_size=0", "eval.max_size"),
         ("eval.val_min_size=15", "eval.val_min_size"),
         ("distill.teacher_scale=0", "distill.teacher_scale"),
+        ("distill.ce_hard_ratio=0", "distill.ce_hard_ratio"),
+        ("distill.ce_hard_ratio=1.5", "distill.ce_hard_ratio"),
+        ("distill.lambda_jaccard=-1", "distill.lambda_jaccard"),
+        ("eval.val_refine_iterations=-1", "eval.val_refine_iterations"),
+        ("eval.refine_sigma_colour=0", "eval.refine_sigma_colour"),
     ],
 )
 def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):
@@ -333,18 +357,27 @@ def test_validation_segments_at_the_validation_sizes(tmp_path, monkeypatch):
         pass
 
     def recorder(*args, **kwargs):
-        raise Seen(kwargs["min_size"], kwargs["max_size"])
+        refine = kwargs["refine"]
+        raise Seen(kwargs["min_size"], kwargs["max_size"], None if refine is None else refine.iterations)
 
     monkeypatch.setattr(engine, "StudentSegmenter", recorder)
     sequence = SimpleNamespace(has_full_gt=True)
-    module = make_module(tmp_path, "eval.min_size=600", "eval.val_min_size=64", "eval.val_max_size=128")
+    module = make_module(
+        tmp_path,
+        "eval.min_size=600",
+        "eval.val_min_size=64",
+        "eval.val_max_size=128",
+        "eval.refine_iterations=6",
+        "eval.val_refine_iterations=2",
+    )
     with pytest.raises(Seen) as info:
         module.validation_step(sequence, 0)
-    assert info.value.args == (64, 128)
-    # the schema's default: the evaluation's own sizes (the root config and smoke set their own)
+    assert info.value.args == (64, 128, 2)
+    # the schema's default: the evaluation's own sizes and refinement (the root config and smoke set their own)
     schema = OmegaConf.structured(Config)
-    schema.eval.min_size, schema.eval.max_size = 200, 300
+    schema.eval.min_size, schema.eval.max_size, schema.eval.refine_iterations = 200, 300, 4
     assert (schema.eval.val_min_size, schema.eval.val_max_size) == (200, 300)
+    assert schema.eval.val_refine_iterations == 4
 
 
 # ---------------------------------------------------------------------------------------- optimisation

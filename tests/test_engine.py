@@ -33,6 +33,7 @@ from dvos.inference.engine import (
 from dvos.inference.overlay import write_overlay_video
 from dvos.inference.writer import MaskWriter
 from dvos.models.backbones.resnet import ResNetEncoder
+from dvos.models.refine import EdgeRefinement, bilateral_refine
 from dvos.models.teacher import LabelPropagationTeacher
 from dvos.utils.errors import DataError, DvosError
 from dvos.utils.masks import default_palette, read_mask, write_mask
@@ -158,13 +159,81 @@ def test_reading_options_come_from_the_eval_config():
     from dvos.config import load_config
     from dvos.utils.errors import ConfigError
 
-    assert reading_options(load_config([]).eval) == {"soft_memory": True, "attention_topk": None}
-    cfg = load_config(["eval.soft_memory=false", "eval.attention_topk=1"])
-    assert reading_options(cfg.eval) == {"soft_memory": False, "attention_topk": 1}
+    plain = reading_options(load_config(["eval.refine_iterations=0", "eval.val_refine_iterations=0"]).eval)
+    assert plain == {"soft_memory": True, "attention_topk": None, "refine": None}
+    cfg = load_config(
+        [
+            "eval.soft_memory=false",
+            "eval.attention_topk=1",
+            "eval.refine_iterations=3",
+            "eval.val_refine_iterations=0",
+            "eval.refine_radius=2",
+        ]
+    )
+    assert reading_options(cfg.eval) == {
+        "soft_memory": False,
+        "attention_topk": 1,
+        "refine": EdgeRefinement(iterations=3, radius=2, sigma_space=4.0, sigma_colour=0.1),
+    }
+    assert reading_options(cfg.eval, validation=True)["refine"] is None
+    # a section without the validation key refines validation like the rest
+    assert reading_options(OmegaConf.create({"refine_iterations": 2}), validation=True)["refine"].iterations == 2
     with pytest.raises(ConfigError, match=r"eval\.attention_topk .* got -1"):
         reading_options(OmegaConf.create({"attention_topk": -1}))
     with pytest.raises(DataError, match="attention_topk"):
         StudentSegmenter(tiny_student(), attention_topk=-2)
+
+
+@pytest.mark.parametrize(
+    "key, value, validation",
+    [
+        ("refine_iterations", -1, False),
+        ("val_refine_iterations", -2, True),
+        ("refine_radius", 0, False),
+        ("refine_sigma_space", 0.0, False),
+        ("refine_sigma_colour", -0.1, False),
+    ],
+)
+def test_bad_refinement_settings_are_one_line_config_errors(key, value, validation):
+    from omegaconf import OmegaConf
+
+    from dvos.utils.errors import ConfigError
+
+    section = OmegaConf.create({"refine_iterations": 1, key: value})
+    with pytest.raises(ConfigError, match=rf"eval\.{key} must be .* got {value}"):
+        reading_options(section, validation=validation)
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_student_output_is_edge_refined_and_remembered_refined(soft):
+    frames, masks = moving_scene(2)
+    student = tiny_student().eval()
+    refine = EdgeRefinement(iterations=2, radius=2, sigma_space=2.0, sigma_colour=0.2)
+    # magnified 1.5× for the model: the refinement runs at the frame's size, the memory at the model's
+    segmenter = StudentSegmenter(student, min_size=96, refine=refine, soft_memory=soft)
+    segmenter.start(frames[0], masks[0], [1, 2, 3])
+    memory = segmenter.memory
+    prediction = segmenter.step(frames[1])
+    with torch.inference_mode():  # the same step by hand
+        image = segmenter._image(frames[1])
+        logits = student.step(image, memory, num_objects=3, update_memory=False).logits
+        probabilities = F.interpolate(torch.softmax(logits[:, :4], 1), size=(64, 96), mode="bilinear")
+        guide = torch.from_numpy(frames[1]).permute(2, 0, 1)[None].float() / 255
+        refined = bilateral_refine(probabilities, guide, radius=2, sigma_space=2.0, sigma_colour=0.2, iterations=2)
+        remembered = F.interpolate(refined, size=image.shape[-2:], mode="bilinear")
+        if not soft:
+            remembered = F.one_hot(remembered.argmax(1), 4).permute(0, 3, 1, 2).float()
+        remembered = torch.cat([remembered, torch.zeros(1, student.max_objects - 3, *image.shape[-2:])], 1)
+        expected_memory = student.embed_ids(remembered)
+    np.testing.assert_array_equal(prediction, refined.argmax(1)[0].numpy())
+    assert (prediction != probabilities.argmax(1)[0].numpy()).any()  # the filter moved some pixels
+    torch.testing.assert_close(segmenter.memory.previous_id, expected_memory)
+    # off: the plain step
+    plain = StudentSegmenter(student, min_size=96, refine=EdgeRefinement(iterations=0), soft_memory=soft)
+    plain.start(frames[0], masks[0], [1, 2, 3])
+    unrefined = StudentSegmenter(student, min_size=96, soft_memory=soft)
+    unrefined.start(frames[0], masks[0], [1, 2, 3])
+    np.testing.assert_array_equal(plain.step(frames[1]), unrefined.step(frames[1]))
 
 
 def test_teacher_context_is_bounded_over_200_frames():

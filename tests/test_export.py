@@ -149,11 +149,14 @@ def test_export_cli_writes_and_verifies(tmp_path, capsys):
     out = tmp_path / "export" / "step.pt"
     code = main(
         ["export", "--ckpt", str(checkpoint), "--format", "torchscript", "--out", str(out),
-         "--height", "32", "--width", "48", *TINY_OVERRIDES, "eval.attention_topk=1"]
+         "--height", "32", "--width", "48", *TINY_OVERRIDES, "eval.attention_topk=1",
+         "eval.refine_iterations=2"]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "verified against PyTorch: largest difference" in printed
+    # the edge refinement runs in the Python engine only: said, and the graph is the network's step
+    assert "no edge refinement (eval.refine_iterations=2" in printed
     exported = load_exported(out, "torchscript")
     assert (exported.spec["height"], exported.spec["width"]) == (32, 48)
     assert exported.spec["attention_topk"] == 1 and exported.spec["soft_memory"] is True  # eval.* reading
@@ -192,6 +195,7 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, student,
     for extra, message in (
         (["--max-objects", "9"], "max_objects 9"),
         (["eval.attention_topk=-1"], "eval.attention_topk must be ≥ 0 (0: all points) or null, got -1"),
+        (["eval.refine_iterations=1", "eval.refine_radius=0"], "eval.refine_radius must be ≥ 1, got 0"),
     ):
         assert message in run_failing([*torchscript, *extra], capsys)
     assert not out.parent.exists() or not os.listdir(out.parent)

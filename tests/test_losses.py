@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dvos.lit.losses import (
     DistillationLoss,
+    bootstrapped_ce,
     cka_form,
     cka_loss,
     crw_loss,
@@ -23,6 +24,7 @@ from dvos.lit.losses import (
     pearson,
     pseudo_label_ce,
     resample_grid,
+    soft_jaccard_loss,
     teacher_probabilities,
     valid_channels,
 )
@@ -254,8 +256,10 @@ def test_masked_channels_do_not_change_the_relation_losses():
         assert loss(garbage_s, garbage_t, tau=1.5, valid=valid).item() == pytest.approx(
             clean.item(), abs=1e-5
         )
-    clean_ce = pseudo_label_ce(z_s, z_t)
-    assert pseudo_label_ce(garbage_s, garbage_t, valid).item() == pytest.approx(clean_ce.item(), abs=1e-5)
+    clean_ce, clean_jaccard = pseudo_label_ce(z_s, z_t)
+    garbage_ce, garbage_jaccard = pseudo_label_ce(garbage_s, garbage_t, valid)
+    assert garbage_ce.item() == pytest.approx(clean_ce.item(), abs=1e-5)
+    assert garbage_jaccard.item() == pytest.approx(clean_jaccard.item(), abs=1e-5)
     # the student's ABSENT logits are found without a mask
     absent_s = torch.cat([z_s, torch.full((2, 2, 12, 16), -1e4)], 1)
     assert valid_channels(absent_s, garbage_t).tolist() == valid.tolist()
@@ -280,7 +284,7 @@ def test_relation_losses_gradients_finite_with_constant_and_single_channels():
     z_t_const[:, :2] = z_t_const[:, :2] * 0 + torch.tensor([1.0, -1.0]).view(1, 2, 1, 1)  # constant maps
     valid = torch.tensor([[True, False, False, False], [True, True, True, True]])  # sample 0: background only
     total = inter_object_loss(z_s, z_t_const, valid=valid) + intra_object_loss(z_s, z_t_const, valid=valid)
-    total = total + pseudo_label_ce(z_s, z_t_const, valid)
+    total = total + sum(pseudo_label_ce(z_s, z_t_const, valid, jaccard_weight=1.0))
     total.backward()
     assert torch.isfinite(total) and torch.isfinite(z_s.grad).all()
     # no sample with two valid channels: the inter loss is a graph-connected 0
@@ -298,7 +302,8 @@ def test_relation_losses_with_teacher_at_stride_8_and_student_at_stride_4():
     assert inter_object_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-5)
     assert intra_object_loss(student, teacher).item() == pytest.approx(0.0, abs=1e-5)
     assert (
-        pseudo_label_ce(student, teacher).item() < F.cross_entropy(student, student.argmax(1)).item() + 1e-5
+        pseudo_label_ce(student, teacher)[0].item()
+        < F.cross_entropy(student, student.argmax(1)).item() + 1e-5
     )
 
 
@@ -309,11 +314,53 @@ def test_pseudo_label_ce_by_hand():
     teacher = torch.randn(1, 4, 4, 4)
     teacher[:, 3] = 1e4  # masked: must never be the target
     valid = torch.tensor([[True, True, True, False]])
-    assert pseudo_label_ce(student, teacher, valid).item() == pytest.approx(math.log(3), abs=1e-5)
+    assert pseudo_label_ce(student, teacher, valid)[0].item() == pytest.approx(math.log(3), abs=1e-5)
     # the student certain of the teacher's argmax: CE ≈ 0
     target = teacher[:, :3].argmax(1)
     confident = F.one_hot(target, 4).permute(0, 3, 1, 2).float() * 30
-    assert pseudo_label_ce(confident, teacher, valid).item() < 1e-6
+    ce, jaccard = pseudo_label_ce(confident, teacher, valid)
+    assert ce.item() < 1e-6 and jaccard.item() < 1e-6
+
+
+def test_bootstrapped_ce_averages_each_samples_hardest_pixels():
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(2, 3, 4, 5, generator=g)
+    target = torch.randint(0, 3, (2, 4, 5), generator=g)
+    per_pixel = F.cross_entropy(logits, target, reduction="none").flatten(1)  # 2 × 20
+    assert bootstrapped_ce(logits, target).item() == pytest.approx(per_pixel.mean().item(), rel=1e-6)
+    # 25 % of 20 pixels: the 5 largest losses of each sample
+    hardest = per_pixel.sort(dim=1, descending=True).values[:, :5]
+    assert bootstrapped_ce(logits, target, hard_ratio=0.25).item() == pytest.approx(
+        hardest.mean().item(), rel=1e-6
+    )
+    # a sample that does not count leaves the mean
+    usable = torch.tensor([False, True])
+    assert bootstrapped_ce(logits, target, hard_ratio=0.25, usable=usable).item() == pytest.approx(
+        hardest[1].mean().item(), rel=1e-6
+    )
+    for ratio in (0.0, 1.5):
+        with pytest.raises(ValueError, match="hard_ratio"):
+            bootstrapped_ce(logits, target, hard_ratio=ratio)
+
+
+def test_soft_jaccard_by_hand():
+    # 2 ids on 4 pixels, target [0, 0, 1, 1]; the student gives every pixel p(1) = 0.25
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[:, 1] = math.log(0.25 / 0.75)
+    # id 0: ∩ = 2·0.75 = 1.5, ∪ = 4·0.75 + 2 − 1.5 = 3.5; id 1: ∩ = 0.5, ∪ = 1 + 2 − 0.5 = 2.5
+    expected = 0.5 * ((1 - 2.5 / 4.5) + (1 - 1.5 / 3.5))
+    assert soft_jaccard_loss(logits, target).item() == pytest.approx(expected, rel=1e-5)
+    # a confident, right student: 0; an id that is nowhere (target or prediction) adds 0 to its term
+    confident = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 40
+    assert soft_jaccard_loss(confident, target).item() == pytest.approx(0.0, abs=1e-6)
+    # masked ids leave the average; gradients are finite
+    logits.requires_grad_(True)
+    wide = torch.cat([logits, torch.full((1, 1, 1, 4), -1e4)], 1)
+    loss = soft_jaccard_loss(wide, target, torch.tensor([[True, True, False]]))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +384,7 @@ def test_distillation_loss_combines_the_weighted_parts():
         student_query_shape=(4, 6),
         teacher_query_shape=(8, 12),
     )
-    assert set(parts) == {"att", "inter", "intra", "ce"}
+    assert set(parts) == {"att", "inter", "intra", "ce", "jaccard"}
     assert all(not value.requires_grad and torch.isfinite(value) for value in parts.values())
     expected = 0.5 * parts["att"] + 2.0 * parts["inter"] + 0.25 * parts["intra"]
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -354,6 +401,21 @@ def test_distillation_loss_combines_the_weighted_parts():
     total, parts = ce_only(student_logits.detach().requires_grad_(True), teacher_logits)
     assert total.item() == pytest.approx(parts["ce"].item()) and total.requires_grad
     assert parts["att"].item() == 0.0
+    # the Jaccard alone, with the CE over the hardest half of the pixels logged beside it
+    jaccard_only = DistillationLoss(
+        lambda_att=0, lambda_inter=0, lambda_intra=0, lambda_ce=0, lambda_jaccard=2.0, ce_hard_ratio=0.5
+    )
+    logits = student_logits.detach().requires_grad_(True)
+    total, parts = jaccard_only(logits, teacher_logits, num_objects=torch.tensor([2, 3]))
+    target = teacher_probabilities(teacher_logits, (64, 96), valid).argmax(1)
+    masked = logits.detach().masked_fill(~valid[:, :, None, None], -1e4)
+    assert parts["jaccard"].item() == pytest.approx(soft_jaccard_loss(masked, target, valid).item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(bootstrapped_ce(masked, target, hard_ratio=0.5).item(), rel=1e-5)
+    assert total.item() == pytest.approx(2.0 * parts["jaccard"].item(), rel=1e-6)
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="ce_hard_ratio"):
+        DistillationLoss(ce_hard_ratio=0.0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_path(args.out)
     cfg = load_config(list(args.overrides))
     student, _ = load_student(args.ckpt, cfg.model)
+    reading = reading_options(cfg.eval)
+    refine = reading.pop("refine")
+    if refine is not None:
+        print(
+            f"note: the exported graph has no edge refinement (eval.refine_iterations={refine.iterations} "
+            "runs in the Python engine only): it matches `dvos evaluate ... eval.refine_iterations=0`"
+        )
     path = export_student(
         student,
         fmt,
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         max_objects=args.max_objects,
-        **reading_options(cfg.eval),
+        **reading,
     )
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({fmt}, {args.height}×{args.width} frames, {size:.1f} MB)")

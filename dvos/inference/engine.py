@@ -62,6 +62,7 @@ from dvos.config import MIN_MODEL_SIZE
 from dvos.data.readers import FrameReader
 from dvos.data.vos import VOSSequence
 from dvos.inference.writer import MaskWriter
+from dvos.models.refine import EdgeRefinement
 from dvos.models.student import DeformableStudent, Memory, labels_to_onehot
 from dvos.models.teacher import LabelPropagationTeacher, upsample_probabilities
 from dvos.utils.errors import ConfigError, DataError
@@ -217,16 +218,39 @@ class _TorchSegmenter:
         return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
-def reading_options(eval_config: Any) -> dict[str, Any]:
-    """`StudentSegmenter`'s memory-reading keyword arguments from a config's `eval` section
-    (`soft_memory`, `attention_topk`; defaults where the section lacks them)."""
+def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, Any]:
+    """`StudentSegmenter`'s keyword arguments for reading its memory and refining its output, from a
+    config's `eval` section (`soft_memory`, `attention_topk`, `refine_*`; defaults where the section
+    lacks them). `validation`: the refinement passes are `eval.val_refine_iterations` (the
+    validation during training) instead of `eval.refine_iterations`."""
     get = eval_config.get if hasattr(eval_config, "get") else (lambda key, default: default)
     topk = get("attention_topk", None)
     if topk is not None and int(topk) < 0:
         raise ConfigError(f"eval.attention_topk must be ≥ 0 (0: all points) or null, got {topk}")
+    defaults = EdgeRefinement()
+    iterations_key = "val_refine_iterations" if validation else "refine_iterations"
+    settings = {
+        iterations_key: get(iterations_key, get("refine_iterations", defaults.iterations)),
+        "refine_radius": get("refine_radius", defaults.radius),
+        "refine_sigma_space": get("refine_sigma_space", defaults.sigma_space),
+        "refine_sigma_colour": get("refine_sigma_colour", defaults.sigma_colour),
+    }
+    least = {iterations_key: 0, "refine_radius": 1}
+    for key, value in settings.items():
+        if key in least and int(value) < least[key]:
+            raise ConfigError(f"eval.{key} must be ≥ {least[key]}, got {value}")
+        if key not in least and not float(value) > 0:
+            raise ConfigError(f"eval.{key} must be > 0, got {value}")
+    refine = EdgeRefinement(
+        iterations=int(settings[iterations_key]),
+        radius=int(settings["refine_radius"]),
+        sigma_space=float(settings["refine_sigma_space"]),
+        sigma_colour=float(settings["refine_sigma_colour"]),
+    )
     return {
         "soft_memory": bool(get("soft_memory", True)),
         "attention_topk": None if topk is None else int(topk),
+        "refine": refine if refine.enabled else None,
     }
 
 
@@ -243,6 +267,10 @@ class StudentSegmenter(_TorchSegmenter):
             argmax either way.
         attention_topk: each deformable read keeps its k most similar sampled points at inference
             (`eval.attention_topk`; 0: all; None: as the student was built, `model.attention_topk`).
+        refine: edge refinement of each predicted frame (`eval.refine_*`; None: off): the softmax,
+            at the frame's size, is filtered by `EdgeRefinement` guided by the frame; the returned
+            mask is its argmax and the short-term memory embeds it (resized to the model's input;
+            its argmax one-hot with `soft_memory=False`).
     """
 
     name = "student"
@@ -256,12 +284,14 @@ class StudentSegmenter(_TorchSegmenter):
         min_size: int | None = None,
         soft_memory: bool = True,
         attention_topk: int | None = None,
+        refine: EdgeRefinement | None = None,
     ) -> None:
         super().__init__(device=device, max_size=max_size, min_size=min_size)
         if attention_topk is not None and int(attention_topk) < 0:
             raise DataError(f"attention_topk must be >= 0 (0: all points) or None, got {attention_topk}")
         self.soft_memory = bool(soft_memory)
         self.attention_topk = None if attention_topk is None else int(attention_topk)
+        self.refine = refine if refine is not None and refine.enabled else None
         self.student = student.to(self.device).eval()
         self.max_objects = int(student.max_objects)
         self.memory: Memory | None = None
@@ -293,14 +323,41 @@ class StudentSegmenter(_TorchSegmenter):
         if self.memory is None:
             raise RuntimeError("StudentSegmenter.step() before start()")
         num_objects = len(self.ids)
-        with self.student.attention_topk(self.attention_topk):
-            output = self.student.step(
-                self._image(frame), self.memory, num_objects=num_objects, soft_memory=self.soft_memory
-            )
-        self.memory = output.memory
-        model_ids = self._ids_at_frame_size(output.logits[:, : num_objects + 1])
+        if self.refine is not None:
+            model_ids = self._refined_step(frame, num_objects)
+        else:
+            with self.student.attention_topk(self.attention_topk):
+                output = self.student.step(
+                    self._image(frame), self.memory, num_objects=num_objects, soft_memory=self.soft_memory
+                )
+            self.memory = output.memory
+            model_ids = self._ids_at_frame_size(output.logits[:, : num_objects + 1])
         self._previous = model_ids
         return self.ids.to_sequence(model_ids)
+
+    def _refined_step(self, frame: np.ndarray, num_objects: int) -> np.ndarray:
+        """`step` with the edge refinement: predict, refine at the frame's size, remember the refined
+        mask; returns H × W model ids."""
+        image = self._image(frame)
+        features = self.student.encode_frame(image)
+        with self.student.attention_topk(self.attention_topk):
+            output = self.student.step(
+                image, self.memory, num_objects=num_objects, update_memory=False, features=features
+            )
+        probabilities = torch.softmax(output.logits[:, : num_objects + 1].float(), dim=1)
+        if tuple(probabilities.shape[-2:]) != self.frame_size:
+            probabilities = F.interpolate(probabilities, size=self.frame_size, mode="bilinear", align_corners=False)
+        guide = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1)[None]
+        probabilities = self.refine(probabilities, guide.float().div_(255.0))
+        model_ids = probabilities.argmax(1)[0].to(torch.uint8).cpu().numpy()
+        if tuple(probabilities.shape[-2:]) != self.input_size:
+            probabilities = F.interpolate(probabilities, size=self.input_size, mode="bilinear", align_corners=False)
+        if not self.soft_memory:
+            probabilities = labels_to_onehot(probabilities.argmax(1), num_objects + 1).float()
+        absent = self.max_objects - num_objects  # ids above the video's count: probability 0
+        masks = F.pad(probabilities, (0, 0, 0, 0, 0, absent)).to(output.logits.dtype)
+        self.memory = self.student.update_memory(self.memory, features, masks)
+        return model_ids
 
     def _merge_new_objects(self, mask_ids: np.ndarray, new_ids: Sequence[int]) -> np.ndarray:
         """Register `new_ids` and paint their given masks over the previous prediction (model ids)."""

@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dvos.config import MIN_MODEL_SIZE
 from dvos.inference.engine import reading_options
-from dvos.lit.losses import DistillationLoss, objects_to_valid, teacher_probabilities
+from dvos.lit.losses import DistillationLoss, objects_to_valid, segmentation_loss, teacher_probabilities
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
 from dvos.models.deformable import DeformableAttentionAux
@@ -116,15 +116,31 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(float(decay), (1 + step) / (10 + step))
 
 
-def reference_reconstruction_loss(logits: torch.Tensor, reference_ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the student's reading of frame 0 (its memory's own frame) to the reference
-    objects it was given, at image resolution: B × C × H × W logits, B × H × W ids → float32 scalar.
+def reference_reconstruction_loss(
+    logits: torch.Tensor,
+    reference_ids: torch.Tensor,
+    *,
+    num_objects: torch.Tensor | int | None = None,
+    hard_ratio: float = 1.0,
+    jaccard_weight: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy (over each sample's `hard_ratio` hardest pixels) + `jaccard_weight` × soft
+    Jaccard of the student's reading of frame 0 (its memory's own frame) to the reference objects
+    it was given, at image resolution: B × C × H × W logits, B × H × W ids → float32 scalar
+    (`segmentation_loss`, the same form as the loss to the teacher's masks); with `num_objects`,
+    ids above each sample's count are left out (of the softmax and of the Jaccard's average).
 
     Label-free (the reference objects are the pseudo-objects, or frame 0's annotation): it asks the
     ID embedding and the decoder to give a mask back as sharp as it went in, which the teacher's
     stride-8 targets of later frames cannot (docs/DESIGN.md, "The default make train").
     """
-    return F.cross_entropy(logits.float(), reference_ids.long())
+    valid = None
+    if num_objects is not None:
+        valid = objects_to_valid(num_objects, logits.shape[1], logits.shape[0], device=logits.device)
+    ce, jaccard = segmentation_loss(
+        logits, reference_ids, valid, hard_ratio=hard_ratio, jaccard_weight=jaccard_weight
+    )
+    return ce + jaccard_weight * jaccard if jaccard_weight != 0.0 else ce
 
 
 def magnify(images: torch.Tensor, scale: int, *, nearest: bool = False) -> torch.Tensor:
@@ -187,6 +203,8 @@ class DistillationModule(pl.LightningModule):
             lambda_inter=d.lambda_inter,
             lambda_intra=d.lambda_intra,
             lambda_ce=d.lambda_ce,
+            lambda_jaccard=d.lambda_jaccard,
+            ce_hard_ratio=d.ce_hard_ratio,
             tau=d.tau,
         )
         self.val_metric = JFMetric(year=int(self.config.data.year))
@@ -408,7 +426,13 @@ class DistillationModule(pl.LightningModule):
         parts = {name: value / count for name, value in parts_sum.items()}
         if outputs.reference_logits is not None:
             weight = float(self.config.distill.lambda_ref)
-            reference = reference_reconstruction_loss(outputs.reference_logits, outputs.reference_ids)
+            reference = reference_reconstruction_loss(
+                outputs.reference_logits,
+                outputs.reference_ids,
+                num_objects=outputs.num_objects,
+                hard_ratio=float(self.config.distill.ce_hard_ratio),
+                jaccard_weight=float(self.config.distill.lambda_jaccard),
+            )
             total = total + weight * reference
             parts["ref"] = reference.detach()
         return total, parts
@@ -544,7 +568,7 @@ class DistillationModule(pl.LightningModule):
             device=self.device,
             max_size=self.config.eval.val_max_size,
             min_size=self.config.eval.val_min_size,
-            **reading_options(self.config.eval),
+            **reading_options(self.config.eval, validation=True),
         )
         predictions: list[np.ndarray] = []
         stats = segment_sequence(segmenter, sequence, on_frame=lambda index, mask: predictions.append(mask))
@@ -631,7 +655,9 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         raise ConfigError(
             f"distill.num_segments must be in [2, model.max_objects + 1 = {max_labels}], got {d.num_segments}"
         )
-    for key in ("lambda_ref", "colour_weight", "feature_weight", "position_weight", "refine_iterations"):
+    if not 0.0 < float(d.ce_hard_ratio) <= 1.0:
+        raise ConfigError(f"distill.ce_hard_ratio must be in (0, 1], got {d.ce_hard_ratio}")
+    for key in ("lambda_ref", "lambda_jaccard", "colour_weight", "feature_weight", "position_weight", "refine_iterations"):
         if float(d[key]) < 0:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")
     for key in ("max_size", "min_size", "val_max_size", "val_min_size"):  # else refused only when first used
@@ -641,7 +667,9 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     topk = (config.get("model") or {}).get("attention_topk", 0)
     if int(topk) < 0:
         raise ConfigError(f"model.attention_topk must be ≥ 0 (0: all points), got {topk}")
-    reading_options(config.eval)  # eval.attention_topk: a one-line error now, not at the first validation
+    # eval.attention_topk and eval.refine_*: one-line errors now, not at the first validation
+    reading_options(config.eval)
+    reading_options(config.eval, validation=True)
     reference_gap = (config.get("data") or {}).get("reference_gap")
     if reference_gap is not None and int(reference_gap) < 1:
         raise ConfigError(f"data.reference_gap must be ≥ 1 (or null), got {reference_gap}")

@@ -467,6 +467,81 @@ def intra_object_loss(
     return tau**2 * _masked_mean(1.0 - correlation, used)
 
 
+def bootstrapped_ce(
+    logits: torch.Tensor, target: torch.Tensor, *, hard_ratio: float = 1.0, usable: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy averaged over each sample's hardest pixels (AOT's bootstrapped CE).
+
+    Args:
+        logits: B × C × H × W (masked ids already at a very negative logit).
+        target: B × H × W ids.
+        hard_ratio: share of each sample's pixels kept, those with the largest loss (1: plain CE).
+        usable: B bool, samples that count (None: all).
+
+    Returns:
+        float32 scalar: the mean over the kept pixels of the usable samples.
+    """
+    if not 0.0 < hard_ratio <= 1.0:
+        raise ValueError(f"hard_ratio must be in (0, 1], got {hard_ratio}")
+    loss = F.cross_entropy(logits.float(), target.long(), reduction="none").flatten(1)  # B × HW
+    if hard_ratio < 1.0:
+        keep = max(1, math.ceil(hard_ratio * loss.shape[1]))
+        loss = loss.topk(keep, dim=1, sorted=False).values
+    if usable is None:
+        usable = torch.ones(loss.shape[0], dtype=torch.bool, device=loss.device)
+    return _masked_mean(loss, usable[:, None].expand_as(loss))
+
+
+def soft_jaccard_loss(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """1 − soft IoU between the softmax and the one-hot target, per id, averaged over the valid ids
+    of each sample (background included), as AOT's segmentation loss; an id absent from both the
+    target and the prediction scores IoU 1 (smoothing 1 in the numerator and the denominator).
+
+    Args:
+        logits: B × C × H × W.
+        target: B × H × W ids in [0, C).
+        valid: B × C bool ids that count (None: all).
+
+    Returns:
+        float32 scalar.
+    """
+    probabilities = torch.softmax(logits.float(), dim=1)
+    one_hot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(probabilities.dtype)
+    intersection = (probabilities * one_hot).sum((2, 3))
+    union = (probabilities + one_hot).sum((2, 3)) - intersection
+    loss = 1.0 - (intersection + 1.0) / (union + 1.0)  # B × C
+    if valid is None:
+        valid = torch.ones_like(loss, dtype=torch.bool)
+    return _masked_mean(loss, valid.to(loss.device))
+
+
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    *,
+    hard_ratio: float = 1.0,
+    jaccard_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bootstrapped CE, soft Jaccard) of B × C × H × W logits to B × H × W ids: masked ids
+    (`valid` False, B × C) leave the softmax and can never be a target; samples without a valid id
+    do not count. The Jaccard term is computed (for logging) even when its weight is 0, without a
+    graph then."""
+    with _no_autocast(logits):
+        if valid is None:
+            valid = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        valid = valid.to(device=logits.device, dtype=torch.bool)
+        usable = valid.any(1)
+        masked = logits.float().masked_fill(~valid[:, :, None, None], MASKED_LOGIT)
+        target = target.to(logits.device).long()
+        ce = bootstrapped_ce(masked, target, hard_ratio=hard_ratio, usable=usable)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and jaccard_weight != 0.0):
+            jaccard = soft_jaccard_loss(masked, target, valid & usable[:, None])
+    return ce, jaccard
+
+
 def pseudo_label_ce(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -474,8 +549,11 @@ def pseudo_label_ce(
     *,
     ratio: float | None = None,
     target: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy of the student to the teacher's hard pseudo-mask (argmax over valid ids).
+    hard_ratio: float = 1.0,
+    jaccard_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Cross-entropy, soft Jaccard) of the student to the teacher's hard pseudo-mask (argmax over
+    valid ids), see `segmentation_loss`.
 
     The teacher's probabilities (τ = 1) are resampled to the student's size before the argmax, as
     the teacher's own image-size prediction does; masked ids are excluded from the student's
@@ -486,38 +564,40 @@ def pseudo_label_ce(
         teacher_logits: B × C × h × w.
         valid: B × C bool (None: channels not ABSENT in either map).
         target: B × H × W ids to use instead of that argmax (e.g. edge-refined, `bilateral_refine`).
+        hard_ratio: the CE averages each sample's hardest pixels only (`bootstrapped_ce`; 1: all).
+        jaccard_weight: 0 computes the Jaccard term without a graph (logging only).
 
     Returns:
-        float32 scalar, the mean over the pixels of samples with a valid channel.
+        (ce, jaccard) float32 scalars, over the samples with a valid channel.
     """
     with _no_autocast(student_logits):
         if valid is None:
             valid = valid_channels(student_logits, teacher_logits)
         valid = valid.to(device=student_logits.device, dtype=torch.bool)
-        usable = valid.any(1)
         if target is None:
             with torch.no_grad():
                 target = teacher_probabilities(
                     teacher_logits, student_logits.shape[-2:], valid, ratio=ratio
                 ).argmax(1)
-        target = target.to(student_logits.device).long()
-        logits = student_logits.float().masked_fill(~valid[:, :, None, None], MASKED_LOGIT)
-        loss = F.cross_entropy(logits, target, reduction="none")  # B × H × W
-        return _masked_mean(loss, usable[:, None, None].expand_as(loss))
+        return segmentation_loss(
+            student_logits, target, valid, hard_ratio=hard_ratio, jaccard_weight=jaccard_weight
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # The distillation objective
 # --------------------------------------------------------------------------------------------------
 class DistillationLoss(nn.Module):
-    """λ_att·L_att + λ_inter·L_inter + λ_intra·L_intra + λ_ce·L_ce (docs/DESIGN.md §1).
+    """λ_att·L_att + λ_inter·L_inter + λ_intra·L_intra + λ_ce·L_ce + λ_jaccard·L_jaccard
+    (docs/DESIGN.md §1; the last two to the teacher's hard pseudo-mask, `pseudo_label_ce`).
 
     Terms with λ = 0 are still computed for logging (without gradients). The parts are returned
-    unweighted and detached: `{"att", "inter", "intra", "ce"}`.
+    unweighted and detached: `{"att", "inter", "intra", "ce", "jaccard"}`.
 
     Args:
-        lambda_att, lambda_inter, lambda_intra, lambda_ce: weights.
+        lambda_att, lambda_inter, lambda_intra, lambda_ce, lambda_jaccard: weights.
         tau: temperature of the relation losses.
+        ce_hard_ratio: the CE averages each sample's hardest pixels only (`bootstrapped_ce`; 1: all).
         heads: how the student's attention heads enter the CKA (see `cka_loss`).
     """
 
@@ -528,24 +608,30 @@ class DistillationLoss(nn.Module):
         lambda_inter: float = 1.0,
         lambda_intra: float = 1.0,
         lambda_ce: float = 0.0,
+        lambda_jaccard: float = 0.0,
         tau: float = 1.0,
+        ce_hard_ratio: float = 1.0,
         heads: HeadReduction = "concat",
     ) -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        if not 0.0 < ce_hard_ratio <= 1.0:
+            raise ValueError(f"ce_hard_ratio must be in (0, 1], got {ce_hard_ratio}")
         self.weights = {
             "att": float(lambda_att),
             "inter": float(lambda_inter),
             "intra": float(lambda_intra),
             "ce": float(lambda_ce),
+            "jaccard": float(lambda_jaccard),
         }
         self.tau = float(tau)
+        self.ce_hard_ratio = float(ce_hard_ratio)
         self.heads = heads
 
     def extra_repr(self) -> str:
         weights = ", ".join(f"lambda_{name}={value}" for name, value in self.weights.items())
-        return f"{weights}, tau={self.tau}, heads={self.heads}"
+        return f"{weights}, tau={self.tau}, ce_hard_ratio={self.ce_hard_ratio}, heads={self.heads}"
 
     def forward(
         self,
@@ -577,14 +663,14 @@ class DistillationLoss(nn.Module):
             ce_target: B × H × W ids for the CE instead of the teacher's argmax (`pseudo_label_ce`).
 
         Returns:
-            (total float32 scalar, {"att", "inter", "intra", "ce"} detached float32 scalars).
+            (total float32 scalar, {"att", "inter", "intra", "ce", "jaccard"} detached float32 scalars).
         """
         if valid is None and num_objects is not None:
             valid = objects_to_valid(
                 num_objects, student_logits.shape[1], student_logits.shape[0], device=student_logits.device
             )
         parts: dict[str, torch.Tensor] = {}
-        for name in self.weights:
+        for name in ("att", "inter", "intra"):
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.weights[name] != 0.0):
                 if name == "att":
                     parts[name] = self._attention_loss(
@@ -594,14 +680,23 @@ class DistillationLoss(nn.Module):
                     parts[name] = inter_object_loss(
                         student_logits, teacher_logits, tau=self.tau, valid=valid, ratio=logit_ratio
                     )
-                elif name == "intra":
+                else:
                     parts[name] = intra_object_loss(
                         student_logits, teacher_logits, tau=self.tau, valid=valid, ratio=logit_ratio
                     )
-                else:
-                    parts[name] = pseudo_label_ce(
-                        student_logits, teacher_logits, valid, ratio=logit_ratio, target=ce_target
-                    )
+        # CE and Jaccard share the teacher's hard mask; each keeps a graph only when weighted
+        segmenting = self.weights["ce"] != 0.0 or self.weights["jaccard"] != 0.0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and segmenting):
+            ce, parts["jaccard"] = pseudo_label_ce(
+                student_logits,
+                teacher_logits,
+                valid,
+                ratio=logit_ratio,
+                target=ce_target,
+                hard_ratio=self.ce_hard_ratio,
+                jaccard_weight=self.weights["jaccard"],
+            )
+        parts["ce"] = ce if self.weights["ce"] != 0.0 else ce.detach()
         total = sum(self.weights[name] * parts[name] for name in parts if self.weights[name] != 0.0)
         if not isinstance(total, torch.Tensor):  # every weight is 0
             total = _zero_like_graph(student_logits)

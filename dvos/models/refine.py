@@ -7,13 +7,20 @@ weighted by exp(−|Δposition|² / 2σ_s²) · exp(−|Δcolour|² / 2σ_c²) (
 RGB in [0, 1]), repeated `iterations` times. Across a colour edge the weights vanish, so a
 boundary that sits a few pixels off an edge is pulled onto it; inside a uniform region it only
 smooths. Used for the distillation's reference objects and hard targets
-(`distill.refine_iterations`, docs/DESIGN.md).
+(`distill.refine_iterations`) and, as `EdgeRefinement`, on the student's output at inference
+(`eval.refine_*`: the mask it returns and the one it keeps as short-term memory; docs/DESIGN.md).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+# The per-offset weights are kept between passes while they fit in this many bytes; larger frames
+# recompute them every pass (the same values, a little slower, memory bounded by one offset's map).
+WEIGHT_CACHE_BYTES = 256 * 2**20
 
 
 @torch.no_grad()
@@ -48,21 +55,67 @@ def bilateral_refine(
     if iterations == 0:
         return out
     height, width = image.shape[-2:]
-    guide = F.pad(image.float(), (radius,) * 4, mode="replicate")
+    centre = image.float()
+    guide = F.pad(centre, (radius,) * 4, mode="replicate")
     offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
-    weights = []
-    for dy, dx in offsets:
-        shifted = guide[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
-        colour = ((shifted - image.float()) ** 2).sum(1, keepdim=True)
-        space = (dy * dy + dx * dx) / (2 * sigma_space**2)
-        weights.append(torch.exp(-colour / (2 * sigma_colour**2) - space))
-    total = torch.stack(weights).sum(0)
+
+    def window(tensor: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        return tensor[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+
+    def weight(dy: int, dx: int) -> torch.Tensor:
+        colour = ((window(guide, dy, dx) - centre) ** 2).sum(1, keepdim=True)
+        return torch.exp(-colour / (2 * sigma_colour**2) - (dy * dy + dx * dx) / (2 * sigma_space**2))
+
+    cached = len(offsets) * centre[:, :1].numel() * 4 <= WEIGHT_CACHE_BYTES
+    weights = [weight(dy, dx) for dy, dx in offsets] if cached else None
+    total = torch.zeros_like(centre[:, :1])
+    for index, (dy, dx) in enumerate(offsets):
+        total += weights[index] if cached else weight(dy, dx)
     for _ in range(iterations):
         padded = F.pad(out, (radius,) * 4, mode="replicate")
         accumulated = torch.zeros_like(out)
-        for weight, (dy, dx) in zip(weights, offsets):
-            accumulated += (
-                weight * padded[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
-            )
+        for index, (dy, dx) in enumerate(offsets):
+            accumulated += (weights[index] if cached else weight(dy, dx)) * window(padded, dy, dx)
         out = accumulated / total
     return out
+
+
+@dataclass(frozen=True)
+class EdgeRefinement:
+    """`bilateral_refine` with fixed settings, for a model's output at inference (`eval.refine_*`).
+
+    Attributes:
+        iterations: filter passes; 0 turns the refinement off.
+        radius, sigma_space, sigma_colour: see `bilateral_refine` (pixels of the frame it runs on,
+            colours in [0, 1]).
+    """
+
+    iterations: int = 0
+    radius: int = 6
+    sigma_space: float = 4.0
+    sigma_colour: float = 0.1
+
+    def __post_init__(self) -> None:
+        if int(self.iterations) < 0:
+            raise ValueError(f"refine iterations must be ≥ 0, got {self.iterations}")
+        if int(self.radius) < 1:
+            raise ValueError(f"refine radius must be ≥ 1 pixel, got {self.radius}")
+        if not (float(self.sigma_space) > 0 and float(self.sigma_colour) > 0):
+            raise ValueError(
+                f"refine sigmas must be > 0, got sigma_space={self.sigma_space}, sigma_colour={self.sigma_colour}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return int(self.iterations) > 0
+
+    def __call__(self, probabilities: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """B × L × H × W probabilities, B × 3 × H × W image in [0, 1] → refined float32 probabilities."""
+        return bilateral_refine(
+            probabilities,
+            image,
+            radius=int(self.radius),
+            sigma_space=float(self.sigma_space),
+            sigma_colour=float(self.sigma_colour),
+            iterations=int(self.iterations),
+        )

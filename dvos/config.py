@@ -191,10 +191,12 @@ class EvalConfig:
     # Edge refinement of the student's output (dvos/models/refine.py): refine_iterations passes of a
     # joint bilateral filter guided by the frame, at the frame's size, before the argmax and the
     # short-term memory (0: off). val_refine_iterations: the same for the validation during training.
+    # The settings below are the embedded run's (docs/DESIGN.md), the root config turns it on.
     refine_iterations: int = 0
     val_refine_iterations: int = II("eval.refine_iterations")
-    refine_radius: int = 6  # pixels of the frame
-    refine_sigma_space: float = 4.0  # pixels
+    refine_radius: int = 12  # pixels of the frame
+    refine_dilation: int = 3  # read every n-th pixel of the window: (2·radius/n + 1)² = 81 neighbours
+    refine_sigma_space: float = 8.0  # pixels
     refine_sigma_colour: float = 0.1  # RGB in [0, 1]
 
 

@@ -173,7 +173,7 @@ def test_reading_options_come_from_the_eval_config():
     assert reading_options(cfg.eval) == {
         "soft_memory": False,
         "attention_topk": 1,
-        "refine": EdgeRefinement(iterations=3, radius=2, sigma_space=4.0, sigma_colour=0.1),
+        "refine": EdgeRefinement(iterations=3, radius=2, dilation=1, sigma_space=4.0, sigma_colour=0.1),
     }
     assert reading_options(cfg.eval, validation=True)["refine"] is None
     # a section without the validation key refines validation like the rest
@@ -190,6 +190,7 @@ def test_reading_options_come_from_the_eval_config():
         ("refine_iterations", -1, False),
         ("val_refine_iterations", -2, True),
         ("refine_radius", 0, False),
+        ("refine_dilation", 0, False),
         ("refine_sigma_space", 0.0, False),
         ("refine_sigma_colour", -0.1, False),
     ],

@@ -232,10 +232,11 @@ def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, 
     settings = {
         iterations_key: get(iterations_key, get("refine_iterations", defaults.iterations)),
         "refine_radius": get("refine_radius", defaults.radius),
+        "refine_dilation": get("refine_dilation", defaults.dilation),
         "refine_sigma_space": get("refine_sigma_space", defaults.sigma_space),
         "refine_sigma_colour": get("refine_sigma_colour", defaults.sigma_colour),
     }
-    least = {iterations_key: 0, "refine_radius": 1}
+    least = {iterations_key: 0, "refine_radius": 1, "refine_dilation": 1}
     for key, value in settings.items():
         if key in least and int(value) < least[key]:
             raise ConfigError(f"eval.{key} must be ≥ {least[key]}, got {value}")
@@ -244,6 +245,7 @@ def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, 
     refine = EdgeRefinement(
         iterations=int(settings[iterations_key]),
         radius=int(settings["refine_radius"]),
+        dilation=int(settings["refine_dilation"]),
         sigma_space=float(settings["refine_sigma_space"]),
         sigma_colour=float(settings["refine_sigma_colour"]),
     )

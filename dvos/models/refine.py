@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# The per-offset weights are kept between passes while they fit in this many bytes; larger frames
-# recompute them every pass (the same values, a little slower, memory bounded by one offset's map).
-WEIGHT_CACHE_BYTES = 256 * 2**20
+# The per-offset weights are kept between passes while they fit in this many bytes (a 480p frame
+# with 169 neighbours: 277 MB); larger frames recompute them every pass (the same values, several
+# times slower, memory bounded by one offset's map).
+WEIGHT_CACHE_BYTES = 512 * 2**20
 
 
 @torch.no_grad()
@@ -32,6 +33,7 @@ def bilateral_refine(
     sigma_space: float = 3.0,
     sigma_colour: float = 0.1,
     iterations: int = 2,
+    dilation: int = 1,
 ) -> torch.Tensor:
     """Joint bilateral filtering of per-pixel probabilities guided by an image.
 
@@ -41,6 +43,9 @@ def bilateral_refine(
         radius: half-size of the square window in pixels.
         sigma_space, sigma_colour: widths of the spatial and colour Gaussians.
         iterations: filter passes (0 returns the input).
+        dilation: read every `dilation`-th pixel of the window (offsets −radius..radius in steps of
+            `dilation`): (2⌊radius/dilation⌋ + 1)² neighbours instead of (2·radius + 1)², for the
+            same spatial reach at a fraction of the cost.
 
     Returns:
         B × L × H × W float32, channels still summing to 1.
@@ -49,15 +54,16 @@ def bilateral_refine(
         raise ValueError(
             f"probabilities {tuple(probabilities.shape)} and image {tuple(image.shape)} need the same B, H, W"
         )
-    if radius < 1 or iterations < 0 or sigma_space <= 0 or sigma_colour <= 0:
-        raise ValueError("bilateral_refine needs radius ≥ 1, iterations ≥ 0 and positive sigmas")
+    if radius < 1 or iterations < 0 or sigma_space <= 0 or sigma_colour <= 0 or dilation < 1:
+        raise ValueError("bilateral_refine needs radius ≥ 1, iterations ≥ 0, dilation ≥ 1 and positive sigmas")
     out = probabilities.float()
     if iterations == 0:
         return out
     height, width = image.shape[-2:]
     centre = image.float()
     guide = F.pad(centre, (radius,) * 4, mode="replicate")
-    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    taps = [dilation * k for k in range(-(radius // dilation), radius // dilation + 1)]
+    offsets = [(dy, dx) for dy in taps for dx in taps]
 
     def window(tensor: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
         return tensor[..., radius + dy : radius + dy + height, radius + dx : radius + dx + width]
@@ -75,7 +81,7 @@ def bilateral_refine(
         padded = F.pad(out, (radius,) * 4, mode="replicate")
         accumulated = torch.zeros_like(out)
         for index, (dy, dx) in enumerate(offsets):
-            accumulated += (weights[index] if cached else weight(dy, dx)) * window(padded, dy, dx)
+            accumulated.addcmul_(weights[index] if cached else weight(dy, dx), window(padded, dy, dx))
         out = accumulated / total
     return out
 
@@ -86,13 +92,14 @@ class EdgeRefinement:
 
     Attributes:
         iterations: filter passes; 0 turns the refinement off.
-        radius, sigma_space, sigma_colour: see `bilateral_refine` (pixels of the frame it runs on,
-            colours in [0, 1]).
+        radius, dilation, sigma_space, sigma_colour: see `bilateral_refine` (pixels of the frame it
+            runs on, colours in [0, 1]).
     """
 
     iterations: int = 0
-    radius: int = 6
-    sigma_space: float = 4.0
+    radius: int = 12
+    dilation: int = 3
+    sigma_space: float = 8.0
     sigma_colour: float = 0.1
 
     def __post_init__(self) -> None:
@@ -100,6 +107,8 @@ class EdgeRefinement:
             raise ValueError(f"refine iterations must be ≥ 0, got {self.iterations}")
         if int(self.radius) < 1:
             raise ValueError(f"refine radius must be ≥ 1 pixel, got {self.radius}")
+        if int(self.dilation) < 1:
+            raise ValueError(f"refine dilation must be ≥ 1 pixel, got {self.dilation}")
         if not (float(self.sigma_space) > 0 and float(self.sigma_colour) > 0):
             raise ValueError(
                 f"refine sigmas must be > 0, got sigma_space={self.sigma_space}, sigma_colour={self.sigma_colour}"
@@ -118,4 +127,5 @@ class EdgeRefinement:
             sigma_space=float(self.sigma_space),
             sigma_colour=float(self.sigma_colour),
             iterations=int(self.iterations),
+            dilation=int(self.dilation),
         )

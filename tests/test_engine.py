@@ -167,13 +167,13 @@ def test_reading_options_come_from_the_eval_config():
             "eval.attention_topk=1",
             "eval.refine_iterations=3",
             "eval.val_refine_iterations=0",
-            "eval.refine_radius=2",
+            "eval.refine_radius=6",
         ]
     )
     assert reading_options(cfg.eval) == {
         "soft_memory": False,
         "attention_topk": 1,
-        "refine": EdgeRefinement(iterations=3, radius=2, dilation=1, sigma_space=4.0, sigma_colour=0.1),
+        "refine": EdgeRefinement(iterations=3, radius=6, dilation=3, sigma_space=8.0, sigma_colour=0.1),
     }
     assert reading_options(cfg.eval, validation=True)["refine"] is None
     # a section without the validation key refines validation like the rest
@@ -203,13 +203,18 @@ def test_bad_refinement_settings_are_one_line_config_errors(key, value, validati
     section = OmegaConf.create({"refine_iterations": 1, key: value})
     with pytest.raises(ConfigError, match=rf"eval\.{key} must be .* got {value}"):
         reading_options(section, validation=validation)
+    wider = OmegaConf.create({"refine_iterations": 1, "refine_radius": 4, "refine_dilation": 5})
+    with pytest.raises(ConfigError, match=r"eval\.refine_dilation must be ≤ eval\.refine_radius = 4, got 5"):
+        reading_options(wider)
+    with pytest.raises(ValueError, match="dilation"):
+        EdgeRefinement(iterations=1, radius=2, dilation=3)
 
 
 @pytest.mark.parametrize("soft", [True, False])
 def test_student_output_is_edge_refined_and_remembered_refined(soft):
     frames, masks = moving_scene(2)
     student = tiny_student().eval()
-    refine = EdgeRefinement(iterations=2, radius=2, sigma_space=2.0, sigma_colour=0.2)
+    refine = EdgeRefinement(iterations=2, radius=2, dilation=1, sigma_space=2.0, sigma_colour=0.2)
     # magnified 1.5× for the model: the refinement runs at the frame's size, the memory at the model's
     segmenter = StudentSegmenter(student, min_size=96, refine=refine, soft_memory=soft)
     segmenter.start(frames[0], masks[0], [1, 2, 3])
@@ -235,6 +240,34 @@ def test_student_output_is_edge_refined_and_remembered_refined(soft):
     unrefined = StudentSegmenter(student, min_size=96, soft_memory=soft)
     unrefined.start(frames[0], masks[0], [1, 2, 3])
     np.testing.assert_array_equal(plain.step(frames[1]), unrefined.step(frames[1]))
+
+
+def test_teacher_output_is_edge_refined_when_asked():
+    from dvos.models.teacher import upsample_probabilities
+
+    frames, masks = moving_scene(2)
+    teacher = tiny_teacher()
+    refine = EdgeRefinement(iterations=2, radius=2, dilation=1, sigma_space=2.0, sigma_colour=0.2)
+    segmenter = TeacherSegmenter(teacher, min_size=96, refine=refine)
+    recorded = []
+
+    def record(image, _step=teacher.step):
+        output = _step(image)
+        recorded.append(output[0])
+        return output
+
+    teacher.step = record
+    try:
+        segmenter.start(frames[0], masks[0], [1, 2, 3])
+        prediction = segmenter.step(frames[1])
+    finally:
+        del teacher.step
+    probabilities = upsample_probabilities(recorded[0].exp(), segmenter.input_size, teacher.stride)
+    probabilities = F.interpolate(probabilities.float(), size=(64, 96), mode="bilinear", align_corners=False)
+    guide = torch.from_numpy(frames[1]).permute(2, 0, 1)[None].float() / 255
+    refined = bilateral_refine(probabilities, guide, radius=2, sigma_space=2.0, sigma_colour=0.2, iterations=2)
+    np.testing.assert_array_equal(prediction, refined.argmax(1)[0].numpy())
+    assert (prediction != probabilities.argmax(1)[0].numpy()).any()  # the filter moved some pixels
 
 
 def test_teacher_context_is_bounded_over_200_frames():

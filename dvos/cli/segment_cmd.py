@@ -222,7 +222,7 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
         description = (
             f"label-propagation teacher ({cfg.teacher.encoder}, {weights}, n_recent={teacher.n_recent})"
         )
-        return TeacherSegmenter(teacher, device=device, **sizes), description, None
+        return TeacherSegmenter(teacher, device=device, **sizes, refine=reading["refine"]), description, None
     checkpoint = args.ckpt
     if checkpoint is None:
         checkpoint = find_latest_checkpoint(cfg.paths.runs_dir)

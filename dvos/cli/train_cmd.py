@@ -113,11 +113,14 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
     else:
         student, description = module.eval_student, "the student at the end of training"
     teacher = module.teacher
+    reading = reading_options(cfg.eval)  # the edge refinement applies to the teacher and the student alike
     candidates = [
         ("baseline", CopySegmenter(), "first-frame copy baseline", 0),
         (
             "teacher",
-            TeacherSegmenter(teacher, device=device, max_size=max_size, min_size=min_size),
+            TeacherSegmenter(
+                teacher, device=device, max_size=max_size, min_size=min_size, refine=reading["refine"]
+            ),
             f"teacher ({cfg.teacher.encoder}, {cfg.teacher.checkpoint or 'random weights'})",
             count_parameters(teacher.encoder),
         ),
@@ -128,7 +131,7 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
                 device=device,
                 max_size=max_size,
                 min_size=min_size,
-                **reading_options(cfg.eval),
+                **reading,
             ),
             f"student ({description})",
             count_parameters(student),

@@ -211,6 +211,18 @@ class _TorchSegmenter:
             labels = resized[0].round()
         return labels.long()
 
+    def _refined_at_frame_size(
+        self, probabilities: torch.Tensor, frame: np.ndarray, refine: EdgeRefinement
+    ) -> torch.Tensor:
+        """1 × L × H' × W' probabilities → 1 × L × H × W at the frame's size, edge-refined by `refine`
+        guided by the frame itself (`eval.refine_*`)."""
+        if tuple(probabilities.shape[-2:]) != self.frame_size:
+            probabilities = F.interpolate(
+                probabilities.float(), size=self.frame_size, mode="bilinear", align_corners=False
+            )
+        guide = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1)[None]
+        return refine(probabilities, guide.float().div_(255.0))
+
     def _ids_at_frame_size(self, scores: torch.Tensor) -> np.ndarray:
         """1 × (K+1) × H' × W' logits or probabilities → H × W uint8 model ids (argmax at frame size)."""
         if tuple(scores.shape[-2:]) != self.frame_size:
@@ -242,6 +254,11 @@ def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, 
             raise ConfigError(f"eval.{key} must be ≥ {least[key]}, got {value}")
         if key not in least and not float(value) > 0:
             raise ConfigError(f"eval.{key} must be > 0, got {value}")
+    if int(settings["refine_dilation"]) > int(settings["refine_radius"]):
+        raise ConfigError(
+            f"eval.refine_dilation must be ≤ eval.refine_radius = {settings['refine_radius']}, "
+            f"got {settings['refine_dilation']}"
+        )
     refine = EdgeRefinement(
         iterations=int(settings[iterations_key]),
         radius=int(settings["refine_radius"]),
@@ -347,10 +364,7 @@ class StudentSegmenter(_TorchSegmenter):
                 image, self.memory, num_objects=num_objects, update_memory=False, features=features
             )
         probabilities = torch.softmax(output.logits[:, : num_objects + 1].float(), dim=1)
-        if tuple(probabilities.shape[-2:]) != self.frame_size:
-            probabilities = F.interpolate(probabilities, size=self.frame_size, mode="bilinear", align_corners=False)
-        guide = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1)[None]
-        probabilities = self.refine(probabilities, guide.float().div_(255.0))
+        probabilities = self._refined_at_frame_size(probabilities, frame, self.refine)
         model_ids = probabilities.argmax(1)[0].to(torch.uint8).cpu().numpy()
         if tuple(probabilities.shape[-2:]) != self.input_size:
             probabilities = F.interpolate(probabilities, size=self.input_size, mode="bilinear", align_corners=False)
@@ -398,6 +412,8 @@ class TeacherSegmenter(_TorchSegmenter):
         device: where it runs.
         max_size: cap on the long side of frames fed to the model (None: original size).
         min_size: smaller short sides are upsampled to this for the model (None: never upsampled).
+        refine: edge refinement of each returned mask (`eval.refine_*`; None: off), as the student's;
+            the teacher's context keeps its own feature-grid labels.
     """
 
     name = "teacher"
@@ -409,18 +425,23 @@ class TeacherSegmenter(_TorchSegmenter):
         device: str | torch.device = "cpu",
         max_size: int | None = None,
         min_size: int | None = None,
+        refine: EdgeRefinement | None = None,
     ) -> None:
         super().__init__(device=device, max_size=max_size, min_size=min_size)
         self.teacher = teacher.to(self.device).eval()
+        self.refine = refine if refine is not None and refine.enabled else None
 
     @property
     def context_size(self) -> int:
         """Frames in the teacher's context now (≤ 1 + n_recent)."""
         return self.teacher.context_size
 
-    def _predict(self, logits: torch.Tensor) -> np.ndarray:
-        """Feature-grid logits 1 × L × h × w → H × W model ids (probabilities upsampled, then argmax)."""
+    def _predict(self, logits: torch.Tensor, frame: np.ndarray) -> np.ndarray:
+        """Feature-grid logits 1 × L × h × w → H × W model ids (probabilities upsampled, refined when
+        asked, then argmax)."""
         probabilities = upsample_probabilities(logits.exp(), self.input_size, self.teacher.stride)
+        if self.refine is not None:
+            probabilities = self._refined_at_frame_size(probabilities, frame, self.refine)
         return self._ids_at_frame_size(probabilities)
 
     @torch.inference_mode()
@@ -435,7 +456,7 @@ class TeacherSegmenter(_TorchSegmenter):
     @torch.inference_mode()
     def step(self, frame: np.ndarray) -> np.ndarray:
         logits, _ = self.teacher.step(self._image(frame))
-        return self.ids.to_sequence(self._predict(logits))
+        return self.ids.to_sequence(self._predict(logits, frame))
 
     @torch.inference_mode()
     def add_objects(
@@ -451,7 +472,7 @@ class TeacherSegmenter(_TorchSegmenter):
         logits = self.teacher.add_objects(self.teacher.next_frame_index - 1, masks)
         # This frame's output: the given masks exactly, the earlier objects from the merged labels
         # (the new channels, blurred to feature cells, are not read outside the given masks).
-        merged = np.where(given > 0, given, self._predict(logits[:, : known + 1])).astype(np.uint8)
+        merged = np.where(given > 0, given, self._predict(logits[:, : known + 1], frame)).astype(np.uint8)
         return self.ids.to_sequence(merged)
 
     def memory_bytes(self) -> int:

@@ -54,8 +54,10 @@ def bilateral_refine(
         raise ValueError(
             f"probabilities {tuple(probabilities.shape)} and image {tuple(image.shape)} need the same B, H, W"
         )
-    if radius < 1 or iterations < 0 or sigma_space <= 0 or sigma_colour <= 0 or dilation < 1:
-        raise ValueError("bilateral_refine needs radius ≥ 1, iterations ≥ 0, dilation ≥ 1 and positive sigmas")
+    if radius < 1 or iterations < 0 or sigma_space <= 0 or sigma_colour <= 0 or not 1 <= dilation <= radius:
+        raise ValueError(
+            "bilateral_refine needs radius ≥ 1, iterations ≥ 0, 1 ≤ dilation ≤ radius and positive sigmas"
+        )
     out = probabilities.float()
     if iterations == 0:
         return out
@@ -107,8 +109,8 @@ class EdgeRefinement:
             raise ValueError(f"refine iterations must be ≥ 0, got {self.iterations}")
         if int(self.radius) < 1:
             raise ValueError(f"refine radius must be ≥ 1 pixel, got {self.radius}")
-        if int(self.dilation) < 1:
-            raise ValueError(f"refine dilation must be ≥ 1 pixel, got {self.dilation}")
+        if not 1 <= int(self.dilation) <= int(self.radius):
+            raise ValueError(f"refine dilation must be in [1, radius = {self.radius}], got {self.dilation}")
         if not (float(self.sigma_space) > 0 and float(self.sigma_colour) > 0):
             raise ValueError(
                 f"refine sigmas must be > 0, got sigma_space={self.sigma_space}, sigma_colour={self.sigma_colour}"

@@ -146,7 +146,8 @@ class DistillConfig:
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
     lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
     lambda_ce: float = 1.0  # optional cross-entropy to the teacher's hard pseudo-masks (paper-scale: 0)
-    ce_hard_ratio: float = 1.0  # that CE (and the reference reading's) over each sample's hardest pixels (AOT: 0.15)
+    # that CE (and the reference reading's) over each sample's hardest share of pixels (AOT: 0.15)
+    ce_hard_ratio: float = 1.0
     lambda_jaccard: float = 0.0  # soft Jaccard to the same hard masks (and in the reference reading's loss)
     lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
     refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges

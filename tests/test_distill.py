@@ -179,7 +179,15 @@ def test_training_step_gives_a_finite_weighted_loss_and_logs_every_part(tmp_path
     trainer = make_trainer(tmp_path, max_steps=1, log_every_n_steps=1)
     trainer.fit(module, train_loader())
     logged = trainer.callback_metrics
-    for name in ("train/loss", "train/att", "train/inter", "train/intra", "train/ce", "train/jaccard", "train/objects"):
+    for name in (
+        "train/loss",
+        "train/att",
+        "train/inter",
+        "train/intra",
+        "train/ce",
+        "train/jaccard",
+        "train/objects",
+    ):
         assert name in logged and math.isfinite(float(logged[name])), name
 
 
@@ -212,7 +220,9 @@ def test_hard_pixel_ce_and_jaccard_reach_both_segmentation_losses(tmp_path):
         masked, outputs.reference_ids, valid
     )
     assert parts["ref"].item() == pytest.approx(expected.item(), rel=1e-5)
-    weighted = sum(LAMBDAS[name] * parts[name] for name in LAMBDAS) + 2 * parts["jaccard"] + 0.5 * parts["ref"]
+    weighted = (
+        sum(LAMBDAS[name] * parts[name] for name in LAMBDAS) + 2 * parts["jaccard"] + 0.5 * parts["ref"]
+    )
     assert loss.item() == pytest.approx(weighted.item(), rel=1e-5)
     # the same settings for the loss to the teacher's masks (its value: tests/test_losses.py)
     assert module.criterion.ce_hard_ratio == 0.25 and module.criterion.weights["jaccard"] == 2.0

@@ -177,7 +177,9 @@ def test_reading_options_come_from_the_eval_config():
     }
     assert reading_options(cfg.eval, validation=True)["refine"] is None
     # a section without the validation key refines validation like the rest
-    assert reading_options(OmegaConf.create({"refine_iterations": 2}), validation=True)["refine"].iterations == 2
+    assert (
+        reading_options(OmegaConf.create({"refine_iterations": 2}), validation=True)["refine"].iterations == 2
+    )
     with pytest.raises(ConfigError, match=r"eval\.attention_topk .* got -1"):
         reading_options(OmegaConf.create({"attention_topk": -1}))
     with pytest.raises(DataError, match="attention_topk"):
@@ -225,7 +227,9 @@ def test_student_output_is_edge_refined_and_remembered_refined(soft):
         logits = student.step(image, memory, num_objects=3, update_memory=False).logits
         probabilities = F.interpolate(torch.softmax(logits[:, :4], 1), size=(64, 96), mode="bilinear")
         guide = torch.from_numpy(frames[1]).permute(2, 0, 1)[None].float() / 255
-        refined = bilateral_refine(probabilities, guide, radius=2, sigma_space=2.0, sigma_colour=0.2, iterations=2)
+        refined = bilateral_refine(
+            probabilities, guide, radius=2, sigma_space=2.0, sigma_colour=0.2, iterations=2
+        )
         remembered = F.interpolate(refined, size=image.shape[-2:], mode="bilinear")
         if not soft:
             remembered = F.one_hot(remembered.argmax(1), 4).permute(0, 3, 1, 2).float()
@@ -265,7 +269,9 @@ def test_teacher_output_is_edge_refined_when_asked():
     probabilities = upsample_probabilities(recorded[0].exp(), segmenter.input_size, teacher.stride)
     probabilities = F.interpolate(probabilities.float(), size=(64, 96), mode="bilinear", align_corners=False)
     guide = torch.from_numpy(frames[1]).permute(2, 0, 1)[None].float() / 255
-    refined = bilateral_refine(probabilities, guide, radius=2, sigma_space=2.0, sigma_colour=0.2, iterations=2)
+    refined = bilateral_refine(
+        probabilities, guide, radius=2, sigma_space=2.0, sigma_colour=0.2, iterations=2
+    )
     np.testing.assert_array_equal(prediction, refined.argmax(1)[0].numpy())
     assert (prediction != probabilities.argmax(1)[0].numpy()).any()  # the filter moved some pixels
 

@@ -410,7 +410,9 @@ def test_distillation_loss_combines_the_weighted_parts():
     target = teacher_probabilities(teacher_logits, (64, 96), valid).argmax(1)
     masked = logits.detach().masked_fill(~valid[:, :, None, None], -1e4)
     assert parts["jaccard"].item() == pytest.approx(soft_jaccard_loss(masked, target, valid).item(), rel=1e-5)
-    assert parts["ce"].item() == pytest.approx(bootstrapped_ce(masked, target, hard_ratio=0.5).item(), rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(
+        bootstrapped_ce(masked, target, hard_ratio=0.5).item(), rel=1e-5
+    )
     assert total.item() == pytest.approx(2.0 * parts["jaccard"].item(), rel=1e-6)
     total.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

@@ -180,7 +180,12 @@ def test_evaluate_and_segment_read_the_student_memory_as_eval_says(tmp_path):
     assert (segmenter.soft_memory, segmenter.attention_topk) == (True, None)  # defaults: soft, as trained
     assert segmenter.refine.iterations == 12  # the root config's edge refinement
     cfg = load_config(
-        [*tiny_model_overrides(), "eval.soft_memory=false", "eval.attention_topk=1", "eval.refine_iterations=0"]
+        [
+            *tiny_model_overrides(),
+            "eval.soft_memory=false",
+            "eval.attention_topk=1",
+            "eval.refine_iterations=0",
+        ]
     )
     segmenter, _, _ = build_segmenter(args, cfg, "cpu")
     assert (segmenter.soft_memory, segmenter.attention_topk, segmenter.refine) == (False, 1, None)

@@ -367,7 +367,9 @@ class StudentSegmenter(_TorchSegmenter):
         probabilities = self._refined_at_frame_size(probabilities, frame, self.refine)
         model_ids = probabilities.argmax(1)[0].to(torch.uint8).cpu().numpy()
         if tuple(probabilities.shape[-2:]) != self.input_size:
-            probabilities = F.interpolate(probabilities, size=self.input_size, mode="bilinear", align_corners=False)
+            probabilities = F.interpolate(
+                probabilities, size=self.input_size, mode="bilinear", align_corners=False
+            )
         if not self.soft_memory:
             probabilities = labels_to_onehot(probabilities.argmax(1), num_objects + 1).float()
         absent = self.max_objects - num_objects  # ids above the video's count: probability 0

@@ -657,7 +657,14 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         )
     if not 0.0 < float(d.ce_hard_ratio) <= 1.0:
         raise ConfigError(f"distill.ce_hard_ratio must be in (0, 1], got {d.ce_hard_ratio}")
-    for key in ("lambda_ref", "lambda_jaccard", "colour_weight", "feature_weight", "position_weight", "refine_iterations"):
+    for key in (
+        "lambda_ref",
+        "lambda_jaccard",
+        "colour_weight",
+        "feature_weight",
+        "position_weight",
+        "refine_iterations",
+    ):
         if float(d[key]) < 0:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")
     for key in ("max_size", "min_size", "val_max_size", "val_min_size"):  # else refused only when first used

@@ -233,6 +233,7 @@ def test_ddp_two_cpu_processes_sync_the_validation_jf(smoke, tmp_path):
         "data.clips_per_video=4",  # 2 videos × 4 clips / 2 ranks / batch 2: 2 steps per epoch
         "trainer.limit_val_batches=null",
         "callbacks.vos_results=true",
+        "eval.val_refine_iterations=12",  # validation refines like the final table (the root's 12 passes)
     ]
     result = run_dvos("train", *args, timeout=240)  # about 15 s on 2 cores
     assert result.returncode == 0, result.stderr[-3000:]

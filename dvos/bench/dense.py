@@ -32,7 +32,7 @@ from torch import nn
 
 from dvos.inference.engine import StudentSegmenter
 from dvos.models.deformable import merge_heads, split_heads
-from dvos.models.student import DeformableStudent, FrameFeatures, labels_to_onehot
+from dvos.models.student import DeformableStudent, FrameFeatures, memory_masks
 
 MEMORY_EVERY = 5  # DeAOT-L / AOT: a long-term memory frame every 5 frames
 
@@ -214,11 +214,9 @@ class DenseMemoryStudent(nn.Module):
         logits = student.decode(
             propagated, features, num_objects=num_objects, id_permutation=memory.id_permutation
         )
-        if soft_memory:
-            masks = torch.softmax(logits.float(), dim=1).to(logits.dtype)
-        else:
-            masks = labels_to_onehot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
-        identity_map = student.embed_ids(masks, id_permutation=memory.id_permutation)
+        identity_map = student.embed_ids(
+            memory_masks(logits, soft=soft_memory), id_permutation=memory.id_permutation
+        )
         entry = (
             _heads(key, self.num_heads),
             _heads(value, self.num_heads),

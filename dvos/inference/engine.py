@@ -156,7 +156,8 @@ def model_size(size: tuple[int, int], max_size: int | None, min_size: int | None
 
 
 class _TorchSegmenter:
-    """Shared by the model segmenters: device, optional downscaling, frames and masks to tensors."""
+    """Shared by the model segmenters: device, optional resizing, frames and masks to tensors, the
+    optional edge refinement of their output (`refine`, `eval.refine_*`)."""
 
     name = "model"
 
@@ -166,6 +167,7 @@ class _TorchSegmenter:
         device: str | torch.device = "cpu",
         max_size: int | None = None,
         min_size: int | None = None,
+        refine: EdgeRefinement | None = None,
     ) -> None:
         if max_size is not None and int(max_size) < MIN_MODEL_SIZE:
             raise DataError(f"max_size must be at least {MIN_MODEL_SIZE} pixels, got {max_size}")
@@ -174,6 +176,7 @@ class _TorchSegmenter:
         self.device = torch.device(device)
         self.max_size = None if max_size is None else int(max_size)
         self.min_size = None if min_size is None else int(min_size)
+        self.refine = refine if refine is not None and refine.enabled else None  # eval.refine_*
         self.ids = ObjectIdMap()
         self.frame_size: tuple[int, int] | None = None  # original (H, W)
         self.input_size: tuple[int, int] | None = None  # (H, W) fed to the model
@@ -211,17 +214,15 @@ class _TorchSegmenter:
             labels = resized[0].round()
         return labels.long()
 
-    def _refined_at_frame_size(
-        self, probabilities: torch.Tensor, frame: np.ndarray, refine: EdgeRefinement
-    ) -> torch.Tensor:
-        """1 × L × H' × W' probabilities → 1 × L × H × W at the frame's size, edge-refined by `refine`
-        guided by the frame itself (`eval.refine_*`)."""
+    def _refined_at_frame_size(self, probabilities: torch.Tensor, frame: np.ndarray) -> torch.Tensor:
+        """1 × L × H' × W' probabilities → 1 × L × H × W at the frame's size, edge-refined by
+        `self.refine` guided by the frame itself (`eval.refine_*`)."""
         if tuple(probabilities.shape[-2:]) != self.frame_size:
             probabilities = F.interpolate(
                 probabilities.float(), size=self.frame_size, mode="bilinear", align_corners=False
             )
         guide = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device).permute(2, 0, 1)[None]
-        return refine(probabilities, guide.float().div_(255.0))
+        return self.refine(probabilities, guide.float().div_(255.0))
 
     def _ids_at_frame_size(self, scores: torch.Tensor) -> np.ndarray:
         """1 × (K+1) × H' × W' logits or probabilities → H × W uint8 model ids (argmax at frame size)."""
@@ -241,30 +242,23 @@ def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, 
         raise ConfigError(f"eval.attention_topk must be ≥ 0 (0: all points) or null, got {topk}")
     defaults = EdgeRefinement()
     iterations_key = "val_refine_iterations" if validation else "refine_iterations"
-    settings = {
-        iterations_key: get(iterations_key, get("refine_iterations", defaults.iterations)),
-        "refine_radius": get("refine_radius", defaults.radius),
-        "refine_dilation": get("refine_dilation", defaults.dilation),
-        "refine_sigma_space": get("refine_sigma_space", defaults.sigma_space),
-        "refine_sigma_colour": get("refine_sigma_colour", defaults.sigma_colour),
+    values = {
+        "iterations": get(iterations_key, get("refine_iterations", defaults.iterations)),
+        "radius": get("refine_radius", defaults.radius),
+        "dilation": get("refine_dilation", defaults.dilation),
+        "sigma_space": get("refine_sigma_space", defaults.sigma_space),
+        "sigma_colour": get("refine_sigma_colour", defaults.sigma_colour),
     }
-    least = {iterations_key: 0, "refine_radius": 1, "refine_dilation": 1}
-    for key, value in settings.items():
-        if key in least and int(value) < least[key]:
-            raise ConfigError(f"eval.{key} must be ≥ {least[key]}, got {value}")
-        if key not in least and not float(value) > 0:
-            raise ConfigError(f"eval.{key} must be > 0, got {value}")
-    if int(settings["refine_dilation"]) > int(settings["refine_radius"]):
-        raise ConfigError(
-            f"eval.refine_dilation must be ≤ eval.refine_radius = {settings['refine_radius']}, "
-            f"got {settings['refine_dilation']}"
-        )
+    names = {field: f"eval.refine_{field}" for field in values} | {"iterations": f"eval.{iterations_key}"}
+    problem = EdgeRefinement.problem(values, names)  # EdgeRefinement's own rules, named by their keys
+    if problem is not None:
+        raise ConfigError(problem)
     refine = EdgeRefinement(
-        iterations=int(settings[iterations_key]),
-        radius=int(settings["refine_radius"]),
-        dilation=int(settings["refine_dilation"]),
-        sigma_space=float(settings["refine_sigma_space"]),
-        sigma_colour=float(settings["refine_sigma_colour"]),
+        iterations=int(values["iterations"]),
+        radius=int(values["radius"]),
+        dilation=int(values["dilation"]),
+        sigma_space=float(values["sigma_space"]),
+        sigma_colour=float(values["sigma_colour"]),
     )
     return {
         "soft_memory": bool(get("soft_memory", True)),
@@ -305,12 +299,11 @@ class StudentSegmenter(_TorchSegmenter):
         attention_topk: int | None = None,
         refine: EdgeRefinement | None = None,
     ) -> None:
-        super().__init__(device=device, max_size=max_size, min_size=min_size)
+        super().__init__(device=device, max_size=max_size, min_size=min_size, refine=refine)
         if attention_topk is not None and int(attention_topk) < 0:
             raise DataError(f"attention_topk must be >= 0 (0: all points) or None, got {attention_topk}")
         self.soft_memory = bool(soft_memory)
         self.attention_topk = None if attention_topk is None else int(attention_topk)
-        self.refine = refine if refine is not None and refine.enabled else None
         self.student = student.to(self.device).eval()
         self.max_objects = int(student.max_objects)
         self.memory: Memory | None = None
@@ -357,14 +350,12 @@ class StudentSegmenter(_TorchSegmenter):
     def _refined_step(self, frame: np.ndarray, num_objects: int) -> np.ndarray:
         """`step` with the edge refinement: predict, refine at the frame's size, remember the refined
         mask; returns H × W model ids."""
-        image = self._image(frame)
-        features = self.student.encode_frame(image)
         with self.student.attention_topk(self.attention_topk):
             output = self.student.step(
-                image, self.memory, num_objects=num_objects, update_memory=False, features=features
+                self._image(frame), self.memory, num_objects=num_objects, update_memory=False
             )
         probabilities = torch.softmax(output.logits[:, : num_objects + 1].float(), dim=1)
-        probabilities = self._refined_at_frame_size(probabilities, frame, self.refine)
+        probabilities = self._refined_at_frame_size(probabilities, frame)
         model_ids = probabilities.argmax(1)[0].to(torch.uint8).cpu().numpy()
         if tuple(probabilities.shape[-2:]) != self.input_size:
             probabilities = F.interpolate(
@@ -374,7 +365,7 @@ class StudentSegmenter(_TorchSegmenter):
             probabilities = labels_to_onehot(probabilities.argmax(1), num_objects + 1).float()
         absent = self.max_objects - num_objects  # ids above the video's count: probability 0
         masks = F.pad(probabilities, (0, 0, 0, 0, 0, absent)).to(output.logits.dtype)
-        self.memory = self.student.update_memory(self.memory, features, masks)
+        self.memory = self.student.remember(self.memory, output.key, output.value, masks)
         return model_ids
 
     def _merge_new_objects(self, mask_ids: np.ndarray, new_ids: Sequence[int]) -> np.ndarray:
@@ -429,9 +420,8 @@ class TeacherSegmenter(_TorchSegmenter):
         min_size: int | None = None,
         refine: EdgeRefinement | None = None,
     ) -> None:
-        super().__init__(device=device, max_size=max_size, min_size=min_size)
+        super().__init__(device=device, max_size=max_size, min_size=min_size, refine=refine)
         self.teacher = teacher.to(self.device).eval()
-        self.refine = refine if refine is not None and refine.enabled else None
 
     @property
     def context_size(self) -> int:
@@ -443,7 +433,7 @@ class TeacherSegmenter(_TorchSegmenter):
         asked, then argmax)."""
         probabilities = upsample_probabilities(logits.exp(), self.input_size, self.teacher.stride)
         if self.refine is not None:
-            probabilities = self._refined_at_frame_size(probabilities, frame, self.refine)
+            probabilities = self._refined_at_frame_size(probabilities, frame)
         return self._ids_at_frame_size(probabilities)
 
     @torch.inference_mode()

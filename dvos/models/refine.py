@@ -13,7 +13,10 @@ smooths. Used for the distillation's reference objects and hard targets
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,16 +108,25 @@ class EdgeRefinement:
     sigma_colour: float = 0.1
 
     def __post_init__(self) -> None:
-        if int(self.iterations) < 0:
-            raise ValueError(f"refine iterations must be ≥ 0, got {self.iterations}")
-        if int(self.radius) < 1:
-            raise ValueError(f"refine radius must be ≥ 1 pixel, got {self.radius}")
-        if not 1 <= int(self.dilation) <= int(self.radius):
-            raise ValueError(f"refine dilation must be in [1, radius = {self.radius}], got {self.dilation}")
-        if not (float(self.sigma_space) > 0 and float(self.sigma_colour) > 0):
-            raise ValueError(
-                f"refine sigmas must be > 0, got sigma_space={self.sigma_space}, sigma_colour={self.sigma_colour}"
-            )
+        problem = self.problem(dataclasses.asdict(self))
+        if problem is not None:
+            raise ValueError(f"refine {problem}")
+
+    @staticmethod
+    def problem(settings: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str | None:
+        """What is wrong with a set of settings (the fields' values by field name) in one phrase,
+        e.g. "radius must be ≥ 1, got 0", each setting called `names[field]` (its config key) or
+        its field name; None when nothing is."""
+        name = {field: field for field in settings} | dict(names or {})
+        for field, least in (("iterations", 0), ("radius", 1), ("dilation", 1)):
+            if int(settings[field]) < least:
+                return f"{name[field]} must be ≥ {least}, got {settings[field]}"
+        if int(settings["dilation"]) > int(settings["radius"]):
+            return f"{name['dilation']} must be ≤ {name['radius']} = {settings['radius']}, got {settings['dilation']}"
+        for field in ("sigma_space", "sigma_colour"):
+            if not float(settings[field]) > 0:
+                return f"{name[field]} must be > 0, got {settings[field]}"
+        return None
 
     @property
     def enabled(self) -> bool:

@@ -138,11 +138,23 @@ class StepOutput(NamedTuple):
             ids (ids above the sample's object count at ABSENT_LOGIT).
         memory: the memory for the next frame (short-term part replaced when asked, else the input).
         aux: None, or {"long_term": DeformableAttentionAux, "short_term": DeformableAttentionAux}.
+        key, value: B × d × h × w, the frame's own memory entries (`DeformableStudent.remember` makes
+            them the short-term memory with a mask of the caller's choosing).
     """
 
     logits: torch.Tensor
     memory: Memory
     aux: dict[str, DeformableAttentionAux] | None
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+def memory_masks(logits: torch.Tensor, *, soft: bool) -> torch.Tensor:
+    """The masks a predicted frame enters the short-term memory with: B × C × H × W logits → the
+    softmax probabilities (soft, as in training) or the argmax one-hot, in the logits' dtype."""
+    if soft:
+        return torch.softmax(logits.float(), dim=1).to(logits.dtype)
+    return labels_to_onehot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
 
 
 def labels_to_onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -612,8 +624,14 @@ class DeformableStudent(nn.Module):
             masks: B × (K + 1) × H × W, its masks (one-hot or probabilities) in the objects' own ids.
         """
         key, value = self.propagation.key_value(features.embedding, features.position)
-        id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
-        return memory.replace_short_term(key, value, id_embedding)
+        return self.remember(memory, key, value, masks)
+
+    def remember(self, memory: Memory, key: torch.Tensor, value: torch.Tensor, masks: torch.Tensor) -> Memory:
+        """Replace the short-term memory with a frame's key and value (`StepOutput.key`, `.value`) and
+        the ID embedding of `masks` (B × (K + 1) × H × W, the objects' own ids)."""
+        return memory.replace_short_term(
+            key, value, self.embed_ids(masks, id_permutation=memory.id_permutation)
+        )
 
     def propagate(
         self, query: FrameFeatures, memory: Memory, *, return_attention: bool = False
@@ -746,7 +764,7 @@ class DeformableStudent(nn.Module):
             features: the frame's `encode_frame(image)` when already computed.
 
         Returns:
-            `StepOutput(logits, memory, aux)`.
+            `StepOutput(logits, memory, aux, key, value)`.
         """
         if features is None:
             features = self.encode_frame(image)
@@ -758,13 +776,8 @@ class DeformableStudent(nn.Module):
         )
         if update_memory:
             soft = self.training if soft_memory is None else soft_memory
-            if soft:
-                masks = torch.softmax(logits.float(), dim=1).to(logits.dtype)
-            else:
-                masks = labels_to_onehot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
-            id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
-            memory = memory.replace_short_term(key, value, id_embedding)
-        return StepOutput(logits, memory, aux)
+            memory = self.remember(memory, key, value, memory_masks(logits, soft=soft))
+        return StepOutput(logits, memory, aux, key, value)
 
     def segment_clip(
         self,

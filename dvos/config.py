@@ -153,6 +153,10 @@ class DistillConfig:
     refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
     att_branches: str = "both"  # which student attention is distilled: long | short | both
     teacher_scale: int = 1  # the teacher sees the training clips magnified this many times (finer targets)
+    # per sample and frame, the probability that one object's mask enters the short-term memory
+    # under another id (another object's or the background's): the student learns to correct its own
+    # previous prediction from the reference frame (0: off)
+    memory_swap_prob: float = 0.0
 
 
 @dataclass
@@ -186,9 +190,12 @@ class EvalConfig:
     # How the student reads its memory at inference (validation, evaluate, segment, the final table).
     # soft_memory: the previous frame enters the short-term memory as its softmax probabilities, as in
     # training (false: the argmax one-hot). attention_topk: each deformable read keeps its k most
-    # similar sampled points (0: all; null: model.attention_topk, as trained). docs/DESIGN.md.
+    # similar sampled points (0: all; null: model.attention_topk, as trained). long_term_weight: w in
+    # [0, 2], the ID stream sums the long-term (reference frame) read × w and the short-term (previous
+    # frame) read × (2 − w) (null: 1, as trained). docs/DESIGN.md.
     soft_memory: bool = True
     attention_topk: int | None = None
+    long_term_weight: float | None = None
     # Edge refinement of the student's output (dvos/models/refine.py): refine_iterations passes of a
     # joint bilateral filter guided by the frame, at the frame's size, before the argmax and the
     # short-term memory (0: off). val_refine_iterations: the same for the validation during training.

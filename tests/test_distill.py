@@ -18,8 +18,9 @@ from torch import nn
 
 from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from dvos.config import Config, load_config
-from dvos.lit.distill import DistillationModule, ema_decay_at, magnify, warmup_poly
+from dvos.lit.distill import DistillationModule, ema_decay_at, magnify, swap_objects, warmup_poly
 from dvos.lit.losses import bootstrapped_ce, objects_to_valid, soft_jaccard_loss
+from dvos.models.student import labels_to_onehot
 from dvos.utils.errors import ConfigError
 
 HEIGHT, WIDTH, FRAMES, BATCH = 48, 64, 3, 2
@@ -291,6 +292,54 @@ def test_annotation_reference_is_frame_0s_annotation(tmp_path, caplog):
     assert not torch.equal(clustered.reference_ids, expected)
 
 
+def test_swap_objects_hands_one_object_to_another_id():
+    masks = torch.zeros(3, 4, 2, 2)
+    masks[:, 0], masks[:, 1], masks[:, 2], masks[:, 3] = 0.4, 0.3, 0.2, 0.1
+    num_objects = torch.tensor([2, 3, 0])
+    assert torch.equal(swap_objects(masks, num_objects, probability=0.0), masks)
+    swapped = swap_objects(masks, num_objects, probability=1.0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(swapped.sum(1), masks.sum(1))  # mass moved, none made or lost
+    assert torch.equal(swapped[2], masks[2])  # a sample without objects is left alone
+    for b, count in ((0, 2), (1, 3)):
+        changed = [c for c in range(4) if not torch.equal(swapped[b, c], masks[b, c])]
+        assert len(changed) == 2  # one object emptied, one other id given its mask
+        source = next(c for c in changed if bool((swapped[b, c] == 0).all()))
+        target = next(c for c in changed if c != source)
+        assert 1 <= source <= count and 0 <= target <= count
+        torch.testing.assert_close(swapped[b, target], masks[b, target] + masks[b, source])
+    # deterministic by generator; gradients pass through
+    again = swap_objects(masks, num_objects, probability=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again, swapped)
+    leaf = masks.clone().requires_grad_(True)
+    swap_objects(
+        leaf, num_objects, probability=1.0, generator=torch.Generator().manual_seed(3)
+    ).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+
+
+def test_memory_swaps_reach_the_students_short_term_memory_in_training_only(tmp_path):
+    module = make_module(tmp_path, "distill.memory_swap_prob=1")
+    seen = []
+    segment_clip = module.student.segment_clip
+
+    def spy(*args, corrupt_memory=None, **kwargs):
+        seen.append(corrupt_memory)
+        return segment_clip(*args, corrupt_memory=corrupt_memory, **kwargs)
+
+    module.student.segment_clip = spy
+    module.train()
+    loss, _, outputs = module.compute_loss(make_batch())
+    assert torch.isfinite(loss) and seen[-1] is not None
+    masks = labels_to_onehot(outputs.reference_ids, MAX_OBJECTS + 1).float()
+    swapped = seen[-1](masks)
+    assert not torch.equal(swapped, masks) and torch.equal(swapped.sum(1), masks.sum(1))
+    module.eval()
+    with torch.no_grad():
+        module.forward_clip(make_batch()["frames"])
+    assert seen[-1] is None  # validation and pictures read the student's own memory
+    assert make_module(tmp_path).config.distill.memory_swap_prob == 0.0  # off by default
+
+
 def test_magnify_repeats_each_pixel_into_a_block_for_masks():
     ids = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     expected = torch.tensor([[[[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]]])
@@ -351,6 +400,8 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("distill.ce_hard_ratio=0", "distill.ce_hard_ratio"),
         ("distill.ce_hard_ratio=1.5", "distill.ce_hard_ratio"),
         ("distill.lambda_jaccard=-1", "distill.lambda_jaccard"),
+        ("distill.memory_swap_prob=1.5", "distill.memory_swap_prob"),
+        ("eval.long_term_weight=-1", "eval.long_term_weight"),
         ("eval.val_refine_iterations=-1", "eval.val_refine_iterations"),
         ("eval.refine_sigma_colour=0", "eval.refine_sigma_colour"),
     ],

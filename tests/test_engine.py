@@ -34,6 +34,7 @@ from dvos.inference.overlay import write_overlay_video
 from dvos.inference.writer import MaskWriter
 from dvos.models.backbones.resnet import ResNetEncoder
 from dvos.models.refine import EdgeRefinement, bilateral_refine
+from dvos.models.student import labels_to_onehot
 from dvos.models.teacher import LabelPropagationTeacher
 from dvos.utils.errors import DataError, DvosError
 from dvos.utils.masks import default_palette, read_mask, write_mask
@@ -148,7 +149,7 @@ def test_inference_topk_override_reads_like_a_topk_student_and_leaves_the_model_
     torch.testing.assert_close(runs["override"], runs["built"])
     assert not torch.allclose(runs["override"], runs["dense"])
     assert dense.propagation.long_term.topk == dense.propagation.short_term.topk == 0  # restored
-    with pytest.raises(RuntimeError), dense.attention_topk(3):  # restored after an error too
+    with pytest.raises(RuntimeError), dense.reading(attention_topk=3):  # restored after an error too
         raise RuntimeError("inside")
     assert dense.propagation.short_term.topk == 0
 
@@ -160,11 +161,12 @@ def test_reading_options_come_from_the_eval_config():
     from dvos.utils.errors import ConfigError
 
     plain = reading_options(load_config(["eval.refine_iterations=0", "eval.val_refine_iterations=0"]).eval)
-    assert plain == {"soft_memory": True, "attention_topk": None, "refine": None}
+    assert plain == {"soft_memory": True, "attention_topk": None, "long_term_weight": None, "refine": None}
     cfg = load_config(
         [
             "eval.soft_memory=false",
             "eval.attention_topk=1",
+            "eval.long_term_weight=1.25",
             "eval.refine_iterations=3",
             "eval.val_refine_iterations=0",
             "eval.refine_radius=6",
@@ -173,6 +175,7 @@ def test_reading_options_come_from_the_eval_config():
     assert reading_options(cfg.eval) == {
         "soft_memory": False,
         "attention_topk": 1,
+        "long_term_weight": 1.25,
         "refine": EdgeRefinement(iterations=3, radius=6, dilation=3, sigma_space=8.0, sigma_colour=0.1),
     }
     assert reading_options(cfg.eval, validation=True)["refine"] is None
@@ -184,6 +187,56 @@ def test_reading_options_come_from_the_eval_config():
         reading_options(OmegaConf.create({"attention_topk": -1}))
     with pytest.raises(DataError, match="attention_topk"):
         StudentSegmenter(tiny_student(), attention_topk=-2)
+    for bad in (-0.5, 2.5, float("nan")):
+        with pytest.raises(ConfigError, match=rf"eval\.long_term_weight must be in \[0, 2\] .* got {bad}"):
+            reading_options(OmegaConf.create({"long_term_weight": bad}))
+        with pytest.raises(DataError, match="long_term_weight"):
+            StudentSegmenter(tiny_student(), long_term_weight=bad)
+
+
+def test_long_term_weight_weighs_the_two_id_reads_and_leaves_the_model_alone():
+    """The ID stream of `read_memory` with w is out_id((w·long + (2 − w)·short) ⊙ silu(gate)),
+    computed here from the two reads; w = 1 is the trained sum; the setting is restored on exit."""
+    student = tiny_student().eval()
+    propagation = student.propagation
+    for layer in (propagation.gate_id, propagation.out_id):  # not the identity init: a real mix
+        torch.nn.init.normal_(layer.weight, std=0.2)
+    frames, masks = moving_scene(2)
+    images = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    reference = labels_to_onehot(torch.from_numpy(masks[:1]).long(), student.max_objects + 1)
+    with torch.no_grad():
+        memory = student.initialize_memory(student.encode_frame(images[:1]), reference)
+        features = student.encode_frame(images[1:])
+        # a previous frame that disagrees with the reference: its mask mirrored
+        memory = student.update_memory(memory, features, reference.flip(-1))
+        query, _ = propagation.key_value(features.embedding, features.position)
+        (_, long_id), _ = propagation.long_term(
+            query, memory.reference_key, (memory.reference_value, memory.reference_id)
+        )
+        (_, short_id), _ = propagation.short_term(
+            query, memory.previous_key, (memory.previous_value, memory.previous_id)
+        )
+        gate = torch.nn.functional.silu(
+            propagation.gate_id(propagation.norm_input(features.embedding.flatten(2).transpose(1, 2)))
+        )
+        read = {}
+        for weight in (None, 1.0, 1.5, 2.0):
+            with student.reading(long_term_weight=weight):
+                read[weight] = propagation.read_memory(features.embedding, query, memory)[1]
+        assert propagation.long_term_weight == 1.0
+        for weight in (1.0, 1.5, 2.0):
+            expected = propagation.out_id((weight * long_id + (2 - weight) * short_id) * gate)
+            torch.testing.assert_close(read[weight], expected)
+    torch.testing.assert_close(read[None], read[1.0])
+    assert not torch.allclose(read[1.5], read[1.0])
+    with pytest.raises(RuntimeError), student.reading(long_term_weight=0.5):  # restored after an error
+        raise RuntimeError("inside")
+    assert propagation.long_term_weight == 1.0
+    with (
+        pytest.raises(ValueError, match="long_term_weight must be in"),
+        student.reading(long_term_weight=2.5),
+    ):
+        pass
 
 
 @pytest.mark.parametrize(

@@ -195,6 +195,10 @@ def test_export_errors_are_one_line_and_write_nothing(tmp_path, capsys, student,
     for extra, message in (
         (["--max-objects", "9"], "max_objects 9"),
         (["eval.attention_topk=-1"], "eval.attention_topk must be ≥ 0 (0: all points) or null, got -1"),
+        (
+            ["eval.long_term_weight=3"],
+            "eval.long_term_weight must be in [0, 2] (1: as trained) or null, got 3",
+        ),
         (["eval.refine_iterations=1", "eval.refine_radius=0"], "eval.refine_radius must be ≥ 1, got 0"),
     ):
         assert message in run_failing([*torchscript, *extra], capsys)
@@ -232,8 +236,8 @@ def test_a_topk_student_exports_and_matches_pytorch(fmt, tmp_path):
 
 
 def test_export_reads_memory_as_the_engine_is_told(student, tmp_path):
-    """`eval.soft_memory=false eval.attention_topk=2` exported: the file records both, and a whole video
-    through it equals the engine's with the same reading."""
+    """`eval.soft_memory=false eval.attention_topk=2 eval.long_term_weight=1.5` exported: the file
+    records them, and a whole video through it equals the engine's with the same reading."""
     path = export_student(
         student,
         "torchscript",
@@ -242,15 +246,18 @@ def test_export_reads_memory_as_the_engine_is_told(student, tmp_path):
         width=WIDTH,
         soft_memory=False,
         attention_topk=2,
+        long_term_weight=1.5,
     )
     exported = load_exported(path, "torchscript")
     assert exported.spec["soft_memory"] is False and exported.spec["attention_topk"] == 2
-    assert student.propagation.long_term.topk == 0  # the override did not stay on the student
+    assert exported.spec["long_term_weight"] == 1.5
+    assert student.propagation.long_term.topk == 0  # the overrides did not stay on the student
+    assert student.propagation.long_term_weight == 1.0
     frames, mask = scene(5)
     runs = {}
     for name, segmenter in (
         ("exported", ExportedSegmenter(exported)),
-        ("engine", StudentSegmenter(student, soft_memory=False, attention_topk=2)),
+        ("engine", StudentSegmenter(student, soft_memory=False, attention_topk=2, long_term_weight=1.5)),
     ):
         logits = []
         segment_sequence(segmenter, frames, mask, on_frame=lambda i, p, out=logits: out.append(p))
@@ -262,3 +269,4 @@ def test_export_reads_memory_as_the_engine_is_told(student, tmp_path):
         "torchscript",
     )
     assert default.spec["soft_memory"] is True and default.spec["attention_topk"] == 0
+    assert default.spec["long_term_weight"] == 1.0

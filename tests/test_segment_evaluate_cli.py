@@ -184,11 +184,13 @@ def test_evaluate_and_segment_read_the_student_memory_as_eval_says(tmp_path):
             *tiny_model_overrides(),
             "eval.soft_memory=false",
             "eval.attention_topk=1",
+            "eval.long_term_weight=1.5",
             "eval.refine_iterations=0",
         ]
     )
     segmenter, _, _ = build_segmenter(args, cfg, "cpu")
     assert (segmenter.soft_memory, segmenter.attention_topk, segmenter.refine) == (False, 1, None)
+    assert segmenter.long_term_weight == 1.5
 
 
 def test_segment_ckpt_and_teacher_are_exclusive(capsys):

@@ -170,6 +170,33 @@ def test_reconstructing_the_reference_leaves_the_clip_alone():
         torch.testing.assert_close(ours, theirs)  # frame 0's reading did not become the short-term memory
 
 
+def test_corrupted_memory_enters_the_short_term_memory_only():
+    """`corrupt_memory` changes what each frame leaves in the short-term memory (frame 0's masks for
+    frame 1, then the predictions), never the long-term one; the identity changes nothing."""
+    student = make_student().eval()
+    frames = torch.rand(2, 3, 3, 64, 80)
+    masks = random_masks(2, 64, 80, 2)
+    calls = []
+
+    def to_background(given):
+        calls.append(given.shape)
+        return torch.cat((given.sum(1, keepdim=True), torch.zeros_like(given[:, 1:])), dim=1)
+
+    with torch.no_grad():
+        plain, _ = student.segment_clip(frames, masks, num_objects=2)
+        same, _ = student.segment_clip(frames, masks, num_objects=2, corrupt_memory=lambda m: m)
+        emptied, _ = student.segment_clip(frames, masks, num_objects=2, corrupt_memory=to_background)
+        # frame 1 by hand: the reference in the long-term memory, its emptied masks in the short-term
+        memory = student.initialize_memory(student.encode_frame(frames[:, 0]), masks)
+        memory = student.remember(memory, memory.reference_key, memory.reference_value, to_background(masks))
+        frame_1 = student.step(frames[:, 1], memory, num_objects=2).logits
+    for ours, theirs in zip(same, plain):
+        torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(emptied[0], frame_1)
+    assert not torch.allclose(emptied[0], plain[0])
+    assert len(calls) == 1 + 1 + 2  # by hand once; in the clip frame 0's masks and each prediction
+
+
 def test_permutation_draw_is_reproducible_and_training_only():
     student = make_student().train()
     first = student.sample_id_permutation(4, generator=torch.Generator().manual_seed(7))

@@ -48,6 +48,7 @@ caching allocator's reserve).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,7 +64,7 @@ from dvos.data.readers import FrameReader
 from dvos.data.vos import VOSSequence
 from dvos.inference.writer import MaskWriter
 from dvos.models.refine import EdgeRefinement
-from dvos.models.student import DeformableStudent, Memory, labels_to_onehot
+from dvos.models.student import DeformableStudent, Memory, labels_to_onehot, reading_problem
 from dvos.models.teacher import LabelPropagationTeacher, upsample_probabilities
 from dvos.utils.errors import ConfigError, DataError
 from dvos.utils.masks import VOID_ID
@@ -233,13 +234,15 @@ class _TorchSegmenter:
 
 def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, Any]:
     """`StudentSegmenter`'s keyword arguments for reading its memory and refining its output, from a
-    config's `eval` section (`soft_memory`, `attention_topk`, `refine_*`; defaults where the section
+    config's `eval` section (`soft_memory`, `attention_topk`, `long_term_weight`, `refine_*`; defaults where the section
     lacks them). `validation`: the refinement passes are `eval.val_refine_iterations` (the
     validation during training) instead of `eval.refine_iterations`."""
     get = eval_config.get if hasattr(eval_config, "get") else (lambda key, default: default)
     topk = get("attention_topk", None)
-    if topk is not None and int(topk) < 0:
-        raise ConfigError(f"eval.attention_topk must be ≥ 0 (0: all points) or null, got {topk}")
+    long_term_weight = get("long_term_weight", None)
+    problem = reading_problem(topk, long_term_weight, names=("eval.attention_topk", "eval.long_term_weight"))
+    if problem is not None:
+        raise ConfigError(problem)
     defaults = EdgeRefinement()
     iterations_key = "val_refine_iterations" if validation else "refine_iterations"
     values = {
@@ -263,6 +266,7 @@ def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, 
     return {
         "soft_memory": bool(get("soft_memory", True)),
         "attention_topk": None if topk is None else int(topk),
+        "long_term_weight": None if long_term_weight is None else float(long_term_weight),
         "refine": refine if refine.enabled else None,
     }
 
@@ -280,6 +284,9 @@ class StudentSegmenter(_TorchSegmenter):
             argmax either way.
         attention_topk: each deformable read keeps its k most similar sampled points at inference
             (`eval.attention_topk`; 0: all; None: as the student was built, `model.attention_topk`).
+        long_term_weight: the ID stream weighs the long-term (reference) read w and the short-term
+            (previous frame) read 2 − w (`eval.long_term_weight`; None: 1, as trained); see
+            `DeformableStudent.reading`.
         refine: edge refinement of each predicted frame (`eval.refine_*`; None: off): the softmax,
             at the frame's size, is filtered by `EdgeRefinement` guided by the frame; the returned
             mask is its argmax and the short-term memory embeds it (resized to the model's input;
@@ -297,17 +304,25 @@ class StudentSegmenter(_TorchSegmenter):
         min_size: int | None = None,
         soft_memory: bool = True,
         attention_topk: int | None = None,
+        long_term_weight: float | None = None,
         refine: EdgeRefinement | None = None,
     ) -> None:
         super().__init__(device=device, max_size=max_size, min_size=min_size, refine=refine)
-        if attention_topk is not None and int(attention_topk) < 0:
-            raise DataError(f"attention_topk must be >= 0 (0: all points) or None, got {attention_topk}")
+        problem = reading_problem(attention_topk, long_term_weight)
+        if problem is not None:
+            raise DataError(problem)
         self.soft_memory = bool(soft_memory)
         self.attention_topk = None if attention_topk is None else int(attention_topk)
+        self.long_term_weight = None if long_term_weight is None else float(long_term_weight)
         self.student = student.to(self.device).eval()
         self.max_objects = int(student.max_objects)
         self.memory: Memory | None = None
         self._previous: np.ndarray | None = None  # last prediction, model ids, H × W
+
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        return self.student.reading(
+            attention_topk=self.attention_topk, long_term_weight=self.long_term_weight
+        )
 
     def _check_count(self) -> None:
         if len(self.ids) > self.max_objects:
@@ -338,7 +353,7 @@ class StudentSegmenter(_TorchSegmenter):
         if self.refine is not None:
             model_ids = self._refined_step(frame, num_objects)
         else:
-            with self.student.attention_topk(self.attention_topk):
+            with self._reading():
                 output = self.student.step(
                     self._image(frame), self.memory, num_objects=num_objects, soft_memory=self.soft_memory
                 )
@@ -350,7 +365,7 @@ class StudentSegmenter(_TorchSegmenter):
     def _refined_step(self, frame: np.ndarray, num_objects: int) -> np.ndarray:
         """`step` with the edge refinement: predict, refine at the frame's size, remember the refined
         mask; returns H × W model ids."""
-        with self.student.attention_topk(self.attention_topk):
+        with self._reading():
             output = self.student.step(
                 self._image(frame), self.memory, num_objects=num_objects, update_memory=False
             )

@@ -38,7 +38,7 @@ One graph does the whole video (what `ExportedSegmenter` does, and what a device
   `dvos.inference.engine`).
 
 The graph is exported in eval mode (identity ID permutation) with the engine's memory reading
-(`eval.soft_memory`, `eval.attention_topk`; both recorded in the description). Frames of another
+(`eval.soft_memory`, `eval.attention_topk`, `eval.long_term_weight`; recorded in the description). Frames of another
 size must be resized to H × W by the caller. Both formats carry a JSON description (sizes, names,
 the source checkpoint) in the file: ONNX metadata property `dvos`, TorchScript extra file
 `dvos_export.json`; `load_exported` reads it back.
@@ -208,11 +208,14 @@ def export_spec(
     max_objects: int,
     soft_memory: bool = True,
     attention_topk: int | None = None,
+    long_term_weight: float | None = None,
 ) -> dict[str, Any]:
-    """The JSON description stored in an exported file (`attention_topk`: the value the graph reads
-    with, the student's own when None)."""
+    """The JSON description stored in an exported file (`attention_topk`, `long_term_weight`: the
+    values the graph reads with, the student's own when None)."""
     if attention_topk is None:
         attention_topk = int(student.propagation.long_term.topk)
+    if long_term_weight is None:
+        long_term_weight = float(student.propagation.long_term_weight)
     shape = memory_shape(student.d_model, height, width)
     return {
         "dvos_version": __version__,
@@ -224,6 +227,7 @@ def export_spec(
         "memory_shape": list(shape),
         "soft_memory": bool(soft_memory),
         "attention_topk": int(attention_topk),
+        "long_term_weight": float(long_term_weight),
         "inputs": list(INPUT_NAMES),
         "outputs": list(OUTPUT_NAMES),
     }
@@ -320,6 +324,7 @@ def export_student(
     max_objects: int | None = None,
     soft_memory: bool = True,
     attention_topk: int | None = None,
+    long_term_weight: float | None = None,
 ) -> Path:
     """Export the student's frame step (`FrameStep`) for frames of `height` × `width`.
 
@@ -329,8 +334,9 @@ def export_student(
         path: the output file, written atomically (temporary name beside it, then renamed).
         height, width: the fixed frame size H × W of the exported graph.
         max_objects: K of the graph (default: the student's `max_objects`).
-        soft_memory, attention_topk: the memory reading (`StudentSegmenter`'s arguments of those names,
-            `eval.soft_memory` / `eval.attention_topk`).
+        soft_memory, attention_topk, long_term_weight: the memory reading (`StudentSegmenter`'s
+            arguments of those names, `eval.soft_memory` / `eval.attention_topk` /
+            `eval.long_term_weight`).
 
     Returns:
         The written file.
@@ -354,11 +360,12 @@ def export_student(
         max_objects=step.max_objects,
         soft_memory=soft_memory,
         attention_topk=attention_topk,
+        long_term_weight=long_term_weight,
     )
     inputs = example_inputs(student.d_model, height, width, step.max_objects)
     exporter = _export_onnx if fmt == "onnx" else _export_torchscript
     try:
-        with atomic_path(path) as tmp, student.attention_topk(attention_topk):
+        with atomic_path(path) as tmp, reading_of(student, spec):
             exporter(step, inputs, tmp, spec)
     except DvosError:
         raise
@@ -468,13 +475,21 @@ def max_difference(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor]
     return result
 
 
+def reading_of(student: DeformableStudent, spec: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """The student reading its memory as an exported file's description says (files written before
+    `long_term_weight` was recorded read as trained)."""
+    return student.reading(
+        attention_topk=spec.get("attention_topk"), long_term_weight=spec.get("long_term_weight")
+    )
+
+
 def verify_export(student: DeformableStudent, exported: ExportedStep, *, seed: int = 1) -> dict[str, float]:
     """Run the exported step and the PyTorch `FrameStep` on the same random inputs; `max_difference`."""
     spec = exported.spec
     step = FrameStep(student, max_objects=spec["max_objects"], soft_memory=spec.get("soft_memory", False))
     inputs = example_inputs(spec["d_model"], spec["height"], spec["width"], spec["max_objects"], seed=seed)
     device = next(student.parameters()).device
-    with torch.inference_mode(), student.attention_topk(spec.get("attention_topk")):
+    with torch.inference_mode(), reading_of(student, spec):
         expected = tuple(t.cpu() for t in step(*(t.to(device) for t in inputs)))
     return max_difference(expected, exported(*inputs))
 

@@ -143,6 +143,31 @@ def reference_reconstruction_loss(
     return ce + jaccard_weight * jaccard if jaccard_weight != 0.0 else ce
 
 
+def swap_objects(
+    masks: torch.Tensor,
+    num_objects: torch.Tensor,
+    *,
+    probability: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per sample, with `probability`, hand one object's mask to another id: masks B × C × H × W
+    (one-hot or soft; channel 0 the background, 1..n the sample's objects) → the same with channel k
+    added to channel j ≠ k (j in 0..n, drawn uniformly) and channel k zeroed. The distillation's
+    `memory_swap_prob`: a short-term memory with one identity wrong, as the student's own predictions
+    are when two objects meet."""
+    out = masks.clone()
+    for b in range(masks.shape[0]):
+        count = int(num_objects[b])
+        if count < 1 or float(torch.rand((), generator=generator)) >= probability:
+            continue
+        source = int(torch.randint(1, count + 1, (), generator=generator))
+        target = int(torch.randint(0, count, (), generator=generator))
+        target = target + 1 if target >= source else target  # any id in 0..n but the source
+        out[b, target] = out[b, target] + out[b, source]
+        out[b, source] = 0
+    return out
+
+
 def magnify(images: torch.Tensor, scale: int, *, nearest: bool = False) -> torch.Tensor:
     """N × C × H × W → N × C × sH × sW, bilinear (images) or nearest (masks): pixel (y, x) becomes
     the s × s block at (sy, sx), so a stride-k grid over the result is a stride-k/s grid over the input."""
@@ -314,6 +339,14 @@ class DistillationModule(pl.LightningModule):
             reference_ids, ce_targets = self.refine_to_edges(frames, reference_ids, teacher_out, num_objects)
         reference_masks = labels_to_onehot(reference_ids, max_objects + 1)
         reconstruct = float(self.config.distill.lambda_ref) > 0
+        swap_prob = float(self.config.distill.memory_swap_prob)
+        corrupt = None
+        if self.training and swap_prob > 0:
+            generator = self._clip_generator
+
+            def corrupt(masks: torch.Tensor) -> torch.Tensor:
+                return swap_objects(masks, num_objects, probability=swap_prob, generator=generator)
+
         logits, aux = self.student.segment_clip(
             frames,
             reference_masks,
@@ -321,6 +354,7 @@ class DistillationModule(pl.LightningModule):
             return_attention=return_attention,
             generator=self._clip_generator if self.training else None,
             reconstruct_reference=reconstruct,
+            corrupt_memory=corrupt,
         )
         reference_logits = None
         if reconstruct:
@@ -657,6 +691,8 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         )
     if not 0.0 < float(d.ce_hard_ratio) <= 1.0:
         raise ConfigError(f"distill.ce_hard_ratio must be in (0, 1], got {d.ce_hard_ratio}")
+    if not 0.0 <= float(d.memory_swap_prob) <= 1.0:
+        raise ConfigError(f"distill.memory_swap_prob must be in [0, 1], got {d.memory_swap_prob}")
     for key in (
         "lambda_ref",
         "lambda_jaccard",

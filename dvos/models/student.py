@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -157,6 +157,20 @@ def memory_masks(logits: torch.Tensor, *, soft: bool) -> torch.Tensor:
     return labels_to_onehot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
 
 
+def reading_problem(
+    attention_topk: int | None,
+    long_term_weight: float | None,
+    names: tuple[str, str] = ("attention_topk", "long_term_weight"),
+) -> str | None:
+    """What is wrong with inference-time reading settings (`DeformableStudent.reading`), one line
+    naming the setting by `names`, or None. None values mean "as trained" and are always valid."""
+    if attention_topk is not None and int(attention_topk) < 0:
+        return f"{names[0]} must be ≥ 0 (0: all points) or null, got {attention_topk}"
+    if long_term_weight is not None and not 0.0 <= float(long_term_weight) <= 2.0:
+        return f"{names[1]} must be in [0, 2] (1: as trained) or null, got {long_term_weight}"
+    return None
+
+
 def labels_to_onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """labels: B × H × W long in [0, num_classes) → B × num_classes × H × W float one-hot."""
     return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
@@ -213,7 +227,10 @@ class GatedDeformablePropagation(nn.Module):
             attention_scale=attention_scale,
             topk=attention_topk,
         )
-        # Reading the memory (long-term + short-term).
+        # Reading the memory (long-term + short-term). The ID stream sums the two reads weighted
+        # w and 2 − w (`long_term_weight`, 1 in training; an inference-time setting, see
+        # `DeformableStudent.reading`), not a parameter: it is not in the state dict.
+        self.long_term_weight = 1.0
         self.norm_input = nn.LayerNorm(dim)
         self.to_query_key = nn.Linear(dim, dim)  # shared by the query frame and the memory frames
         self.to_value = nn.Linear(dim, dim)
@@ -308,7 +325,11 @@ class GatedDeformablePropagation(nn.Module):
         tokens = _map_to_tokens(embedding)
         normed = self.norm_input(tokens)
         visual_read = long_visual_id[0] + short_visual_id[0]
-        id_read = long_visual_id[1] + short_visual_id[1]
+        weight = float(self.long_term_weight)
+        if weight == 1.0:
+            id_read = long_visual_id[1] + short_visual_id[1]
+        else:
+            id_read = weight * long_visual_id[1] + (2.0 - weight) * short_visual_id[1]
         visual = tokens + self.out_visual(visual_read * F.silu(self.gate_visual(normed)))
         identity = self.out_id(id_read * F.silu(self.gate_id(normed)))
         aux = None
@@ -553,25 +574,37 @@ class DeformableStudent(nn.Module):
         return torch.cat((background, torch.stack(objects)), dim=1).to(device)
 
     @contextlib.contextmanager
-    def attention_topk(self, topk: int | None) -> Iterator[None]:
-        """Within the block, both deformable reads keep each query's `topk` most similar sampled points
-        (0: all of them; None: as built, `model.attention_topk`); restored on exit, so an inference-time
-        override never reaches training (`eval.attention_topk`).
+    def reading(
+        self, *, attention_topk: int | None = None, long_term_weight: float | None = None
+    ) -> Iterator[None]:
+        """Within the block, the student reads its memory with inference-time settings; restored on
+        exit (after an error too), so an override never reaches training.
+
+        Args:
+            attention_topk: both deformable reads keep each query's k most similar sampled points (0: all
+                of them; None: as built, `model.attention_topk`; `eval.attention_topk`).
+            long_term_weight: w in [0, 2]: the ID stream sums the long-term (reference frame) read
+                times w and the short-term (previous frame) read times 2 − w (None or 1: as trained;
+                `eval.long_term_weight`). Above 1 the reference frame outweighs the student's own last
+                prediction, whose errors otherwise carry on from frame to frame.
         """
-        reads = (self.propagation.long_term, self.propagation.short_term)
-        if topk is None:
-            yield
-            return
-        if int(topk) < 0:
-            raise ValueError(f"attention_topk must be >= 0 (0: all points) or None, got {topk}")
-        saved = [read.topk for read in reads]
-        for read in reads:
-            read.topk = int(topk)
+        problem = reading_problem(attention_topk, long_term_weight)
+        if problem is not None:
+            raise ValueError(problem)
+        propagation = self.propagation
+        reads = (propagation.long_term, propagation.short_term)
+        saved = ([read.topk for read in reads], propagation.long_term_weight)
+        if attention_topk is not None:
+            for read in reads:
+                read.topk = int(attention_topk)
+        if long_term_weight is not None:
+            propagation.long_term_weight = float(long_term_weight)
         try:
             yield
         finally:
-            for read, value in zip(reads, saved):
+            for read, value in zip(reads, saved[0]):
                 read.topk = value
+            propagation.long_term_weight = saved[1]
 
     def embed_ids(self, masks: torch.Tensor, *, id_permutation: torch.Tensor | None = None) -> torch.Tensor:
         """ID embedding of object masks.
@@ -789,6 +822,7 @@ class DeformableStudent(nn.Module):
         generator: torch.Generator | None = None,
         soft_memory: bool | None = None,
         reconstruct_reference: bool = False,
+        corrupt_memory: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], list[dict[str, DeformableAttentionAux] | None]]:
         """Propagate the reference masks (frame 0) through a clip, one frame at a time.
 
@@ -799,6 +833,8 @@ class DeformableStudent(nn.Module):
             reconstruct_reference: also segment frame 0 itself from the fresh memory (first in the
                 outputs; the memory is not updated by it): reading a mask back from its own frame
                 must return it, the distillation's reference-reconstruction loss.
+            corrupt_memory: applied to the masks before they enter the short-term memory (frame 0's
+                for frame 1, then each prediction's; the long-term memory keeps frame 0's as given).
 
         Returns:
             (logits, aux): T − 1 tensors B × (K + 1) × H × W for frames 1..T−1, and their aux (or
@@ -806,6 +842,10 @@ class DeformableStudent(nn.Module):
         """
         reference = self.encode_frame(frames[:, 0])
         memory = self.initialize_memory(reference, reference_masks, generator=generator)
+        if corrupt_memory is not None:
+            memory = self.remember(
+                memory, memory.reference_key, memory.reference_value, corrupt_memory(reference_masks)
+            )
         all_logits, all_aux = [], []
         if reconstruct_reference:
             output = self.step(
@@ -825,8 +865,13 @@ class DeformableStudent(nn.Module):
                 num_objects=num_objects,
                 return_attention=return_attention,
                 soft_memory=soft_memory,
+                update_memory=corrupt_memory is None,
             )
             memory = output.memory
+            if corrupt_memory is not None:
+                soft = self.training if soft_memory is None else soft_memory
+                masks = corrupt_memory(memory_masks(output.logits, soft=soft))
+                memory = self.remember(memory, output.key, output.value, masks)
             all_logits.append(output.logits)
             all_aux.append(output.aux)
         return all_logits, all_aux

@@ -833,8 +833,9 @@ class DeformableStudent(nn.Module):
             reconstruct_reference: also segment frame 0 itself from the fresh memory (first in the
                 outputs; the memory is not updated by it): reading a mask back from its own frame
                 must return it, the distillation's reference-reconstruction loss.
-            corrupt_memory: applied to the masks before they enter the short-term memory (frame 0's
-                for frame 1, then each prediction's; the long-term memory keeps frame 0's as given).
+            corrupt_memory: applied to the masks before they enter the short-term memory (frame 0's,
+                read by frame 1 and by the reading of frame 0 itself, then each prediction's); the
+                long-term memory keeps frame 0's as given.
 
         Returns:
             (logits, aux): T − 1 tensors B × (K + 1) × H × W for frames 1..T−1, and their aux (or

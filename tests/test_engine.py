@@ -161,7 +161,9 @@ def test_reading_options_come_from_the_eval_config():
     from dvos.utils.errors import ConfigError
 
     plain = reading_options(load_config(["eval.refine_iterations=0", "eval.val_refine_iterations=0"]).eval)
-    assert plain == {"soft_memory": True, "attention_topk": None, "long_term_weight": None, "refine": None}
+    # the root config's reading: soft memory, top-k as trained, the reference weighed 1.3
+    assert plain == {"soft_memory": True, "attention_topk": None, "long_term_weight": 1.3, "refine": None}
+    assert reading_options(OmegaConf.create({}))["long_term_weight"] is None  # schema: as trained
     cfg = load_config(
         [
             "eval.soft_memory=false",

@@ -38,8 +38,8 @@ One graph does the whole video (what `ExportedSegmenter` does, and what a device
   `dvos.inference.engine`).
 
 The graph is exported in eval mode (identity ID permutation) with the engine's memory reading
-(`eval.soft_memory`, `eval.attention_topk`, `eval.long_term_weight`; recorded in the description). Frames of another
-size must be resized to H × W by the caller. Both formats carry a JSON description (sizes, names,
+(`eval.soft_memory`, `eval.attention_topk`, `eval.long_term_weight`; recorded in the description).
+Frames of another size must be resized to H × W by the caller. Both formats carry a JSON description (sizes, names,
 the source checkpoint) in the file: ONNX metadata property `dvos`, TorchScript extra file
 `dvos_export.json`; `load_exported` reads it back.
 

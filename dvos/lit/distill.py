@@ -27,6 +27,7 @@ so no random state lives outside the checkpoint.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -342,11 +343,9 @@ class DistillationModule(pl.LightningModule):
         swap_prob = float(self.config.distill.memory_swap_prob)
         corrupt = None
         if self.training and swap_prob > 0:
-            generator = self._clip_generator
-
-            def corrupt(masks: torch.Tensor) -> torch.Tensor:
-                return swap_objects(masks, num_objects, probability=swap_prob, generator=generator)
-
+            corrupt = functools.partial(
+                swap_objects, num_objects=num_objects, probability=swap_prob, generator=self._clip_generator
+            )
         logits, aux = self.student.segment_clip(
             frames,
             reference_masks,

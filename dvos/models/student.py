@@ -325,11 +325,8 @@ class GatedDeformablePropagation(nn.Module):
         tokens = _map_to_tokens(embedding)
         normed = self.norm_input(tokens)
         visual_read = long_visual_id[0] + short_visual_id[0]
-        weight = float(self.long_term_weight)
-        if weight == 1.0:
-            id_read = long_visual_id[1] + short_visual_id[1]
-        else:
-            id_read = weight * long_visual_id[1] + (2.0 - weight) * short_visual_id[1]
+        weight = float(self.long_term_weight)  # 1: the trained sum, exactly (× 1.0 is exact)
+        id_read = weight * long_visual_id[1] + (2.0 - weight) * short_visual_id[1]
         visual = tokens + self.out_visual(visual_read * F.silu(self.gate_visual(normed)))
         identity = self.out_id(id_read * F.silu(self.gate_id(normed)))
         aux = None

@@ -141,6 +141,13 @@ class DistillConfig:
     feature_weight: float = 1.0  # weight of the teacher's (unit) features in that clustering
     colour_weight: float = 0.0  # weight of frame 0's smoothed colours in it (a weak teacher needs them)
     components: bool = False  # every connected piece of a segment is its own pseudo-object
+    # with components: a piece must hold a min_width × min_width block of the teacher's feature cells
+    # (thinner pieces, e.g. one stripe of a texture, are background; 1: any piece)
+    min_width: int = 1
+    # with components: a piece's mean colour must differ from its surroundings' (within 2 cells) by
+    # this much (RGB in [0, 1]; 0: off): pieces that only the position term cut out of a uniform
+    # texture are background
+    min_contrast: float = 0.0
     tau: float = 1.0  # softmax temperature of the relation losses
     lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)

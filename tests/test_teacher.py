@@ -365,6 +365,38 @@ def test_split_components_makes_each_piece_an_object_and_drops_specks_and_backgr
     assert int(split_components(big, 4, min_cells=2)[0][7, 2]) == 0
 
 
+def test_split_components_drops_thin_pieces_with_min_width():
+    segments = torch.zeros(1, 12, 12, dtype=torch.long)
+    segments[0, 1, 0:12] = 1  # a stripe one cell wide along the top border, 12 cells
+    segments[0, 6:9, 2:5] = 1  # a 3 × 3 block
+    segments[0, 6:8, 7:12] = 2  # 2 cells wide, touching the right border
+    out = split_components(segments, 6, min_cells=2, min_width=3)[0]
+    assert int(out[7, 3]) == 1  # the block stays, now the only object
+    assert int(out[1, 5]) == 0 and int(out[7, 9]) == 0  # thinner than 3 (the border does not widen it)
+    assert set(out.unique().tolist()) == {0, 1}
+    both = split_components(segments, 6, min_cells=2, min_width=2)[0]
+    assert int(both[7, 9]) > 0 and int(both[1, 5]) == 0
+    assert torch.equal(split_components(segments, 6, min_cells=2, min_width=1), split_components(segments, 6, min_cells=2))
+    with pytest.raises(ValueError, match="min_width"):
+        split_components(segments, 6, min_width=0)
+
+
+def test_split_components_drops_pieces_of_the_surroundings_colour_with_min_contrast():
+    segments = torch.zeros(1, 12, 12, dtype=torch.long)
+    segments[0, 2:6, 2:6] = 1  # a red square on grey: an object
+    segments[0, 7:11, 6:10] = 2  # a piece cut out of the grey (position only): no object
+    colours = torch.full((1, 3, 12, 12), 0.5)
+    colours[0, :, 2:6, 2:6] = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
+    colours[0, :, 7:11, 6:10] += 0.01  # the same grey, but for noise
+    out = split_components(segments, 4, min_cells=2, colours=colours, min_contrast=0.1)[0]
+    assert int(out[3, 3]) == 1 and int(out[8, 8]) == 0
+    # contrast ≈ 0.66 for the red square's 4 × 4 cells against the grey ring around them
+    assert int(split_components(segments, 4, min_cells=2, colours=colours, min_contrast=0.7)[0][3, 3]) == 0
+    assert int(split_components(segments, 4, min_cells=2)[0][8, 8]) > 0  # off by default
+    with pytest.raises(ValueError, match="colours"):
+        split_components(segments, 4, min_contrast=0.1)
+
+
 def test_cell_colours_average_texture_and_centre_per_image():
     stripes = torch.zeros(1, 3, 32, 48)
     stripes[:, 0, :, ::2] = 1.0  # red / black columns, 1 pixel wide

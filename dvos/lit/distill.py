@@ -327,6 +327,8 @@ class DistillationModule(pl.LightningModule):
                 colour_weight=float(self.config.distill.colour_weight),
                 feature_weight=float(self.config.distill.feature_weight),
                 components=bool(self.config.distill.components),
+                min_width=int(self.config.distill.min_width),
+                min_contrast=float(self.config.distill.min_contrast),
             )
         if scale > 1:  # back to the frames' pixels (one per magnified block); a cell covers stride / scale
             ids = teacher_out["reference_ids"][:, ::scale, ::scale]
@@ -692,6 +694,8 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         raise ConfigError(f"distill.ce_hard_ratio must be in (0, 1], got {d.ce_hard_ratio}")
     if not 0.0 <= float(d.memory_swap_prob) <= 1.0:
         raise ConfigError(f"distill.memory_swap_prob must be in [0, 1], got {d.memory_swap_prob}")
+    if int(d.min_width) < 1:
+        raise ConfigError(f"distill.min_width must be ≥ 1 (1: any piece), got {d.min_width}")
     for key in (
         "lambda_ref",
         "lambda_jaccard",
@@ -699,6 +703,7 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         "feature_weight",
         "position_weight",
         "refine_iterations",
+        "min_contrast",
     ):
         if float(d[key]) < 0:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")

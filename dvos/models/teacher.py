@@ -360,13 +360,26 @@ def order_segments(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
 
 
 def split_components(
-    segments: torch.Tensor, num_segments: int, *, min_cells: int = 4, max_share: float = 0.25
+    segments: torch.Tensor,
+    num_segments: int,
+    *,
+    min_cells: int = 4,
+    max_share: float = 0.25,
+    min_width: int = 1,
+    colours: torch.Tensor | None = None,
+    min_contrast: float = 0.0,
 ) -> torch.Tensor:
     """Pseudo-objects as connected pieces: B × h × w segment ids (0 = background) → B × h × w ids
-    where every 4-connected component of a non-background segment with at least `min_cells` cells
-    and at most `max_share` of the map is its own object, numbered 1, 2, ... by decreasing area,
-    at most `num_segments` − 1 of them; the other cells (specks, pieces as large as a background,
-    pieces past the count) become background.
+    where every 4-connected component of a non-background segment with at least `min_cells` cells,
+    at most `max_share` of the map and a `min_width` × `min_width` block of its own cells somewhere
+    is its own object, numbered 1, 2, ... by decreasing area, at most `num_segments` − 1 of them;
+    the other cells (specks, thin pieces such as one stripe of a striped texture, pieces as large
+    as a background, pieces past the count) become background.
+
+    With `colours` (B × 3 × h × w, e.g. `cell_colours`) and `min_contrast` > 0, a piece must also
+    differ from its surroundings: the distance between its mean colour and the mean colour of the
+    cells within two cells around it at least `min_contrast` (a k-means segment that only the
+    position term cut out of a uniform texture is no object).
 
     A k-means segment is often several separate regions of one colour or texture (two objects
     alike, an object and a patch of background); as objects they would be asked to move as one.
@@ -374,8 +387,17 @@ def split_components(
     import cv2
     import numpy as np
 
+    if min_width < 1:
+        raise ValueError(f"min_width must be >= 1, got {min_width}")
     segment_maps = segments.cpu().numpy()
     out = np.zeros_like(segment_maps)
+    block = np.ones((min_width, min_width), np.uint8)
+    ring_kernel = np.ones((5, 5), np.uint8)
+    colour_maps = None
+    if min_contrast > 0:
+        if colours is None:
+            raise ValueError("min_contrast > 0 needs the cells' colours")
+        colour_maps = colours.detach().float().cpu().permute(0, 2, 3, 1).numpy()
     for index, ids in enumerate(segment_maps):
         pieces = []
         for segment in np.unique(ids):
@@ -386,8 +408,23 @@ def split_components(
             )
             for label in range(1, count):
                 area = int(stats[label, cv2.CC_STAT_AREA])
-                if min_cells <= area <= max_share * ids.size:
-                    pieces.append((-area, int(segment), label, labels == label))
+                piece = labels == label
+                if not min_cells <= area <= max_share * ids.size:
+                    continue
+                # a w × w block of the piece survives erosion by it (outside the map counts as not
+                # the piece, so the border does not widen a thin piece)
+                if min_width > 1 and not cv2.erode(
+                    piece.astype(np.uint8), block, borderType=cv2.BORDER_CONSTANT, borderValue=0
+                ).any():
+                    continue
+                if colour_maps is not None:
+                    ring = cv2.dilate(piece.astype(np.uint8), ring_kernel).astype(bool) & ~piece
+                    if ring.any():
+                        inside = colour_maps[index][piece].mean(0)
+                        around = colour_maps[index][ring].mean(0)
+                        if float(np.linalg.norm(inside - around)) < min_contrast:
+                            continue
+                pieces.append((-area, int(segment), label, piece))
         pieces.sort(key=lambda piece: piece[:3])
         for new_id, (_, _, _, mask) in enumerate(pieces[: num_segments - 1], start=1):
             out[index][mask] = new_id
@@ -757,6 +794,8 @@ class LabelPropagationTeacher(nn.Module):
         colour_weight: float = 0.0,
         feature_weight: float = 1.0,
         components: bool = False,
+        min_width: int = 1,
+        min_contrast: float = 0.0,
         object_masks: Mapping[int, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Propagate the reference masks through a clip (the streaming state is left untouched).
@@ -769,6 +808,9 @@ class LabelPropagationTeacher(nn.Module):
             position_weight: weight of the position in that clustering (0: appearance only).
             colour_weight, feature_weight: weights of frame 0's colours and of its features there.
             components: pseudo-objects are the connected pieces of the segments (`split_components`).
+            min_width: with `components`, a piece must hold a min_width × min_width block of cells.
+            min_contrast: with `components` and colours, a piece's colour must differ from its
+                surroundings' by this much (`split_components`).
             object_masks: {t: B × (K'+1) × H × W} objects given on frame t ≥ 1 (`add_objects`).
 
         Returns:
@@ -795,6 +837,8 @@ class LabelPropagationTeacher(nn.Module):
                 colour_weight=colour_weight,
                 feature_weight=feature_weight,
                 components=components,
+                min_width=min_width,
+                min_contrast=min_contrast,
             )
             labels = F.one_hot(feature_ids, num_segments).permute(0, 3, 1, 2).float()
         else:
@@ -852,6 +896,8 @@ class LabelPropagationTeacher(nn.Module):
         colour_weight: float = 0.0,
         feature_weight: float = 1.0,
         components: bool = False,
+        min_width: int = 1,
+        min_contrast: float = 0.0,
         iterations: int = 10,
         seed: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -869,6 +915,10 @@ class LabelPropagationTeacher(nn.Module):
             image_size: (H, W) of the image-resolution ids; default (h·s, w·s).
             image: B × 3 × H × W in [0, 1], the reference frame (needed when colour_weight > 0).
             components: make every connected piece of a segment its own object (`split_components`).
+            min_width: with `components`, pieces without a min_width × min_width block of cells are
+                background (`split_components`).
+            min_contrast: with `components`, pieces whose colour differs from their surroundings'
+                by less are background (`split_components`; needs `image`).
 
         Returns:
             ids at feature resolution B × h × w and at image resolution B × H × W (int64; the
@@ -890,7 +940,11 @@ class LabelPropagationTeacher(nn.Module):
             seed=seed,
         )
         if components:
-            ids = split_components(ids, k)
+            if min_contrast > 0 and colours is None:
+                if image is None:
+                    raise ValueError("min_contrast > 0 needs the reference image")
+                colours = cell_colours(image.to(features.device), tuple(features.shape[-2:]), self.stride)
+            ids = split_components(ids, k, min_width=min_width, colours=colours, min_contrast=min_contrast)
         size = image_size or (features.shape[-2] * self.stride, features.shape[-1] * self.stride)
         one_hot = F.one_hot(ids, k).permute(0, 3, 1, 2).float()
         return ids, upsample_probabilities(one_hot, size, self.stride).argmax(1)

@@ -112,6 +112,7 @@ class ModelConfig:
     decoder_dim: int = 256
     ffn_ratio: float = 2.0
     permute_ids: bool = True  # random permutation of object ids in training (undone on the output)
+    permute_slots: int | None = None  # that permutation moves slots 1..P only (null: all max_objects)
     attention_scale: float = 30.0  # > 0: cosine attention with a learned scale starting here; 0: q·k/√d
     attention_topk: int = 0  # > 0: each query reads only its k most similar sampled points (0: all)
     propagation_init: bool = True  # a fresh student starts as a label propagator (docs/DESIGN.md)

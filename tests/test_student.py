@@ -212,6 +212,20 @@ def test_permutation_draw_is_reproducible_and_training_only():
     )
 
 
+def test_permute_slots_moves_the_first_slots_only():
+    student = make_student(permute_slots=3).train()
+    draws = student.sample_id_permutation(64, generator=torch.Generator().manual_seed(0))
+    assert (draws[:, 0] == 0).all()
+    assert (draws[:, 1:4].sort(dim=1).values == torch.tensor([1, 2, 3])).all()  # 1..3 among themselves
+    assert (draws[:, 4:] == torch.arange(4, MAX_OBJECTS + 1)).all()  # the others stay put
+    assert len({tuple(row.tolist()) for row in draws[:, 1:4]}) == 6  # every arrangement of 3 drawn
+    assert torch.equal(student.eval().sample_id_permutation(2), torch.arange(MAX_OBJECTS + 1).expand(2, -1))
+    everything = make_student(permute_slots=MAX_OBJECTS + 5).train()  # capped at max_objects
+    assert everything.permute_slots == MAX_OBJECTS
+    with pytest.raises(ValueError, match="permute_slots"):
+        make_student(permute_slots=0)
+
+
 def test_embed_ids_puts_object_c_in_slot_permutation_c():
     student = make_student()
     masks = random_masks(1, 32, 48, 3)

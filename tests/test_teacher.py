@@ -376,7 +376,9 @@ def test_split_components_drops_thin_pieces_with_min_width():
     assert set(out.unique().tolist()) == {0, 1}
     both = split_components(segments, 6, min_cells=2, min_width=2)[0]
     assert int(both[7, 9]) > 0 and int(both[1, 5]) == 0
-    assert torch.equal(split_components(segments, 6, min_cells=2, min_width=1), split_components(segments, 6, min_cells=2))
+    assert torch.equal(
+        split_components(segments, 6, min_cells=2, min_width=1), split_components(segments, 6, min_cells=2)
+    )
     with pytest.raises(ValueError, match="min_width"):
         split_components(segments, 6, min_width=0)
 

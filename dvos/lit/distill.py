@@ -711,6 +711,9 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         value = config.eval[key]
         if value is not None and int(value) < MIN_MODEL_SIZE:
             raise ConfigError(f"eval.{key} must be at least {MIN_MODEL_SIZE} pixels (or null), got {value}")
+    slots = (config.get("model") or {}).get("permute_slots")
+    if slots is not None and int(slots) < 1:
+        raise ConfigError(f"model.permute_slots must be ≥ 1 (null: all model.max_objects slots), got {slots}")
     topk = (config.get("model") or {}).get("attention_topk", 0)
     if int(topk) < 0:
         raise ConfigError(f"model.attention_topk must be ≥ 0 (0: all points), got {topk}")

@@ -30,6 +30,8 @@ Decisions (where DeAOT, DAT and the paper's summary leave a choice; all are cons
   sample of a clip draws a random permutation of the object slots 1..max_objects (background stays
   0) when its memory is initialised; masks are embedded through it and the logits are mapped back,
   so callers only ever see the objects' own ids. In eval mode the permutation is the identity.
+  With `permute_slots` P < max_objects the draw permutes slots 1..P only (the others stay put):
+  a short run whose clips hold few objects trains each of those P slots more often.
 - Padding: frames whose sides are not multiples of 16 are padded (replicate, split evenly) before
   the encoder and the logits cropped back (`pad_to_stride`, `unpad`).
 
@@ -454,6 +456,8 @@ class DeformableStudent(nn.Module):
         decoder_dim: width of the FPN decoder at stride 16.
         ffn_ratio: feed-forward width in multiples of d.
         permute_ids: draw random object-id permutations in training mode (AOT's identity assignment).
+        permute_slots: P, the permutation moves slots 1..P only (None or ≥ max_objects: all slots);
+            objects of a clip beyond P keep their own slots.
         attention_scale: > 0: cosine attention in the deformable reads with a learned per-head scale
             starting here; 0: scaled dot product (`DeformableAttention`).
         attention_topk: each query token reads only its k most similar sampled points per memory
@@ -476,11 +480,14 @@ class DeformableStudent(nn.Module):
         decoder_dim: int = 256,
         ffn_ratio: float = 2.0,
         permute_ids: bool = True,
+        permute_slots: int | None = None,
         attention_scale: float = 30.0,
         attention_topk: int = 0,
         propagation_init: bool = True,
     ) -> None:
         super().__init__()
+        if permute_slots is not None and int(permute_slots) < 1:
+            raise ValueError(f"permute_slots must be >= 1 (or None: all slots), got {permute_slots}")
         if encoder is None:
             from dvos.models.backbones.mobilenet_v2 import MobileNetV2Encoder
 
@@ -491,6 +498,7 @@ class DeformableStudent(nn.Module):
         self.d_model = d_model
         self.max_objects = max_objects
         self.permute_ids = permute_ids
+        self.permute_slots = max_objects if permute_slots is None else min(int(permute_slots), max_objects)
         self.encoder_projection = nn.Conv2d(channels[2], d_model, 1)
         # AOT's patch-wise ID bank: a 17 × 17 patch around each stride-16 cell.
         self.id_embedding = nn.Conv2d(
@@ -561,12 +569,17 @@ class DeformableStudent(nn.Module):
             generator: a CPU generator for reproducible draws.
 
         Returns:
-            B × (K + 1) long, entry 0 = 0 (background never moves), entries 1..K a permutation of 1..K.
+            B × (K + 1) long, entry 0 = 0 (background never moves), entries 1..K a permutation of 1..K
+            (of 1..P with `permute_slots` P, entries P+1..K then the identity).
         """
         identity = torch.arange(self.max_objects + 1, device=device).expand(batch_size, -1)
         if not (self.training and self.permute_ids):
             return identity.clone()
-        objects = [torch.randperm(self.max_objects, generator=generator) + 1 for _ in range(batch_size)]
+        slots = self.permute_slots
+        fixed = torch.arange(slots + 1, self.max_objects + 1)
+        objects = [
+            torch.cat((torch.randperm(slots, generator=generator) + 1, fixed)) for _ in range(batch_size)
+        ]
         background = torch.zeros(batch_size, 1, dtype=torch.long)
         return torch.cat((background, torch.stack(objects)), dim=1).to(device)
 
@@ -880,7 +893,7 @@ def build_student(model_cfg: Any, *, encoder: nn.Module | None = None) -> tuple[
 
     Args:
         model_cfg: has d_model, num_heads, deform_stride, offset_range, offset_kernel, max_objects,
-            pretrained; optional num_groups, decoder_dim, ffn_ratio, permute_ids.
+            pretrained; optional num_groups, decoder_dim, ffn_ratio, permute_ids, permute_slots.
         encoder: inject an encoder (tests); its weights are left alone.
 
     Returns:
@@ -898,6 +911,7 @@ def build_student(model_cfg: Any, *, encoder: nn.Module | None = None) -> tuple[
         decoder_dim=getattr(model_cfg, "decoder_dim", 256),
         ffn_ratio=getattr(model_cfg, "ffn_ratio", 2.0),
         permute_ids=getattr(model_cfg, "permute_ids", True),
+        permute_slots=getattr(model_cfg, "permute_slots", None),
         attention_scale=float(getattr(model_cfg, "attention_scale", 30.0)),
         attention_topk=int(getattr(model_cfg, "attention_topk", 0)),
         propagation_init=bool(getattr(model_cfg, "propagation_init", True)),

@@ -413,9 +413,12 @@ def split_components(
                     continue
                 # a w × w block of the piece survives erosion by it (outside the map counts as not
                 # the piece, so the border does not widen a thin piece)
-                if min_width > 1 and not cv2.erode(
-                    piece.astype(np.uint8), block, borderType=cv2.BORDER_CONSTANT, borderValue=0
-                ).any():
+                if (
+                    min_width > 1
+                    and not cv2.erode(
+                        piece.astype(np.uint8), block, borderType=cv2.BORDER_CONSTANT, borderValue=0
+                    ).any()
+                ):
                     continue
                 if colour_maps is not None:
                     ring = cv2.dilate(piece.astype(np.uint8), ring_kernel).astype(bool) & ~piece

@@ -55,6 +55,8 @@ def test_paper_scale_distillation_has_the_deaot_schedule(name):
     assert cfg.teacher.checkpoint.endswith("teachers/crw-resnet-youtubevos.pt")
     # the paper's method, not the embedded recipe of the root config
     assert cfg.model.attention_topk == 0
+    assert cfg.model.permute_slots is None and load_config([]).model.permute_slots == 4  # AOT's: every slot
+    assert cfg.eval.long_term_weight is None and cfg.eval.refine_iterations == 0
     assert cfg.distill.lambda_ce == 0 and cfg.distill.teacher_scale == 1 and cfg.eval.min_size is None
     teacher = load_config(["experiment=teacher_crw_youtubevos", "data.root=/data/YouTubeVOS"])
     assert teacher.pretrain.output == cfg.teacher.checkpoint  # the pretraining writes what distillation loads

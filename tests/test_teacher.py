@@ -346,6 +346,8 @@ def test_colour_weight_finds_colour_regions_the_features_cannot():
     assert np.array_equal(clip["reference_ids"][0].numpy(), by_colour)
     with pytest.raises(ValueError, match="reference image"):
         teacher.cluster_reference(features, 3, colour_weight=1.0)
+    with pytest.raises(ValueError, match="min_contrast > 0 needs the reference image"):
+        teacher.cluster_reference(features, 3, components=True, min_contrast=0.1)
 
 
 def test_split_components_makes_each_piece_an_object_and_drops_specks_and_backgrounds():

@@ -408,9 +408,9 @@ def split_components(
             )
             for label in range(1, count):
                 area = int(stats[label, cv2.CC_STAT_AREA])
-                piece = labels == label
                 if not min_cells <= area <= max_share * ids.size:
                     continue
+                piece = labels == label
                 # a w × w block of the piece survives erosion by it (outside the map counts as not
                 # the piece, so the border does not widen a thin piece)
                 if (
@@ -928,9 +928,11 @@ class LabelPropagationTeacher(nn.Module):
             image ids are the argmax of the bilinearly upsampled one-hot segments).
         """
         colours = None
-        if colour_weight > 0:
+        contrast = components and min_contrast > 0  # the pieces are compared with their surroundings
+        if colour_weight > 0 or contrast:
             if image is None:
-                raise ValueError("colour_weight > 0 needs the reference image")
+                what = "colour_weight > 0" if colour_weight > 0 else "min_contrast > 0"
+                raise ValueError(f"{what} needs the reference image")
             colours = cell_colours(image.to(features.device), tuple(features.shape[-2:]), self.stride)
         ids = kmeans_segments(
             features,
@@ -943,10 +945,6 @@ class LabelPropagationTeacher(nn.Module):
             seed=seed,
         )
         if components:
-            if min_contrast > 0 and colours is None:
-                if image is None:
-                    raise ValueError("min_contrast > 0 needs the reference image")
-                colours = cell_colours(image.to(features.device), tuple(features.shape[-2:]), self.stride)
             ids = split_components(ids, k, min_width=min_width, colours=colours, min_contrast=min_contrast)
         size = image_size or (features.shape[-2] * self.stride, features.shape[-1] * self.stride)
         one_hot = F.one_hot(ids, k).permute(0, 3, 1, 2).float()

@@ -24,7 +24,9 @@ window, (chunk_size + 2·radius)² cells per context frame. Peak memory of one t
 bytes: 4 · B · chunk_size² · M · (chunk_size + 2·radius)², M = context frames (≤ 1 + n_recent).
 Defaults (chunk 16, radius 12, M = 8): 4 · 256 · 8 · 1600 = 13 MB per batch element (plus about
 the same for the gathered keys); a 480 × 854 frame (60 × 107 cells) never builds its
-6 420 × 51 360 full affinity (1.3 GB). `chunk_size=None` processes the whole map at once.
+6 420 × 51 360 full affinity (1.3 GB). `chunk_size=None` processes the whole map at once. Each call
+also holds one channels-last copy of the context's features and labels (as large as the context:
+53 MB for the 480p video below), so that a tile gathers its window with a single copy.
 
 Attention output (`TeacherAttention`): the sparse top-k form, `indices` and `weights`, each
 B × N_q × k (N_q = h·w query tokens; context token index = m·h·w + y·w + x, slot m = 0 the
@@ -189,6 +191,11 @@ def propagate_labels(
     out_indices = torch.zeros(batch, height, width, k, dtype=torch.long, device=device)
     out_weights = torch.zeros(batch, height, width, k, dtype=torch.float32, device=device)
     with torch.autocast(device_type=device.type, enabled=False):
+        # Channels-last copies made once (B × h × w × C, B × M × h × w × C, B × M × h × w × L): each
+        # tile then gathers its window's rows with one copy instead of a stack and a permute.
+        all_queries = query_features.float().permute(0, 2, 3, 1).contiguous()
+        all_keys = torch.stack(context_features, 1).float().permute(0, 1, 3, 4, 2).contiguous()
+        all_labels = torch.stack(context_labels, 1).float().permute(0, 1, 3, 4, 2).contiguous()
         for y0 in range(0, height, tile):
             y1 = min(height, y0 + tile)
             wy0, wy1 = max(0, y0 - reach), min(height, y1 + reach)
@@ -198,15 +205,9 @@ def propagate_labels(
                 rows, cols, win_rows, win_cols = y1 - y0, x1 - x0, wy1 - wy0, wx1 - wx0
                 queries, window = rows * cols, win_rows * win_cols
 
-                query = (
-                    query_features[:, :, y0:y1, x0:x1]
-                    .float()
-                    .permute(0, 2, 3, 1)
-                    .reshape(batch, queries, channels)
-                )
+                query = all_queries[:, y0:y1, x0:x1].reshape(batch, queries, channels)
                 query = query / temperature  # scaling the n queries is cheaper than the n × M·window affinity
-                keys = torch.stack([f[:, :, wy0:wy1, wx0:wx1] for f in context_features], 1).float()
-                keys = keys.permute(0, 1, 3, 4, 2).reshape(batch, slots * window, channels)
+                keys = all_keys[:, :, wy0:wy1, wx0:wx1].reshape(batch, slots * window, channels)
                 affinity = torch.bmm(query, keys.transpose(1, 2))  # B × n × M·window
                 if radius is not None:
                     near_y = (
@@ -223,8 +224,7 @@ def propagate_labels(
                 values, local = affinity.topk(kept, dim=-1)
                 weights = torch.softmax(values, dim=-1)  # −∞ entries (tiny maps only) get weight 0
 
-                labels = torch.stack([lab[:, :, wy0:wy1, wx0:wx1] for lab in context_labels], 1).float()
-                labels = labels.permute(0, 1, 3, 4, 2).reshape(batch, slots * window, num_labels)
+                labels = all_labels[:, :, wy0:wy1, wx0:wx1].reshape(batch, slots * window, num_labels)
                 picked = torch.gather(
                     labels, 1, local.reshape(batch, queries * kept, 1).expand(-1, -1, num_labels)
                 )

@@ -411,17 +411,16 @@ def split_components(
                 if not min_cells <= area <= max_share * ids.size:
                     continue
                 piece = labels == label
+                cells = piece.astype(np.uint8)
                 # a w × w block of the piece survives erosion by it (outside the map counts as not
                 # the piece, so the border does not widen a thin piece)
                 if (
                     min_width > 1
-                    and not cv2.erode(
-                        piece.astype(np.uint8), block, borderType=cv2.BORDER_CONSTANT, borderValue=0
-                    ).any()
+                    and not cv2.erode(cells, block, borderType=cv2.BORDER_CONSTANT, borderValue=0).any()
                 ):
                     continue
                 if colour_maps is not None:
-                    ring = cv2.dilate(piece.astype(np.uint8), ring_kernel).astype(bool) & ~piece
+                    ring = cv2.dilate(cells, ring_kernel).astype(bool) & ~piece
                     if ring.any():
                         inside = colour_maps[index][piece].mean(0)
                         around = colour_maps[index][ring].mean(0)

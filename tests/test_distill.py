@@ -414,6 +414,15 @@ def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):
         make_module(tmp_path, override)
 
 
+@pytest.mark.parametrize(
+    "override, key", [("distill.min_width=3", "min_width"), ("distill.min_contrast=0.1", "min_contrast")]
+)
+def test_piece_filters_without_components_are_config_errors(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=f"distill.{key} .*distill.components=true"):
+        make_module(tmp_path, "distill.components=false", override)
+    make_module(tmp_path, "distill.components=true", override)  # with the pieces they apply
+
+
 def test_validation_segments_at_the_validation_sizes(tmp_path, monkeypatch):
     from dvos.inference import engine
 

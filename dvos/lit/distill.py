@@ -696,6 +696,10 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         raise ConfigError(f"distill.memory_swap_prob must be in [0, 1], got {d.memory_swap_prob}")
     if int(d.min_width) < 1:
         raise ConfigError(f"distill.min_width must be ≥ 1 (1: any piece), got {d.min_width}")
+    # The two filters act on connected pieces: without them they would be silently ignored.
+    if not d.components and (int(d.min_width) > 1 or float(d.min_contrast) > 0):
+        key = "distill.min_width" if int(d.min_width) > 1 else "distill.min_contrast"
+        raise ConfigError(f"{key} filters connected pieces: it needs distill.components=true")
     for key in (
         "lambda_ref",
         "lambda_jaccard",

@@ -165,6 +165,9 @@ class DistillConfig:
     # under another id (another object's or the background's): the student learns to correct its own
     # previous prediction from the reference frame (0: off)
     memory_swap_prob: float = 0.0
+    # per training clip, the probability that an elliptical piece of another clip's frame 0 moves
+    # across its frames (copy-paste occluder: occlusions and encounters; 0: off)
+    occluder_prob: float = 0.0
 
 
 @dataclass

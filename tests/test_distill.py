@@ -18,7 +18,14 @@ from torch import nn
 
 from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from dvos.config import Config, load_config
-from dvos.lit.distill import DistillationModule, ema_decay_at, magnify, swap_objects, warmup_poly
+from dvos.lit.distill import (
+    DistillationModule,
+    ema_decay_at,
+    magnify,
+    paste_occluders,
+    swap_objects,
+    warmup_poly,
+)
 from dvos.lit.losses import bootstrapped_ce, objects_to_valid, soft_jaccard_loss
 from dvos.models.student import labels_to_onehot
 from dvos.utils.errors import ConfigError
@@ -340,6 +347,53 @@ def test_memory_swaps_reach_the_students_short_term_memory_in_training_only(tmp_
     assert make_module(tmp_path).config.distill.memory_swap_prob == 0.0  # off by default
 
 
+def test_paste_occluders_moves_a_piece_of_another_clips_frame_0_across_the_clip():
+    # Each clip a flat colour of its own (clip b: value b / 10), so every pasted pixel names its donor.
+    batch, length, size = 3, 3, 64
+    frames = torch.arange(batch, dtype=torch.float32).div(10).view(batch, 1, 1, 1, 1)
+    frames = frames.expand(batch, length, 3, size, size).contiguous()
+    assert torch.equal(paste_occluders(frames, probability=0.0), frames)
+    pasted = paste_occluders(frames, probability=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(frames, frames.clone())  # the input is left as it was
+    for b in range(batch):
+        changed = (pasted[b] != frames[b]).any(dim=1)  # T × H × W
+        donors = set(pasted[b][:, 0][changed].mul(10).round().int().tolist())
+        assert len(donors) == 1 and donors != {b}  # one piece, from another clip
+        areas = changed.flatten(1).sum(1).float()
+        # an ellipse with axes 25-50 % of the side, whole while its centre is inside the middle half
+        assert bool((areas > 0).all()) and float(areas.max()) <= math.pi * (0.25 * size) ** 2 + 1
+        ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        centres = [(ys[changed[t]].float().mean(), xs[changed[t]].float().mean()) for t in range(length)]
+        moved = [math.hypot(a[0] - b_[0], a[1] - b_[1]) for a, b_ in zip(centres, centres[1:])]
+        assert all(m > 1.0 for m in moved)  # it moves from frame to frame
+    again = paste_occluders(frames, probability=1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(again, pasted)  # deterministic by generator (resume draws the same)
+
+
+def test_occluders_are_pasted_in_training_only(tmp_path):
+    module = make_module(tmp_path, "distill.occluder_prob=1")
+    seen = []
+    forward_clip = module.forward_clip
+
+    def spy(frames, **kwargs):
+        seen.append(frames)
+        return forward_clip(frames, **kwargs)
+
+    module.forward_clip = spy
+    batch = make_batch()
+    module.train()
+    loss, _, _ = module.compute_loss(batch)
+    assert torch.isfinite(loss) and not torch.equal(seen[-1], batch["frames"])
+    module.eval()
+    module.compute_loss(batch)
+    assert torch.equal(seen[-1], batch["frames"])  # validation losses see the clip as it is
+    off = make_module(tmp_path, "distill.occluder_prob=0")
+    off.forward_clip = spy
+    off.train()
+    off.compute_loss(batch)
+    assert torch.equal(seen[-1], batch["frames"])  # 0 turns it off
+
+
 def test_magnify_repeats_each_pixel_into_a_block_for_masks():
     ids = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     expected = torch.tensor([[[[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]]])
@@ -401,6 +455,7 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("distill.ce_hard_ratio=1.5", "distill.ce_hard_ratio"),
         ("distill.lambda_jaccard=-1", "distill.lambda_jaccard"),
         ("distill.memory_swap_prob=1.5", "distill.memory_swap_prob"),
+        ("distill.occluder_prob=-0.1", "distill.occluder_prob"),
         ("distill.min_width=0", "distill.min_width"),
         ("distill.min_contrast=-0.1", "distill.min_contrast"),
         ("model.permute_slots=0", "model.permute_slots"),

@@ -169,6 +169,58 @@ def swap_objects(
     return out
 
 
+def paste_occluders(
+    frames: torch.Tensor,
+    *,
+    probability: float,
+    size: tuple[float, float] = (0.25, 0.5),
+    speed: tuple[float, float] = (0.05, 0.15),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per clip, with `probability`, an elliptical piece of another clip's frame 0 moves across every
+    frame in a straight line (copy-paste): frames B × T × 3 × H × W → the same, pasted.
+
+    The piece's axes are `size` × the crop's side (uniform), its speed `speed` × the side per frame
+    (uniform, random direction), its path centred on a random point of the crop, so it passes over
+    whatever is there. The teacher and the student see the same pasted clip (the pseudo-objects and
+    the targets are made after it): no label is involved. The distillation's `occluder_prob`: short
+    clips of slowly moving crops seldom show an object occluded or two objects meeting, where the
+    student loses identities at test time (docs/DESIGN.md, "The default make train").
+    """
+    batch, length, _, height, width = frames.shape
+    out = frames.clone()
+    side = float(min(height, width))
+    ys = torch.arange(height, dtype=torch.float32).view(height, 1)
+    xs = torch.arange(width, dtype=torch.float32).view(1, width)
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    for b in range(batch):
+        if float(torch.rand((), generator=generator)) >= probability:
+            continue
+        donor = (b + 1 + int(torch.randint(0, max(batch - 1, 1), (), generator=generator))) % batch
+        radius_y, radius_x = uniform(*size) * side / 2, uniform(*size) * side / 2
+        angle = uniform(0.0, 2 * math.pi)
+        step = uniform(*speed) * side
+        velocity = (step * math.sin(angle), step * math.cos(angle))
+        # The source: a random ellipse of the donor's frame 0 (any position inside the crop).
+        source_y, source_x = uniform(radius_y, height - radius_y), uniform(radius_x, width - radius_x)
+        centre_y, centre_x = uniform(0.25 * height, 0.75 * height), uniform(0.25 * width, 0.75 * width)
+        middle = (length - 1) / 2
+        for t in range(length):
+            y = centre_y + (t - middle) * velocity[0]
+            x = centre_x + (t - middle) * velocity[1]
+            inside = ((ys - y) / radius_y) ** 2 + ((xs - x) / radius_x) ** 2 <= 1.0
+            # pixel (py, px) of the ellipse shows the donor's pixel at the same offset from the source
+            src_y = (ys - y + source_y).round().long().clamp(0, height - 1).expand(height, width)
+            src_x = (xs - x + source_x).round().long().clamp(0, width - 1).expand(height, width)
+            piece = frames[donor, 0][:, src_y, src_x]
+            mask = inside.to(frames.device)
+            out[b, t] = torch.where(mask, piece, out[b, t])
+    return out
+
+
 def magnify(images: torch.Tensor, scale: int, *, nearest: bool = False) -> torch.Tensor:
     """N × C × H × W → N × C × sH × sW, bilinear (images) or nearest (masks): pixel (y, x) becomes
     the s × s block at (sy, sx), so a stride-k grid over the result is a stride-k/s grid over the input."""
@@ -486,6 +538,9 @@ class DistillationModule(pl.LightningModule):
         """The distillation loss of a training batch, its unweighted parts and the forward outputs."""
         frames = batch["frames"]
         self.seed_clip_generator(batch_idx)
+        occluder_prob = float(self.config.distill.occluder_prob)
+        if self.training and occluder_prob > 0:
+            frames = paste_occluders(frames, probability=occluder_prob, generator=self._clip_generator)
         outputs = self.forward_clip(frames, annotation=self.batch_annotation(batch), return_attention=True)
         loss, parts = self.clip_loss(outputs, (frames.shape[-2], frames.shape[-1]))
         return loss, parts, outputs
@@ -694,6 +749,8 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
         raise ConfigError(f"distill.ce_hard_ratio must be in (0, 1], got {d.ce_hard_ratio}")
     if not 0.0 <= float(d.memory_swap_prob) <= 1.0:
         raise ConfigError(f"distill.memory_swap_prob must be in [0, 1], got {d.memory_swap_prob}")
+    if not 0.0 <= float(d.occluder_prob) <= 1.0:
+        raise ConfigError(f"distill.occluder_prob must be in [0, 1], got {d.occluder_prob}")
     if int(d.min_width) < 1:
         raise ConfigError(f"distill.min_width must be ≥ 1 (1: any piece), got {d.min_width}")
     # The two filters act on connected pieces: without them they would be silently ignored.

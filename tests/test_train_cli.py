@@ -104,6 +104,40 @@ def test_pretrain_writes_the_final_teacher_that_train_loads(smoke, capsys):
     assert not (run_dir / "summary.json").exists()
 
 
+def test_the_student_starts_the_same_whether_its_teacher_was_just_pretrained_or_cached(
+    smoke, monkeypatch, capsys
+):
+    """A fresh clone pretrains the teacher inside `dvos train`, a second run loads it from the cache:
+    the same seed must give the same student (pretraining draws random numbers the cache does not)."""
+    import random
+
+    import numpy as np
+
+    import dvos.cli.pretrain_cmd as pretrain_cmd
+    import dvos.lit.distill as distill
+
+    starts = []
+
+    class Recorded(distill.DistillationModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            starts.append({k: v.clone() for k, v in self.student.state_dict().items()})
+
+    monkeypatch.setattr(distill, "DistillationModule", Recorded)
+    cached = pretrain_cmd.ensure_teacher
+
+    def pretraining_draws(*args, **kwargs):  # what a teacher trained in this run would draw
+        torch.rand(1000), np.random.rand(10), random.random()
+        return cached(*args, **kwargs)
+
+    for ensure in (cached, pretraining_draws):
+        monkeypatch.setattr(pretrain_cmd, "ensure_teacher", ensure)
+        assert main(["train", *smoke["args"], "trainer.fast_dev_run=true"]) == 0
+    capsys.readouterr()
+    assert len(starts) == 2 and starts[0].keys() == starts[1].keys()
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+
+
 def test_pretrain_fast_dev_run_never_fills_the_teacher_cache(smoke, capsys):
     args = [*smoke["args"][:-1], "pretrain.max_steps=5"]  # another cache key
     cached = teacher_path(load_config(args))

@@ -194,9 +194,11 @@ def run(args: argparse.Namespace) -> int:
     # Before any folder, data or teacher pretraining: a bad setting must not cost minutes first.
     check_distill_config(cfg, max_objects=int(cfg.model.max_objects))
     run_dir = start_run(cfg)
-    pl.seed_everything(int(cfg.seed), workers=True)
     prepare_data(cfg)
     ensure_teacher(cfg, run_dir)
+    # Seeded after the teacher: pretraining it here draws random numbers that loading it from the
+    # cache does not, and a run must give the same student either way (docs/DESIGN.md).
+    pl.seed_everything(int(cfg.seed), workers=True)
     if not is_launched_rank():
         save_config(cfg, run_dir / "config.yaml")  # now with the teacher file it uses
 

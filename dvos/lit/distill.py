@@ -181,8 +181,8 @@ def paste_occluders(
     frame in a straight line (copy-paste): frames B × T × 3 × H × W → the same, pasted.
 
     The piece's axes are `size` × the crop's side (uniform), its speed `speed` × the side per frame
-    (uniform, random direction), its path centred on a random point of the crop, so it passes over
-    whatever is there. The teacher and the student see the same pasted clip (the pseudo-objects and
+    (uniform, random direction), its path centred on a random point of the crop's middle half, so it
+    passes over whatever is there. The teacher and the student see the same pasted clip (the pseudo-objects and
     the targets are made after it): no label is involved. The distillation's `occluder_prob`: short
     clips of slowly moving crops seldom show an object occluded or two objects meeting, where the
     student loses identities at test time (docs/DESIGN.md, "The default make train").
@@ -190,8 +190,8 @@ def paste_occluders(
     batch, length, _, height, width = frames.shape
     out = frames.clone()
     side = float(min(height, width))
-    ys = torch.arange(height, dtype=torch.float32).view(height, 1)
-    xs = torch.arange(width, dtype=torch.float32).view(1, width)
+    ys = torch.arange(height, dtype=torch.float32, device=frames.device).view(height, 1)
+    xs = torch.arange(width, dtype=torch.float32, device=frames.device).view(1, width)
 
     def uniform(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
@@ -216,8 +216,7 @@ def paste_occluders(
             src_y = (ys - y + source_y).round().long().clamp(0, height - 1).expand(height, width)
             src_x = (xs - x + source_x).round().long().clamp(0, width - 1).expand(height, width)
             piece = frames[donor, 0][:, src_y, src_x]
-            mask = inside.to(frames.device)
-            out[b, t] = torch.where(mask, piece, out[b, t])
+            out[b, t] = torch.where(inside, piece, out[b, t])
     return out
 
 

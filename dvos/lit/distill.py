@@ -182,10 +182,11 @@ def paste_occluders(
 
     The piece's axes are `size` × the crop's side (uniform), its speed `speed` × the side per frame
     (uniform, random direction), its path centred on a random point of the crop's middle half, so it
-    passes over whatever is there. The teacher and the student see the same pasted clip (the pseudo-objects and
-    the targets are made after it): no label is involved. The distillation's `occluder_prob`: short
-    clips of slowly moving crops seldom show an object occluded or two objects meeting, where the
-    student loses identities at test time (docs/DESIGN.md, "The default make train").
+    passes over whatever is there. The teacher and the student see the same pasted clip (the
+    pseudo-objects and the targets are made after it): no label is involved. The distillation's
+    `occluder_prob`: short clips of slowly moving crops seldom show an object occluded or two
+    objects meeting, where the student loses them at test time (docs/DESIGN.md, "The default make
+    train").
     """
     batch, length, _, height, width = frames.shape
     out = frames.clone()
@@ -213,8 +214,9 @@ def paste_occluders(
             x = centre_x + (t - middle) * velocity[1]
             inside = ((ys - y) / radius_y) ** 2 + ((xs - x) / radius_x) ** 2 <= 1.0
             # pixel (py, px) of the ellipse shows the donor's pixel at the same offset from the source
-            src_y = (ys - y + source_y).round().long().clamp(0, height - 1).expand(height, width)
-            src_x = (xs - x + source_x).round().long().clamp(0, width - 1).expand(height, width)
+            # (an H × 1 row index and a 1 × W column index broadcast to the H × W picture)
+            src_y = (ys - y + source_y).round().long().clamp(0, height - 1)
+            src_x = (xs - x + source_x).round().long().clamp(0, width - 1)
             piece = frames[donor, 0][:, src_y, src_x]
             out[b, t] = torch.where(inside, piece, out[b, t])
     return out

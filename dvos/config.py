@@ -217,6 +217,11 @@ class EvalConfig:
     refine_dilation: int = 3  # read every n-th pixel of the window: (2·radius/n + 1)² = 81 neighbours
     refine_sigma_space: float = 8.0  # pixels
     refine_sigma_colour: float = 0.1  # RGB in [0, 1]
+    # With the refinement on, the student's short-term memory embeds the refined mask's argmax one-hot
+    # (false): the filter mixes background into objects' probabilities (an object's 0.86 becomes
+    # 0.77), and fed back softly frame after frame a faint object fades out (docs/DESIGN.md). true:
+    # the filtered probabilities (with soft_memory). Without refinement soft_memory alone decides.
+    refine_soft_memory: bool = False
 
 
 @dataclass

@@ -162,7 +162,13 @@ def test_reading_options_come_from_the_eval_config():
 
     plain = reading_options(load_config(["eval.refine_iterations=0", "eval.val_refine_iterations=0"]).eval)
     # the root config's reading: soft memory, top-k as trained, the reference weighed 1.3
-    assert plain == {"soft_memory": True, "attention_topk": None, "long_term_weight": 1.3, "refine": None}
+    assert plain == {
+        "soft_memory": True,
+        "attention_topk": None,
+        "long_term_weight": 1.3,
+        "refine": None,
+        "refine_soft_memory": False,
+    }
     assert reading_options(OmegaConf.create({}))["long_term_weight"] is None  # schema: as trained
     cfg = load_config(
         [
@@ -172,6 +178,7 @@ def test_reading_options_come_from_the_eval_config():
             "eval.refine_iterations=3",
             "eval.val_refine_iterations=0",
             "eval.refine_radius=6",
+            "eval.refine_soft_memory=true",
         ]
     )
     assert reading_options(cfg.eval) == {
@@ -179,6 +186,7 @@ def test_reading_options_come_from_the_eval_config():
         "attention_topk": 1,
         "long_term_weight": 1.25,
         "refine": EdgeRefinement(iterations=3, radius=6, dilation=3, sigma_space=8.0, sigma_colour=0.1),
+        "refine_soft_memory": True,
     }
     assert reading_options(cfg.eval, validation=True)["refine"] is None
     # a section without the validation key refines validation like the rest
@@ -267,13 +275,20 @@ def test_bad_refinement_settings_are_one_line_config_errors(key, value, validati
         EdgeRefinement(iterations=1, radius=2, dilation=3)
 
 
-@pytest.mark.parametrize("soft", [True, False])
-def test_student_output_is_edge_refined_and_remembered_refined(soft):
+@pytest.mark.parametrize(
+    ("soft", "refine_soft", "remembered_soft"),
+    [(True, False, False), (True, True, True), (False, False, False), (False, True, False)],
+)
+def test_student_output_is_edge_refined_and_remembered_refined(soft, refine_soft, remembered_soft):
+    """The refined mask is returned and enters the short-term memory: as a one-hot by default
+    (`eval.refine_soft_memory=false`), as the filtered probabilities only with both soft options."""
     frames, masks = moving_scene(2)
     student = tiny_student().eval()
     refine = EdgeRefinement(iterations=2, radius=2, dilation=1, sigma_space=2.0, sigma_colour=0.2)
     # magnified 1.5× for the model: the refinement runs at the frame's size, the memory at the model's
-    segmenter = StudentSegmenter(student, min_size=96, refine=refine, soft_memory=soft)
+    segmenter = StudentSegmenter(
+        student, min_size=96, refine=refine, soft_memory=soft, refine_soft_memory=refine_soft
+    )
     segmenter.start(frames[0], masks[0], [1, 2, 3])
     memory = segmenter.memory
     prediction = segmenter.step(frames[1])
@@ -286,7 +301,7 @@ def test_student_output_is_edge_refined_and_remembered_refined(soft):
             probabilities, guide, radius=2, sigma_space=2.0, sigma_colour=0.2, iterations=2
         )
         remembered = F.interpolate(refined, size=image.shape[-2:], mode="bilinear")
-        if not soft:
+        if not remembered_soft:
             remembered = F.one_hot(remembered.argmax(1), 4).permute(0, 3, 1, 2).float()
         remembered = torch.cat([remembered, torch.zeros(1, student.max_objects - 3, *image.shape[-2:])], 1)
         expected_memory = student.embed_ids(remembered)

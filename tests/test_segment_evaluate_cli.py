@@ -179,6 +179,7 @@ def test_evaluate_and_segment_read_the_student_memory_as_eval_says(tmp_path):
     segmenter, _, _ = build_segmenter(args, load_config(tiny_model_overrides()), "cpu")
     assert (segmenter.soft_memory, segmenter.attention_topk) == (True, None)  # defaults: soft, as trained
     assert segmenter.refine.iterations == 12  # the root config's edge refinement
+    assert segmenter.refine_soft_memory is False  # the refined mask is remembered as a one-hot
     cfg = load_config(
         [
             *tiny_model_overrides(),
@@ -186,10 +187,12 @@ def test_evaluate_and_segment_read_the_student_memory_as_eval_says(tmp_path):
             "eval.attention_topk=1",
             "eval.long_term_weight=1.5",
             "eval.refine_iterations=0",
+            "eval.refine_soft_memory=true",
         ]
     )
     segmenter, _, _ = build_segmenter(args, cfg, "cpu")
     assert (segmenter.soft_memory, segmenter.attention_topk, segmenter.refine) == (False, 1, None)
+    assert segmenter.refine_soft_memory is True
     assert segmenter.long_term_weight == 1.5
 
 

@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     student, _ = load_student(args.ckpt, cfg.model)
     reading = reading_options(cfg.eval)
     refine = reading.pop("refine")
+    reading.pop("refine_soft_memory")  # how refined masks are remembered: no refinement in the graph
     if refine is not None:
         print(
             f"note: the exported graph has no edge refinement (eval.refine_iterations={refine.iterations} "

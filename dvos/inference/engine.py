@@ -234,7 +234,8 @@ class _TorchSegmenter:
 
 def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, Any]:
     """`StudentSegmenter`'s keyword arguments for reading its memory and refining its output, from a
-    config's `eval` section (`soft_memory`, `attention_topk`, `long_term_weight`, `refine_*`;
+    config's `eval` section (`soft_memory`, `attention_topk`, `long_term_weight`, `refine_*`,
+    `refine_soft_memory`;
     defaults where the section lacks them). `validation`: the refinement passes are
     `eval.val_refine_iterations` (the validation during training) instead of `eval.refine_iterations`."""
     get = eval_config.get if hasattr(eval_config, "get") else (lambda key, default: default)
@@ -268,6 +269,7 @@ def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, 
         "attention_topk": None if topk is None else int(topk),
         "long_term_weight": None if long_term_weight is None else float(long_term_weight),
         "refine": refine if refine.enabled else None,
+        "refine_soft_memory": bool(get("refine_soft_memory", False)),
     }
 
 
@@ -289,8 +291,12 @@ class StudentSegmenter(_TorchSegmenter):
             `DeformableStudent.reading`.
         refine: edge refinement of each predicted frame (`eval.refine_*`; None: off): the softmax,
             at the frame's size, is filtered by `EdgeRefinement` guided by the frame; the returned
-            mask is its argmax and the short-term memory embeds it (resized to the model's input;
-            its argmax one-hot with `soft_memory=False`).
+            mask is its argmax and the short-term memory embeds that mask (resized to the model's
+            input) as a one-hot.
+        refine_soft_memory: with `refine`, the short-term memory embeds the filtered probabilities
+            instead of the refined mask's one-hot (`eval.refine_soft_memory`; only with
+            `soft_memory`). Off by default: the filter lowers an object's probabilities where it
+            mixes in background, and fed back softly a faint object fades out over the frames.
     """
 
     name = "student"
@@ -306,12 +312,14 @@ class StudentSegmenter(_TorchSegmenter):
         attention_topk: int | None = None,
         long_term_weight: float | None = None,
         refine: EdgeRefinement | None = None,
+        refine_soft_memory: bool = False,
     ) -> None:
         super().__init__(device=device, max_size=max_size, min_size=min_size, refine=refine)
         problem = reading_problem(attention_topk, long_term_weight)
         if problem is not None:
             raise DataError(problem)
         self.soft_memory = bool(soft_memory)
+        self.refine_soft_memory = bool(refine_soft_memory)
         self.attention_topk = None if attention_topk is None else int(attention_topk)
         self.long_term_weight = None if long_term_weight is None else float(long_term_weight)
         self.student = student.to(self.device).eval()
@@ -376,7 +384,7 @@ class StudentSegmenter(_TorchSegmenter):
             probabilities = F.interpolate(
                 probabilities, size=self.input_size, mode="bilinear", align_corners=False
             )
-        if not self.soft_memory:
+        if not (self.soft_memory and self.refine_soft_memory):
             probabilities = labels_to_onehot(probabilities.argmax(1), num_objects + 1).float()
         absent = self.max_objects - num_objects  # ids above the video's count: probability 0
         masks = F.pad(probabilities, (0, 0, 0, 0, 0, absent)).to(output.logits.dtype)

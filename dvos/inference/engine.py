@@ -235,9 +235,9 @@ class _TorchSegmenter:
 def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, Any]:
     """`StudentSegmenter`'s keyword arguments for reading its memory and refining its output, from a
     config's `eval` section (`soft_memory`, `attention_topk`, `long_term_weight`, `refine_*`,
-    `refine_soft_memory`;
-    defaults where the section lacks them). `validation`: the refinement passes are
-    `eval.val_refine_iterations` (the validation during training) instead of `eval.refine_iterations`."""
+    `refine_soft_memory`; defaults where the section lacks them). `validation`: the refinement passes
+    are `eval.val_refine_iterations` (the validation during training) instead of
+    `eval.refine_iterations`."""
     get = eval_config.get if hasattr(eval_config, "get") else (lambda key, default: default)
     topk = get("attention_topk", None)
     long_term_weight = get("long_term_weight", None)

@@ -222,6 +222,10 @@ class EvalConfig:
     # 0.77), and fed back softly frame after frame a faint object fades out (docs/DESIGN.md). true:
     # the filtered probabilities (with soft_memory). Without refinement soft_memory alone decides.
     refine_soft_memory: bool = False
+    # Which student the final table of `dvos train` scores: best (the checkpoint with the best
+    # validation J&F) or last (the weights at the end of training, last.ckpt). The embedded run sets
+    # last: its validation (360 px, unrefined) is a cheaper, noisier proxy of the table's protocol.
+    final_checkpoint: str = "best"
 
 
 @dataclass

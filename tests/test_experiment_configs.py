@@ -57,6 +57,7 @@ def test_paper_scale_distillation_has_the_deaot_schedule(name):
     assert cfg.model.attention_topk == 0
     assert cfg.model.permute_slots is None and load_config([]).model.permute_slots == 4  # AOT's: every slot
     assert cfg.eval.long_term_weight is None and cfg.eval.refine_iterations == 0
+    assert cfg.eval.final_checkpoint == "best" and load_config([]).eval.final_checkpoint == "last"
     assert cfg.distill.lambda_ce == 0 and cfg.distill.teacher_scale == 1 and cfg.eval.min_size is None
     assert cfg.distill.occluder_prob == 0 and load_config([]).distill.occluder_prob > 0
     teacher = load_config(["experiment=teacher_crw_youtubevos", "data.root=/data/YouTubeVOS"])

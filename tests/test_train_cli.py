@@ -302,6 +302,7 @@ def test_unusable_distill_setting_fails_before_any_run_folder_data_or_teacher(tm
         ("model.attention_topk=-1", "model.attention_topk must be ≥ 0 (0: all points), got -1"),
         ("data.reference_gap=0", "data.reference_gap must be ≥ 1 (or null), got 0"),
         ("eval.attention_topk=-1", "eval.attention_topk must be ≥ 0 (0: all points) or null, got -1"),
+        ("eval.final_checkpoint=newest", "eval.final_checkpoint must be one of best, last, got 'newest'"),
     ):
         assert main(["train", *args, setting]) == 2
         assert last_line(capsys.readouterr().err) == f"dvos: error: {message}"
@@ -320,3 +321,23 @@ def test_summary_table_shows_no_fps_for_the_model_free_baseline():
     ).splitlines()
     assert table[1].split() == ["baseline", "0.500", "0.600", "0.400", "-", "0.00M"]
     assert table[2].split() == ["student", "0.500", "0.600", "0.400", "7.1", "5.34M"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"), [("best", "best-step000096-jf0.5000.ckpt"), ("last", "last.ckpt")]
+)
+def test_the_final_table_scores_the_checkpoint_that_eval_final_checkpoint_names(tmp_path, choice, expected):
+    from types import SimpleNamespace
+
+    from dvos.callbacks.checkpoints import LastCheckpoint
+    from dvos.cli.train_cmd import final_student_checkpoint
+
+    best = SimpleNamespace(best_model_path=str(tmp_path / "best-step000096-jf0.5000.ckpt"))
+    last = LastCheckpoint(tmp_path)
+    last.last_model_path = str(tmp_path / "last.ckpt")
+    trainer = SimpleNamespace(checkpoint_callback=best, callbacks=[best, last])
+    cfg = load_config([f"eval.final_checkpoint={choice}"])
+    assert final_student_checkpoint(cfg, trainer) == str(tmp_path / expected)
+    # without checkpoint files (callbacks.checkpoint=false) the student in memory is scored
+    bare = SimpleNamespace(checkpoint_callback=None, callbacks=[])
+    assert final_student_checkpoint(cfg, bare) is None

@@ -6,7 +6,7 @@ for every run:
 
     student/J&F  student/J  student/F  student/fps  student/params  student/peak_rss_mb
     teacher/...  baseline/...  (the same six fields)
-    val/J&F        the best validation J&F of the run (the score of the checkpoint it kept)
+    val/J&F        the best validation J&F of the run (the score of its best-*.ckpt)
     val/J&F_last   the last validation J&F
     trainer/global_step
 

@@ -94,8 +94,22 @@ def count_parameters(module: Any) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str | None) -> dict[str, dict]:
-    """Copy baseline, teacher and student on the validation set: J&F, J, F, FPS, parameters."""
+def final_student_checkpoint(cfg: Any, trainer: Any) -> str | None:
+    """The checkpoint the final table scores (`eval.final_checkpoint`): the best on val/J&F, or
+    last.ckpt; None when the run kept no such file (the student in memory, at the end of training)."""
+    from dvos.callbacks.checkpoints import LastCheckpoint
+
+    if cfg.eval.final_checkpoint == "last":
+        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        path = last.last_model_path if last is not None else ""
+    else:
+        path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    return path or None
+
+
+def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: str | None) -> dict[str, dict]:
+    """Copy baseline, teacher and student on the validation set: J&F, J, F, FPS, parameters.
+    `student_checkpoint`: the student's checkpoint (`final_student_checkpoint`), else the module's."""
     import torch
 
     from dvos.cli.common import build_eval_datamodule, log
@@ -108,8 +122,8 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, best_checkpoint: str 
     sequences = list(eval_data.dataset)
     device = torch.device("cpu") if module.device.type == "cpu" else module.device
     max_size, min_size = cfg.eval.max_size, cfg.eval.min_size
-    if best_checkpoint:
-        student, description = load_student(best_checkpoint, cfg.model)
+    if student_checkpoint:
+        student, description = load_student(student_checkpoint, cfg.model)
     else:
         student, description = module.eval_student, "the student at the end of training"
     teacher = module.teacher
@@ -218,8 +232,7 @@ def run(args: argparse.Namespace) -> int:
         print("fast_dev_run: no final evaluation")
         print(run_dir)
         return 0
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    summary = final_evaluation(cfg, run_dir, module, best or None)
+    summary = final_evaluation(cfg, run_dir, module, final_student_checkpoint(cfg, trainer))
     write_json(run_dir / "summary.json", summary)
     from dvos.cli.run_summary import publish_run_summary
 

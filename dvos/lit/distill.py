@@ -232,6 +232,7 @@ def magnify(images: torch.Tensor, scale: int, *, nearest: bool = False) -> torch
 
 REF_MASKS = ("pseudo", "annotation")
 ATT_BRANCHES = ("long", "short", "both")
+FINAL_CHECKPOINTS = ("best", "last")
 
 
 class DistillationModule(pl.LightningModule):
@@ -769,6 +770,11 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     ):
         if float(d[key]) < 0:
             raise ConfigError(f"distill.{key} must be ≥ 0, got {d[key]}")
+    final = config.eval.get("final_checkpoint", "best")
+    if final not in FINAL_CHECKPOINTS:
+        raise ConfigError(
+            f"eval.final_checkpoint must be one of {', '.join(FINAL_CHECKPOINTS)}, got '{final}'"
+        )
     for key in ("max_size", "min_size", "val_max_size", "val_min_size"):  # else refused only when first used
         value = config.eval[key]
         if value is not None and int(value) < MIN_MODEL_SIZE:

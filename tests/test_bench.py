@@ -151,6 +151,7 @@ def test_bench_quick_writes_results_and_picture(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "Inference at 64×112" in printed and "J&F against FPS" in printed
+    assert "The student's attention at inference, whole map against row blocks" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "dvos-bench/1" and results["complete"] is True
@@ -169,6 +170,17 @@ def test_bench_quick_writes_results_and_picture(tmp_path, capsys):
         assert key in results
     assert "randomly initialised" in results["student"]["weights"]
     assert results["matmul"]["start"]["gflops"] > 0
+
+    # the attention section: both kinds of the student's attention at the benchmark size only
+    # (--quick), the same outputs computed whole and in row blocks
+    attention = results["attention"]["rows"]
+    assert [(row["size"], row["attention"]) for row in attention] == [
+        ([64, 112], "self-propagation"),
+        ([64, 112], "deformable read"),
+    ]
+    assert attention[0]["queries"] == attention[0]["keys"] == 4 * 7  # the stride-16 grid of 64 × 112
+    for row in attention:
+        assert row["whole_ms"] > 0 and row["blocked_ms"] > 0 and row["max_abs_difference"] < 1e-5
 
     rows = results["inference"]["rows"]
     assert {(row["model"], row["length"]) for row in rows} == {

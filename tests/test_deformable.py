@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dvos.models.deformable import (
     DeformableAttention,
     OffsetNetwork,
+    attend,
     attention_weights,
     deformable_attention,
     normalized_to_pixel,
@@ -229,3 +230,47 @@ def test_topk_deformable_attention_reads_k_points_and_has_finite_gradients():
         assert torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="topk"):
         DeformableAttention(16, num_heads=4, topk=-1)
+
+
+# ---------------------------------------------------------------------------------------- row blocks
+def sdpa_heads(query, key, value):
+    """B × heads × N × d attention of torch's own SDPA → B × N × heads·d (value width may differ)."""
+    out = F.scaled_dot_product_attention(query, key, value)
+    return out.transpose(1, 2).reshape(query.shape[0], query.shape[2], -1)
+
+
+def test_attention_in_row_blocks_at_inference_matches_torch_attention():
+    torch.manual_seed(5)
+    query, key = torch.randn(2, 4, 37, 8), torch.randn(2, 4, 11, 8)
+    values = [torch.randn(2, 4, 11, 8), torch.randn(2, 4, 11, 3)]  # two widths, one map
+    with torch.inference_mode():
+        # 2 · 4 · 11 · 5 elements: blocks of 5 query rows, the last one of 2
+        blocked, attention = attend(query, key, values, need_weights=False, block_elements=2 * 4 * 11 * 5)
+    assert attention is None
+    for output, value in zip(blocked, values):
+        torch.testing.assert_close(output, sdpa_heads(query, key, value), rtol=1e-5, atol=1e-6)
+
+
+def test_row_blocks_keep_cosine_and_topk_attention_and_the_whole_map_when_asked():
+    torch.manual_seed(6)
+    query, key = torch.randn(1, 2, 23, 4), torch.randn(1, 2, 9, 4)
+    values = [torch.randn(1, 2, 9, 4)]
+    scale = torch.tensor([math.log(30.0), math.log(5.0)])
+    with torch.inference_mode():
+        whole, attention = attend(query, key, values, scale, topk=3, need_weights=True, block_elements=18)
+        blocked, none = attend(query, key, values, scale, topk=3, need_weights=False, block_elements=18)
+    assert none is None and attention.shape == (1, 2, 23, 9)
+    assert ((attention > 0).sum(-1) == 3).all()
+    expected = torch.matmul(attention, values[0]).transpose(1, 2).reshape(1, 23, 8)
+    torch.testing.assert_close(whole[0], expected)
+    torch.testing.assert_close(blocked[0], whole[0])
+
+
+def test_row_blocks_only_without_autograd():
+    torch.manual_seed(7)
+    query = torch.randn(1, 2, 16, 4, requires_grad=True)
+    key, value = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)
+    (output,), attention = attend(query, key, [value], need_weights=False, block_elements=16)
+    assert attention is None and output.requires_grad  # one product, differentiable
+    output.sum().backward()
+    assert torch.isfinite(query.grad).all() and query.grad.abs().sum() > 0

@@ -118,6 +118,27 @@ def test_memory_is_constant_over_twenty_steps():
         memory.replace_short_term(memory.previous_key[..., :1], memory.previous_value, memory.previous_id)
 
 
+def test_inference_in_attention_blocks_matches_the_whole_maps(monkeypatch):
+    import dvos.models.deformable as deformable
+
+    student = make_student().eval()
+    frames = torch.rand(1, 3, 64, 96)  # 4 × 6 tokens: blocks of 2 query rows with the budget below
+    memory = student.initialize_memory(student.encode_frame(frames), random_masks(1, 64, 96, 2))
+    with torch.inference_mode():
+        whole = student.step(frames.flip(-1), memory, num_objects=2).logits
+        monkeypatch.setattr(deformable, "ATTENTION_BLOCK_ELEMENTS", 4 * 24 * 2)
+        rows = []
+        softmax = deformable._softmax_of_affinity
+        monkeypatch.setattr(
+            deformable,
+            "_softmax_of_affinity",
+            lambda q, k, topk: rows.append(q.shape[2]) or softmax(q, k, topk),
+        )
+        blocked = student.step(frames.flip(-1), memory, num_objects=2).logits
+    assert rows and max(rows) < 24  # every map was computed in blocks of query rows
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_explicit_tensor_forward_matches_step():
     student = make_student().eval()
     frames = torch.rand(2, 3, 50, 70)

@@ -145,6 +145,31 @@ def format_report(results: dict[str, Any]) -> str:
             by_length = ", ".join(f"L={k}: {_num(v)}" for k, v in dense["gflops_by_length"].items())
             lines.append(f"  dense memory read ({dense['formula']}): {by_length} GFLOP per frame")
 
+    attention = results.get("attention")
+    if attention:
+        lines += [
+            "",
+            "The student's attention at inference, whole map against row blocks",
+            f"  how: {attention['measured']}",
+        ]
+        rows = [
+            [
+                f"{row['size'][0]}×{row['size'][1]} {row['attention']}",
+                f"{row['queries']} × {row['keys']}",
+                f"{row['map_mb']:.0f}",
+                _num(row["whole_ms"]),
+                _num(row["blocked_ms"]),
+                f"{row['speedup']:.2f}×" if row.get("speedup") else "-",
+                f"{row['whole_peak_mb']:.0f}",
+                f"{row['blocked_peak_mb']:.0f}",
+                f"{row['max_abs_difference']:.1e}",
+            ]
+            for row in attention["rows"]
+        ]
+        header = ["frame, attention", "N × M", "map MB", "whole ms", "blocks ms", "speed-up"]
+        header += ["whole peak MB", "blocks peak MB", "max |diff|"]
+        lines += ["  " + line for line in _table(header, rows)]
+
     stream = results.get("stream")
     if stream:
         size = stream["size"]

@@ -3,7 +3,9 @@
 Order (so that ratios between models hold on a machine whose load changes):
 
 1. the machine's fp32 matmul rate (again at the end; the larger is used);
-2. FLOPs per frame of the student and the teacher at the benchmark size (`FlopCounterMode`);
+2. FLOPs per frame of the student and the teacher at the benchmark size (`FlopCounterMode`), and
+   the student's attention computed whole against in blocks of query rows (`dvos.bench.attention`;
+   the benchmark size and 1080p);
 3. inference cells at the benchmark size, interleaved: for each length L, student → dense → teacher
    (each cell a fresh process, `dvos.bench.cells`); the student exported to ONNX / TorchScript
    (`dvos.inference.export`, exported just before) joins the round of the shortest length;
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from dvos.bench.attention import measure_attention
 from dvos.bench.cells import MODELS, CellSpec, SyntheticVideo, build_student_model, fast_forward, run_cell
 from dvos.bench.dense import MEMORY_EVERY, DenseMemorySegmenter
 from dvos.bench.measure import count_flops, matmul_gflops
@@ -44,7 +47,8 @@ log = logging.getLogger("dvos.bench")
 SCHEMA = "dvos-bench/1"
 RESULTS_JSON = "results.json"
 PLOT_PNG = "results.png"
-SECTIONS = ("inference", "stream", "flops", "loading", "accuracy", "export")
+SECTIONS = ("inference", "stream", "flops", "attention", "loading", "accuracy", "export")
+HD_SIZE = (1080, 1920)  # the attention section also measures a 1080p frame (not with --quick)
 
 
 @dataclass
@@ -625,6 +629,10 @@ def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str
     if "flops" not in options.skip:
         with recorder.section("flops", "FLOPs per frame"):
             results["flops"] = measure_flops(student, teacher, options, device)
+    if "attention" not in options.skip:
+        sizes = [tuple(options.size)] + ([] if options.quick or tuple(options.size) == HD_SIZE else [HD_SIZE])
+        with recorder.section("attention", "the student's attention, whole map against row blocks"):
+            results["attention"] = measure_attention(cfg.model, sizes, device, seed=options.seed)
     exported: dict[str, str] = {}
     if "export" not in options.skip and options.export_formats:
         with recorder.section("export", "exporting the student"):

@@ -129,6 +129,29 @@ def grouped_points_to_heads(sampled: torch.Tensor, num_heads: int) -> torch.Tens
     return per_head.reshape(batch, num_heads, group_channels // heads_per_group, num_points).transpose(2, 3)
 
 
+def _scaled_query_key(
+    query: torch.Tensor, key: torch.Tensor, logit_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) in at least float32, scaled so that their product is the affinity: q / √d_head, or
+    the cosine form's exp(logit_scale) · q̂ and k̂. Call under autocast disabled."""
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    if logit_scale is None:
+        return query.to(dtype) * (1.0 / math.sqrt(query.shape[-1])), key.to(dtype)
+    # cosine attention: unit-length queries and keys, a learned per-head temperature
+    scale = logit_scale.to(dtype).exp().reshape(1, -1, 1, 1)
+    return F.normalize(query.to(dtype), dim=-1) * scale, F.normalize(key.to(dtype), dim=-1)
+
+
+def _softmax_of_affinity(query: torch.Tensor, key: torch.Tensor, topk: int) -> torch.Tensor:
+    """softmax over the keys of query · keyᵀ (inputs from `_scaled_query_key`), top-k as documented in
+    `attention_weights`."""
+    affinity = torch.matmul(query, key.transpose(-1, -2))
+    if 0 < topk < affinity.shape[-1]:
+        kept, index = affinity.topk(topk, dim=-1)
+        affinity = torch.full_like(affinity, float("-inf")).scatter(-1, index, kept)
+    return torch.softmax(affinity, dim=-1)
+
+
 def attention_weights(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -151,19 +174,8 @@ def attention_weights(
     Returns:
         B × heads × N × M, float32 (float64 for float64 inputs), rows sum to 1.
     """
-    dtype = torch.promote_types(query.dtype, torch.float32)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        if logit_scale is None:
-            query = query.to(dtype) * (1.0 / math.sqrt(query.shape[-1]))
-        else:  # cosine attention: unit-length queries and keys, a learned per-head temperature
-            scale = logit_scale.to(dtype).exp().reshape(1, -1, 1, 1)
-            query = F.normalize(query.to(dtype), dim=-1) * scale
-            key = F.normalize(key.to(dtype), dim=-1)
-        affinity = torch.matmul(query, key.to(dtype).transpose(-1, -2))
-        if 0 < topk < affinity.shape[-1]:
-            kept, index = affinity.topk(topk, dim=-1)
-            affinity = torch.full_like(affinity, float("-inf")).scatter(-1, index, kept)
-        return torch.softmax(affinity, dim=-1)
+        return _softmax_of_affinity(*_scaled_query_key(query, key, logit_scale), topk)
 
 
 def apply_attention(attention: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -176,6 +188,63 @@ def apply_attention(attention: torch.Tensor, value: torch.Tensor) -> torch.Tenso
     return merge_heads(out).to(value.dtype)
 
 
+# At inference (no autograd, no attention map wanted) `attend` computes the map a block of query rows
+# at a time, each block at most this many elements (8 MB in float32): the whole map of a 600-px frame's
+# self-propagation is 8 × 2546² elements (198 MB, and as much again for its softmax), of a 1080p
+# frame's 8 × 8160² (2 GB). The rows of a softmax are independent, so the result is the same up to
+# float rounding (the embedded evaluation's masks were identical); on the 2-core CPU of
+# docs/DESIGN.md the maps were about twice as fast in blocks (`make bench`, "attention").
+ATTENTION_BLOCK_ELEMENTS = 1 << 21
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    values: Sequence[torch.Tensor],
+    logit_scale: torch.Tensor | None = None,
+    *,
+    topk: int = 0,
+    need_weights: bool = True,
+    block_elements: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """`attention_weights` of the queries over the keys applied to each value (one map shared).
+
+    Without autograd and without `need_weights`, the map is never held whole: blocks of query rows,
+    each map block at most `block_elements`, are normalised and applied in turn.
+
+    Args:
+        query: B × heads × N × d_head.
+        key: B × heads × M × d_head.
+        values: value tensors B × heads × M × d_v (d_v may differ between them).
+        logit_scale, topk: see `attention_weights`.
+        need_weights: return the B × heads × N × M map (then computed whole).
+        block_elements: the largest map block computed at once without autograd (None:
+            `ATTENTION_BLOCK_ELEMENTS`, read at the call).
+
+    Returns:
+        (outputs, attention): one B × N × heads·d_v tensor per value (`apply_attention`); the map, or
+        None without `need_weights`.
+    """
+    batch, heads, num_queries, _ = query.shape
+    budget = ATTENTION_BLOCK_ELEMENTS if block_elements is None else int(block_elements)
+    rows = max(1, budget // max(1, batch * heads * key.shape[2]))
+    # traced or exported graphs (TorchScript, ONNX) keep the one product: no Python loop unrolled
+    # into them
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if need_weights or tracing or torch.is_grad_enabled() or rows >= num_queries:
+        attention = attention_weights(query, key, logit_scale, topk=topk)
+        return [apply_attention(attention, value) for value in values], attention if need_weights else None
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        query, key = _scaled_query_key(query, key, logit_scale)
+        wide = [value.to(query.dtype) for value in values]
+        outputs = [value.new_empty(batch, heads, num_queries, value.shape[-1]) for value in wide]
+        for start in range(0, num_queries, rows):
+            attention = _softmax_of_affinity(query[:, :, start : start + rows], key, topk)
+            for output, value in zip(outputs, wide):
+                torch.matmul(attention, value, out=output[:, :, start : start + rows])
+    return [merge_heads(output).to(value.dtype) for output, value in zip(outputs, values)], None
+
+
 def deformable_attention(
     query: torch.Tensor,
     memory_key: torch.Tensor,
@@ -186,7 +255,8 @@ def deformable_attention(
     stride: int,
     logit_scale: torch.Tensor | None = None,
     topk: int = 0,
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    need_weights: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
     """Multi-head attention of every query token over memory points read at reference + offset.
 
     Args:
@@ -199,11 +269,13 @@ def deformable_attention(
         stride: s of the reference grid.
         logit_scale: per-head log scale of cosine attention (None: scaled dot product).
         topk: sampled points each query attends to, its most similar ones (0: all M).
+        need_weights: return the attention map (False: None, and at inference it is computed a block
+            of query rows at a time, `attend`).
 
     Returns:
         (outputs, attention, positions): one B × N × C_v tensor per value map; the attention
-        B × heads × N × M (float32, M = ⌈H/s⌉·⌈W/s⌉); the sampling positions B × G × M × 2 in pixels of
-        the memory map (x, y).
+        B × heads × N × M (float32, M = ⌈H/s⌉·⌈W/s⌉) or None; the sampling positions B × G × M × 2 in
+        pixels of the memory map (x, y).
     """
     batch, _, height, width = memory_key.shape
     groups = offsets.shape[1]
@@ -215,11 +287,8 @@ def deformable_attention(
 
     queries = split_heads(query.flatten(2).transpose(1, 2), num_heads)
     keys = grouped_points_to_heads(sample_memory(memory_key, positions), num_heads)
-    attention = attention_weights(queries, keys, logit_scale, topk=topk)
-    outputs = [
-        apply_attention(attention, grouped_points_to_heads(sample_memory(value, positions), num_heads))
-        for value in memory_values
-    ]
+    values = [grouped_points_to_heads(sample_memory(value, positions), num_heads) for value in memory_values]
+    outputs, attention = attend(queries, keys, values, logit_scale, topk=topk, need_weights=need_weights)
     return outputs, attention, positions_px
 
 
@@ -371,6 +440,7 @@ class DeformableAttention(nn.Module):
             stride=self.stride,
             logit_scale=self.logit_scale,
             topk=self.topk,
+            need_weights=return_aux,
         )
         if not return_aux:
             return outputs, None

@@ -54,8 +54,7 @@ from torch import nn
 from dvos.models.deformable import (
     DeformableAttention,
     DeformableAttentionAux,
-    apply_attention,
-    attention_weights,
+    attend,
     split_heads,
 )
 from dvos.models.layers import ConvGroupNormReLU, pad_to_stride, sine_position_embedding, unpad
@@ -351,11 +350,13 @@ class GatedDeformablePropagation(nn.Module):
         normed_visual = self.norm_self_visual(visual)
         normed_id = self.norm_self_id(identity)
         query, key = self.self_query_key(normed_visual + _map_to_tokens(position)).chunk(2, dim=-1)
-        attention = attention_weights(split_heads(query, self.num_heads), split_heads(key, self.num_heads))
-        visual_read = apply_attention(
-            attention, split_heads(self.self_value_visual(normed_visual), self.num_heads)
-        )
-        id_read = apply_attention(attention, split_heads(self.self_value_id(normed_id), self.num_heads))
+        values = [self.self_value_visual(normed_visual), self.self_value_id(normed_id)]
+        visual_read, id_read = attend(
+            split_heads(query, self.num_heads),
+            split_heads(key, self.num_heads),
+            [split_heads(value, self.num_heads) for value in values],
+            need_weights=False,
+        )[0]
         visual = visual + self.self_out_visual(visual_read * F.silu(self.self_gate_visual(normed_visual)))
         identity = identity + self.self_out_id(id_read * F.silu(self.self_gate_id(normed_id)))
         return visual, identity

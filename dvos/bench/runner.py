@@ -5,7 +5,7 @@ Order (so that ratios between models hold on a machine whose load changes):
 1. the machine's fp32 matmul rate (again at the end; the larger is used);
 2. FLOPs per frame of the student and the teacher at the benchmark size (`FlopCounterMode`), and
    the student's attention computed whole against in blocks of query rows (`dvos.bench.attention`;
-   the benchmark size and 1080p);
+   the benchmark size and 1080p; CPU only);
 3. inference cells at the benchmark size, interleaved: for each length L, student → dense → teacher
    (each cell a fresh process, `dvos.bench.cells`); the student exported to ONNX / TorchScript
    (`dvos.inference.export`, exported just before) joins the round of the shortest length;
@@ -629,7 +629,9 @@ def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str
     if "flops" not in options.skip:
         with recorder.section("flops", "FLOPs per frame"):
             results["flops"] = measure_flops(student, teacher, options, device)
-    if "attention" not in options.skip:
+    if "attention" not in options.skip and device.type != "cpu":
+        results["notes"].append("the attention section runs on the CPU only: GPUs compute the whole map")
+    elif "attention" not in options.skip:
         sizes = [tuple(options.size)] + ([] if options.quick or tuple(options.size) == HD_SIZE else [HD_SIZE])
         with recorder.section("attention", "the student's attention, whole map against row blocks"):
             results["attention"] = measure_attention(cfg.model, sizes, device, seed=options.seed)

@@ -188,7 +188,7 @@ def apply_attention(attention: torch.Tensor, value: torch.Tensor) -> torch.Tenso
     return merge_heads(out).to(value.dtype)
 
 
-# At inference (no autograd, no attention map wanted) `attend` computes the map a block of query rows
+# At inference on the CPU (no autograd, no map wanted) `attend` computes the map a block of query rows
 # at a time, each block at most this many elements (8 MB in float32): the whole map of a 600-px frame's
 # self-propagation is 8 × 2546² elements (198 MB, and as much again for its softmax), of a 1080p
 # frame's 8 × 8160² (2 GB). The rows of a softmax are independent, so the result is the same up to
@@ -209,8 +209,8 @@ def attend(
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """`attention_weights` of the queries over the keys applied to each value (one map shared).
 
-    Without autograd and without `need_weights`, the map is never held whole: blocks of query rows,
-    each map block at most `block_elements`, are normalised and applied in turn.
+    On the CPU, without autograd and without `need_weights`, the map is never held whole: blocks of
+    query rows, each map block at most `block_elements`, are normalised and applied in turn.
 
     Args:
         query: B × heads × N × d_head.
@@ -228,10 +228,10 @@ def attend(
     batch, heads, num_queries, _ = query.shape
     budget = ATTENTION_BLOCK_ELEMENTS if block_elements is None else int(block_elements)
     rows = max(1, budget // max(1, batch * heads * key.shape[2]))
-    # traced or exported graphs (TorchScript, ONNX) keep the one product: no Python loop unrolled
-    # into them
-    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if need_weights or tracing or torch.is_grad_enabled() or rows >= num_queries:
+    # Traced or exported graphs (TorchScript, ONNX) keep the one product: no Python loop unrolled
+    # into them. So do GPUs, where a block is a few kernel launches and the whole map is fast.
+    whole = need_weights or torch.is_grad_enabled() or rows >= num_queries or query.device.type != "cpu"
+    if whole or torch.jit.is_tracing() or torch.compiler.is_compiling():
         attention = attention_weights(query, key, logit_scale, topk=topk)
         return [apply_attention(attention, value) for value in values], attention if need_weights else None
     with torch.autocast(device_type=query.device.type, enabled=False):

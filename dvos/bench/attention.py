@@ -69,6 +69,10 @@ def measure_attention(
     head_dim = int(model_cfg.d_model) // heads
     scale = float(model_cfg.attention_scale)
     generator = torch.Generator().manual_seed(seed)
+
+    def tensor(n: int) -> torch.Tensor:
+        return torch.randn(1, heads, n, head_dim, generator=generator).to(device)
+
     rows = []
     for size in sizes:
         for kind, (num_queries, num_keys) in attention_shapes(model_cfg, size).items():
@@ -77,10 +81,6 @@ def measure_attention(
             logit_scale = None
             if kind == "deformable read" and scale > 0:
                 logit_scale = torch.full((heads,), math.log(scale), device=device)
-
-            def tensor(n: int) -> torch.Tensor:
-                return torch.randn(1, heads, n, head_dim, generator=generator).to(device)
-
             inputs = (
                 tensor(num_queries),
                 tensor(num_keys),

@@ -228,10 +228,12 @@ def attend(
     batch, heads, num_queries, _ = query.shape
     budget = ATTENTION_BLOCK_ELEMENTS if block_elements is None else int(block_elements)
     rows = max(1, budget // max(1, batch * heads * key.shape[2]))
-    # Traced or exported graphs (TorchScript, ONNX) keep the one product: no Python loop unrolled
-    # into them. So do GPUs, where a block is a few kernel launches and the whole map is fast.
-    whole = need_weights or torch.is_grad_enabled() or rows >= num_queries or query.device.type != "cpu"
-    if whole or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    # The whole map: when it is wanted, under autograd, when it fits one block, on GPUs (where a block
+    # is a few kernel launches and the whole map is fast) and in traced or exported graphs
+    # (TorchScript, ONNX: no Python loop unrolled into them).
+    blocked = not (need_weights or torch.is_grad_enabled() or rows >= num_queries)
+    blocked = blocked and query.device.type == "cpu"
+    if not blocked or torch.jit.is_tracing() or torch.compiler.is_compiling():
         attention = attention_weights(query, key, logit_scale, topk=topk)
         return [apply_attention(attention, value) for value in values], attention if need_weights else None
     with torch.autocast(device_type=query.device.type, enabled=False):

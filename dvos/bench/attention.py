@@ -15,13 +15,12 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from dvos.bench.measure import PeakMemory, synchronize
+from dvos.bench.measure import PeakMemory, stopwatch, synchronize
 from dvos.models.deformable import ATTENTION_BLOCK_ELEMENTS, attend
 from dvos.models.student import FEATURE_STRIDE
 
@@ -47,10 +46,10 @@ def _time_call(fn: Any, device: torch.device, repeats: int) -> tuple[float, floa
     seconds = []
     for _ in range(repeats):
         synchronize(device)
-        start = time.perf_counter()
-        output = fn()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+        with stopwatch() as elapsed:
+            output = fn()
+            synchronize(device)
+        seconds.append(elapsed[0])
     return statistics.median(seconds), max(0.0, meter.peak_mb() - meter.before_mb), output
 
 

@@ -629,12 +629,15 @@ def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str
     if "flops" not in options.skip:
         with recorder.section("flops", "FLOPs per frame"):
             results["flops"] = measure_flops(student, teacher, options, device)
-    if "attention" not in options.skip and device.type != "cpu":
-        results["notes"].append("the attention section runs on the CPU only: GPUs compute the whole map")
-    elif "attention" not in options.skip:
-        sizes = [tuple(options.size)] + ([] if options.quick or tuple(options.size) == HD_SIZE else [HD_SIZE])
-        with recorder.section("attention", "the student's attention, whole map against row blocks"):
-            results["attention"] = measure_attention(cfg.model, sizes, device, seed=options.seed)
+    if "attention" not in options.skip:
+        if device.type != "cpu":
+            results["notes"].append("the attention section runs on the CPU only: GPUs compute the whole map")
+        else:
+            sizes = [tuple(options.size)]
+            if not options.quick and tuple(options.size) != HD_SIZE:
+                sizes.append(HD_SIZE)
+            with recorder.section("attention", "the student's attention, whole map against row blocks"):
+                results["attention"] = measure_attention(cfg.model, sizes, device, seed=options.seed)
     exported: dict[str, str] = {}
     if "export" not in options.skip and options.export_formats:
         with recorder.section("export", "exporting the student"):

@@ -301,6 +301,22 @@ def test_unusable_distill_setting_fails_before_any_run_folder_data_or_teacher(tm
     for setting, message in (
         ("model.attention_topk=-1", "model.attention_topk must be ≥ 0 (0: all points), got -1"),
         ("data.reference_gap=0", "data.reference_gap must be ≥ 1 (or null), got 0"),
+        (
+            "data.crop_size=[224]",
+            "data.crop_size must be [height, width] of at least 16 pixels each, got [224]",
+        ),
+        (
+            "data.crop_size=[224,8]",
+            "data.crop_size must be [height, width] of at least 16 pixels each, got [224, 8]",
+        ),
+        (
+            "data.scale=[0.2,0.1]",
+            "data.scale must be [low, high] with 0 < low <= high <= 1 of a frame's area, got [0.2, 0.1]",
+        ),
+        (
+            "data.scale=[0.5,1.5]",
+            "data.scale must be [low, high] with 0 < low <= high <= 1 of a frame's area, got [0.5, 1.5]",
+        ),
         ("eval.attention_topk=-1", "eval.attention_topk must be ≥ 0 (0: all points) or null, got -1"),
         ("eval.final_checkpoint=newest", "eval.final_checkpoint must be one of best, last, got 'newest'"),
     ):

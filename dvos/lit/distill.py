@@ -733,6 +733,20 @@ class DistillationModule(pl.LightningModule):
         )
 
 
+def check_training_crops(data: DictConfig) -> None:
+    """One-line `ConfigError`s for `data.crop_size` (H, W) and `data.scale` (share of a frame's area)."""
+    crop = data.crop_size
+    if crop is None or len(crop) != 2 or any(int(side) < MIN_MODEL_SIZE for side in crop):
+        raise ConfigError(
+            f"data.crop_size must be [height, width] of at least {MIN_MODEL_SIZE} pixels each, got {crop}"
+        )
+    scale = data.scale
+    if scale is None or len(scale) != 2 or not 0.0 < float(scale[0]) <= float(scale[1]) <= 1.0:
+        raise ConfigError(
+            f"data.scale must be [low, high] with 0 < low <= high <= 1 of a frame's area, got {scale}"
+        )
+
+
 def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     """One-line `ConfigError`s for distillation settings that cannot work."""
     d, optim = config.distill, config.optim
@@ -788,6 +802,7 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     # eval.attention_topk and eval.refine_*: one-line errors now, not at the first validation
     reading_options(config.eval)
     reading_options(config.eval, validation=True)
+    check_training_crops(config.data)
     reference_gap = (config.get("data") or {}).get("reference_gap")
     if reference_gap is not None and int(reference_gap) < 1:
         raise ConfigError(f"data.reference_gap must be ≥ 1 (or null), got {reference_gap}")

@@ -7,7 +7,8 @@ A run's config is built in this order, each step overriding the one before (docs
 3. one file per group, `conf/<group>/<choice>.yaml`, merged into `cfg.<group>`; the choice comes
    from `conf/config.yaml`'s `defaults:`, then the experiment file's `defaults:`, then the command
    line (`data=davis2016`); a choice may also be a path to a YAML file;
-4. the experiment file `conf/experiment/<name>.yaml` (if `experiment=<name>`), merged at the root;
+4. the experiment file `conf/experiment/<name>.yaml` (if `experiment=<name>`), merged at the root,
+   after the experiment it extends (`defaults: {experiment: <base>}`), if any;
 5. dot-list overrides from the command line (`trainer.max_epochs=2`).
 
 Because the schema is a dataclass, a misspelled key or a value of the wrong type fails at once with
@@ -153,7 +154,7 @@ class DistillConfig:
     lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
     lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
-    lambda_ce: float = 1.0  # optional cross-entropy to the teacher's hard pseudo-masks (paper-scale: 0)
+    lambda_ce: float = 0.0  # cross-entropy to the teacher's hard pseudo-masks (not the paper's; the CPU recipe's)
     # that CE (and the reference reading's) over each sample's hardest share of pixels (AOT: 0.15)
     ce_hard_ratio: float = 1.0
     lambda_jaccard: float = 0.0  # soft Jaccard to the same hard masks (and in the reference reading's loss)
@@ -174,7 +175,7 @@ class DistillConfig:
 class OptimConfig:
     """AdamW with linear warm-up and polynomial decay (per step), optional EMA of the student."""
 
-    lr: float = 1e-3  # the embedded CPU run; the paper-scale experiments set 2e-4
+    lr: float = 2e-4
     encoder_lr_ratio: float = 0.1  # the pretrained encoder learns slower
     weight_decay: float = 0.07
     warmup_steps: int = 20
@@ -417,6 +418,29 @@ def split_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return choices, dotlist
 
 
+def _experiment_chain(conf_dir: Path, name: str) -> list[tuple[Path, DictConfig]]:
+    """The experiment file `name` and the ones it extends, base first.
+
+    An experiment extends another with `experiment: <base>` in its `defaults:`; the base's keys and
+    group choices come first, the extending file's override them.
+    """
+    chain: list[tuple[Path, DictConfig]] = []
+    seen: list[str] = []
+    while name:
+        if name in seen:
+            raise ConfigError(f"experiment files extend each other in a loop: {' -> '.join([*seen, name])}")
+        seen.append(name)
+        path = _group_file(conf_dir, "experiment", name)
+        experiment = _load_yaml(path)
+        defaults = experiment.get("defaults")
+        if defaults is not None and not isinstance(defaults, DictConfig):
+            raise ConfigError(f"{path}: 'defaults' must be a mapping of group: choice")
+        base = defaults.pop("experiment", None) if defaults is not None else None
+        chain.insert(0, (path, experiment))
+        name = str(base) if base else ""
+    return chain
+
+
 def load_config(
     overrides: list[str] | None = None, *, conf_dir: str | os.PathLike | None = None
 ) -> DictConfig:
@@ -433,10 +457,8 @@ def load_config(
     cfg = _merge(cfg, root, str(conf_dir / "config.yaml"))
 
     experiment_name = choices_cli.get("experiment", defaults.get("experiment"))
-    experiment = None
-    if experiment_name:
-        experiment_path = _group_file(conf_dir, "experiment", str(experiment_name))
-        experiment = _load_yaml(experiment_path)
+    experiments = _experiment_chain(conf_dir, str(experiment_name)) if experiment_name else []
+    for _, experiment in experiments:
         defaults.update(dict(experiment.pop("defaults", None) or {}))
     defaults.update({k: v for k, v in choices_cli.items() if k != "experiment"})
 
@@ -446,8 +468,9 @@ def load_config(
             continue
         path = _group_file(conf_dir, group, str(choice))
         cfg = _merge(cfg, {group: _load_yaml(path)}, str(path))
-    if experiment is not None:
+    for experiment_path, experiment in experiments:
         cfg = _merge(cfg, experiment, str(experiment_path))
+    if experiments:
         cfg.experiment = str(experiment_name)
     if dotlist:
         try:

@@ -160,8 +160,9 @@ def test_reading_options_come_from_the_eval_config():
     from dvos.config import load_config
     from dvos.utils.errors import ConfigError
 
-    plain = reading_options(load_config(["eval.refine_iterations=0", "eval.val_refine_iterations=0"]).eval)
-    # the root config's reading: soft memory, top-k as trained, the reference weighed 1.3
+    overrides = ["experiment=cpu", "eval.refine_iterations=0", "eval.val_refine_iterations=0"]
+    plain = reading_options(load_config(overrides).eval)
+    # the CPU recipe's reading: soft memory, top-k as trained, the reference weighed 1.3
     assert plain == {
         "soft_memory": True,
         "attention_topk": None,

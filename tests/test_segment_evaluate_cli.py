@@ -178,7 +178,9 @@ def test_evaluate_and_segment_read_the_student_memory_as_eval_says(tmp_path):
     args = Namespace(ckpt=str(checkpoint), teacher=None, baseline=None, max_size=None, min_size=None)
     segmenter, _, _ = build_segmenter(args, load_config(tiny_model_overrides()), "cpu")
     assert (segmenter.soft_memory, segmenter.attention_topk) == (True, None)  # defaults: soft, as trained
-    assert segmenter.refine.iterations == 12  # the root config's edge refinement
+    assert segmenter.refine is None  # the paper's protocol: no post-processing
+    segmenter, _, _ = build_segmenter(args, load_config(["experiment=cpu", *tiny_model_overrides()]), "cpu")
+    assert segmenter.refine.iterations == 12  # the CPU recipe's edge refinement
     assert segmenter.refine_soft_memory is False  # the refined mask is remembered as a one-hot
     cfg = load_config(
         [

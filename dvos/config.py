@@ -154,7 +154,9 @@ class DistillConfig:
     lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
     lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
     lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
-    lambda_ce: float = 0.0  # cross-entropy to the teacher's hard pseudo-masks (not the paper's; the CPU recipe's)
+    lambda_ce: float = (
+        0.0  # cross-entropy to the teacher's hard pseudo-masks (not the paper's; the CPU recipe's)
+    )
     # that CE (and the reference reading's) over each sample's hardest share of pixels (AOT: 0.15)
     ce_hard_ratio: float = 1.0
     lambda_jaccard: float = 0.0  # soft Jaccard to the same hard masks (and in the reference reading's loss)
@@ -503,15 +505,58 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     return path
 
 
+def cpu_model() -> str:
+    """The processor's model name (`/proc/cpuinfo` on Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def source_commit() -> str:
+    """The git commit of the dvos source tree ("<hash>+dirty" with uncommitted changes; "unknown"
+    outside a git checkout, e.g. an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
 def environment_info() -> dict[str, str]:
-    """Versions every run logs next to its config."""
+    """Versions, source commit and machine every run logs next to its config."""
+    import datetime as _dt
+
     import lightning
     import torch
 
     return {
         "dvos": __version__,
+        "commit": source_commit(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }

@@ -17,7 +17,7 @@ import yaml
 from dvos.cli.main import main
 from dvos.cli.pretrain_cmd import teacher_path
 from dvos.config import load_config
-from dvos.models.teacher import load_resnet_encoder
+from dvos.models.teacher_checkpoint import load_resnet_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_STEPS = 3  # not a multiple of the smoke epoch (2 batches): the final step must be exported

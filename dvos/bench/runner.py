@@ -594,7 +594,7 @@ def new_results(cfg: Any, options: BenchOptions, weights: Weights, device: torch
 def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str, Any]:
     """Run every section not in `options.skip`; returns the results (also in OUT/results.json)."""
     from dvos.bench.plot import draw_results
-    from dvos.models.teacher import build_teacher
+    from dvos.models.build import build_teacher
 
     started = time.perf_counter()
     device = torch.device(options.device)

@@ -207,7 +207,7 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
     """
     from dvos.inference.checkpoints import find_latest_checkpoint, load_student
     from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
-    from dvos.models.teacher import build_teacher
+    from dvos.models.build import build_teacher
 
     sizes = {
         "max_size": size_limit_of(args, cfg, "max_size"),

@@ -45,10 +45,11 @@ from dvos.inference.engine import reading_options
 from dvos.lit.losses import DistillationLoss, objects_to_valid, segmentation_loss, teacher_probabilities
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
+from dvos.models.build import build_student, build_teacher
 from dvos.models.deformable import DeformableAttentionAux
 from dvos.models.refine import bilateral_refine
-from dvos.models.student import DeformableStudent, build_student, labels_to_onehot
-from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention, build_teacher
+from dvos.models.student import DeformableStudent, labels_to_onehot
+from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention
 from dvos.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

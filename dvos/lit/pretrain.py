@@ -12,7 +12,7 @@ Optimisation: AdamW (weight decay on conv/linear weights only, not on BatchNorm 
 warm-up then cosine or polynomial decay, stepped every optimizer step (`WarmupDecay`).
 
 Checkpoints: the encoder is the attribute `encoder` (keys `encoder.*`, what
-`dvos.models.teacher.load_resnet_encoder` picks from a Lightning checkpoint); the head is `head`
+`dvos.models.teacher_checkpoint.load_resnet_encoder` picks from a Lightning checkpoint); the head is `head`
 (keys `head.*`, ignored by it). Hyper-parameters are plain ints, floats and strings, and the
 scheduler's state is a plain dict, so a checkpoint loads with `torch.load(weights_only=True)`.
 `export_teacher_encoder` writes the encoder alone: `{"encoder.<key>": tensor, ...,
@@ -267,7 +267,7 @@ def export_teacher_encoder(ckpt_path: str | os.PathLike, out_path: str | os.Path
     The file holds `{"encoder.<key>": tensor, ...}` (the encoder's state dict, BatchNorm buffers
     included) and `"encoder_config"` (widths, depths, stem_width, output_stride; also
     `"global_step"` and `"source"`); it loads with `torch.load(weights_only=True)` and with
-    `dvos.models.teacher.load_resnet_encoder` (which reads the architecture from the tensor shapes
+    `dvos.models.teacher_checkpoint.load_resnet_encoder` (which reads the architecture from the tensor shapes
     and assumes output stride 8). Written atomically.
 
     Raises:

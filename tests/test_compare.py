@@ -13,8 +13,8 @@ from PIL import Image
 
 from dvos.cli import compare_cmd
 from dvos.cli.main import main
-from dvos.cli.run_summary import SUMMARY_FILE, flat_summary, publish_run_summary
 from dvos.config import load_config, to_dict
+from dvos.utils.run_summary import SUMMARY_FILE, flat_summary, publish_run_summary
 
 
 def summary_table(jf: float, fps: float) -> dict:

@@ -13,9 +13,9 @@ import yaml
 
 from dvos.cli import sweep_cmd
 from dvos.cli.main import main
-from dvos.cli.run_summary import SUMMARY_FILE
 from dvos.config import load_config
 from dvos.utils.errors import DvosError
+from dvos.utils.run_summary import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # experiment=smoke cut further for the default test run: a one-step epoch (then validation), two-frame

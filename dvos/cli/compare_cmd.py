@@ -15,7 +15,7 @@ Where the runs come from:
   is G (a sweep's trials have the sweep's name as group).
 - **online** (a W&B API key, no path given, or `--mode online`): the runs of `--project` (default
   `logger.project`, `dvos`) in `--group`, or the W&B run paths given (`entity/project/run_id`), read
-  through `wandb.Api()`: the summary keys every dvos run logs (`dvos/cli/run_summary.py`) and its config.
+  through `wandb.Api()`: the summary keys every dvos run logs (`dvos/utils/run_summary.py`) and its config.
 
 Written into `--out` (default `runs/comparisons/<date>-<time>/`), each file atomically:
 `comparison.png` (one bar chart per metric, best run outlined, and the table of differing config
@@ -106,7 +106,7 @@ def read_run_folder(path: Path) -> RunRecord:
     """A run folder: `run_summary.json` (or the flattened `summary.json` of an older run) and its config."""
     import yaml
 
-    from dvos.cli.run_summary import SUMMARY_FILE, flat_summary
+    from dvos.utils.run_summary import SUMMARY_FILE, flat_summary
 
     if (path / SUMMARY_FILE).is_file():
         summary = _read_json(path / SUMMARY_FILE)

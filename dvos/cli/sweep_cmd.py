@@ -26,7 +26,7 @@ parameters, so they win (a warning names any swept key they override). The sweep
 `logs/<trial>.log` there (`--verbose` also streams it).
 
 The metric of a trial is read from its `run_summary.json` (the keys every run also puts into its W&B
-summary, `dvos/cli/run_summary.py`): `val/J&F` is the best validation J&F of the run, the score its
+summary, `dvos/utils/run_summary.py`): `val/J&F` is the best validation J&F of the run, the score its
 kept checkpoint had.
 """
 
@@ -417,7 +417,7 @@ def _last_error_line(log_path: Path) -> str:
 
 def read_trial_summary(run_dir: Path) -> dict[str, Any]:
     """The trial's flat summary (`run_summary.json`), or {} when it has none."""
-    from dvos.cli.run_summary import SUMMARY_FILE
+    from dvos.utils.run_summary import SUMMARY_FILE
 
     path = run_dir / SUMMARY_FILE
     try:

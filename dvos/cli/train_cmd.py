@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = final_evaluation(cfg, run_dir, module, final_student_checkpoint(cfg, trainer))
     write_json(run_dir / "summary.json", summary)
-    from dvos.cli.run_summary import publish_run_summary
+    from dvos.utils.run_summary import publish_run_summary
 
     publish_run_summary(trainer, summary, run_dir)  # the same W&B summary keys in every run (rank 0)
     finish_wandb(trainer)  # now, so that W&B's closing lines come before the table and the folder

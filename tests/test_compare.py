@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from dvos.cli import compare_cmd
+from dvos import compare as compare_cmd
 from dvos.cli.main import main
 from dvos.config import load_config, to_dict
 from dvos.utils.run_summary import SUMMARY_FILE, flat_summary, publish_run_summary

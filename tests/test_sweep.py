@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvos.cli import sweep_cmd
+from dvos import sweeps as sweep_cmd
 from dvos.cli.main import main
 from dvos.config import load_config
 from dvos.utils.errors import DvosError

@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
     prepare_data(cfg)
     ensure_teacher(cfg, run_dir)
     # Seeded after the teacher: pretraining it here draws random numbers that loading it from the
-    # cache does not, and a run must give the same student either way (docs/DESIGN.md, "Distillation
-    # training").
+    # cache does not, and a run must give the same student either way
+    # (docs/DESIGN.md, "Distillation training").
     pl.seed_everything(int(cfg.seed), workers=True)
     if not is_launched_rank():
         save_config(cfg, run_dir / "config.yaml")  # now with the teacher file it uses

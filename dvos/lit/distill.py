@@ -134,7 +134,7 @@ def reference_reconstruction_loss(
 
     Label-free (the reference objects are the pseudo-objects, or frame 0's annotation): it asks the
     ID embedding and the decoder to give a mask back as sharp as it went in, which the teacher's
-    stride-8 targets of later frames cannot (docs/DESIGN.md, "The default make train").
+    stride-8 targets of later frames cannot (docs/DESIGN.md, "The CPU recipe").
     """
     valid = None
     if num_objects is not None:
@@ -186,8 +186,7 @@ def paste_occluders(
     passes over whatever is there. The teacher and the student see the same pasted clip (the
     pseudo-objects and the targets are made after it): no label is involved. The distillation's
     `occluder_prob`: short clips of slowly moving crops seldom show an object occluded or two
-    objects meeting, where the student loses them at test time (docs/DESIGN.md, "The default make
-    train").
+    objects meeting, where the student loses them at test time (docs/DESIGN.md, "The CPU recipe").
     """
     batch, length, _, height, width = frames.shape
     out = frames.clone()

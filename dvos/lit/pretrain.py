@@ -137,7 +137,8 @@ class CRWPretrainModule(pl.LightningModule):
         spatial_jitter: while training, every frame of a clip is cropped to (H − j) × (W − j) at
             its own random offset in [0, j]² pixels (`jitter_frames`). CRW's spatial jitter: a
             dense encoder with zero padding can otherwise return the walk by absolute position
-            (distance to the border) instead of appearance (docs/DESIGN.md, Teacher). 0: off.
+            (distance to the border) instead of appearance
+            (docs/METHOD.md, "Pre-training the teacher (contrastive random walk)"). 0: off.
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up length (optimizer steps).
         max_steps: schedule length; None takes the trainer's `estimated_stepping_batches`.

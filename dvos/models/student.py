@@ -220,7 +220,7 @@ class DeformableStudent(nn.Module):
         """A fresh student that already propagates labels (see `GatedDeformablePropagation.
         init_for_propagation`): the ID embedding starts as the share of each id in the 17 × 17 patch
         of a cell (channel c = slot c), so the ID stream carries soft labels from the first step and
-        the decoder only has to learn to read them (measured effect: docs/DESIGN.md, Student)."""
+        the decoder only has to learn to read them (docs/METHOD.md, "Identity embedding")."""
         slots = self.max_objects + 1
         if slots > self.d_model:
             raise ValueError(f"propagation_init needs d_model ≥ max_objects + 1, got {self.d_model}")

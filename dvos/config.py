@@ -78,8 +78,9 @@ class DataConfig:
     split: str = "val"
     resolution: str = "480p"
     sequences: list[str] | None = None  # restrict evaluation to these sequence names
-    # Training clips: mp4/avi/webm/mkv files or frame folders under train_root (labels never read).
-    train_root: str = MISSING
+    # Training clips: mp4/avi/webm/mkv files or frame folders under train_root (labels never read);
+    # null for commands that only evaluate (`dvos train` and `dvos pretrain` refuse it).
+    train_root: str | None = None
     clip_len: int = 3
     max_gap: int = 4
     reverse_prob: float = 0.5
@@ -227,10 +228,10 @@ class EvalConfig:
     # after frame a faint object fades out (docs/METHOD.md, "Inference"). true: the filtered
     # probabilities (with soft_memory). Without refinement soft_memory alone decides.
     refine_soft_memory: bool = False
-    # Which student the final table of `dvos train` scores: best (the checkpoint with the best
-    # validation J&F) or last (the weights at the end of training, last.ckpt). The CPU recipe sets
-    # last: its validation (360 px, unrefined) is a cheaper, noisier proxy of the table's protocol.
-    final_checkpoint: str = "best"
+    # Which student the final table of `dvos train` scores: last (the weights at the end of
+    # training, last.ckpt) or best (the best validation J&F). best picks a step on the validation
+    # set, so use it only when that set is held out of the one the table reports.
+    final_checkpoint: str = "last"
 
 
 @dataclass

@@ -61,7 +61,7 @@ def test_train_smoke_writes_run_folder(tmp_path):
     baseline = json.loads((run_dir / "summary.json").read_text())["baseline"]
     assert 0.0 < baseline["J&F"] <= 1.0
     assert abs(baseline["J&F"] - (baseline["J"] + baseline["F"]) / 2) < 1e-12
-    # the table's student is the end of training (the CPU recipe's eval.final_checkpoint=last)
+    # the table's student is the end of training (eval.final_checkpoint=last)
     scored = json.loads((run_dir / "eval" / "student" / "results.json").read_text())["config"]["method"]
     assert f"student from {run_dir / 'checkpoints' / 'last.ckpt'} " in scored
     # the embedded data was built where the config says, DAVIS layout

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_data import box_masks, moving_frames, write_frame_folder
+from helpers_data import box_masks, make_davis_tree, moving_frames, write_frame_folder
 from PIL import Image
 
 from dvos.cli.main import main
 from dvos.config import load_config
+from dvos.data.builders import require_train_root
 from dvos.data.vos import youtubevos_sequences
 from dvos.inference.submission import listed_frames, write_youtubevos_submission
 from dvos.utils.errors import ConfigError, DvosError
@@ -87,7 +88,8 @@ def test_paper_scale_distillation_has_the_deaot_schedule(name):
     assert cfg.model.attention_topk == 0
     assert cfg.model.permute_slots is None and cpu.model.permute_slots == 4  # AOT's: every slot
     assert cfg.eval.long_term_weight is None and cfg.eval.refine_iterations == 0
-    assert cfg.eval.final_checkpoint == "best" and cpu.eval.final_checkpoint == "last"
+    # never a step chosen on the split the table reports
+    assert cfg.eval.final_checkpoint == "last" and cpu.eval.final_checkpoint == "last"
     assert cfg.distill.lambda_ce == 0 and cfg.distill.teacher_scale == 1 and cfg.eval.min_size is None
     assert cfg.distill.occluder_prob == 0 and cpu.distill.occluder_prob > 0
     teacher = load_config(["experiment=teacher_crw_youtubevos", "data.root=/data/YouTubeVOS"])
@@ -111,8 +113,9 @@ def test_paper_scale_distillation_has_the_deaot_schedule(name):
     ],
 )
 def test_paper_scale_experiments_need_their_data_roots(overrides, missing):
+    """data.root is needed to load; data.train_root by the commands that train (before any folder)."""
     with pytest.raises(ConfigError, match=missing.replace(".", r"\.")):
-        load_config(overrides)
+        require_train_root(load_config(overrides))
 
 
 def test_teacher_pretraining_experiments_read_the_right_frames():
@@ -214,3 +217,24 @@ def test_submission_fills_frames_without_prediction_and_reads_meta(tmp_path):
     ):
         blank = Image.open(handle)
         assert blank.mode == "P" and blank.size == (64, 48) and not np.asarray(blank).any()
+
+
+def test_davis_group_files_never_train_on_the_frames_they_score(tmp_path, capsys):
+    """data=davis2016/2017 name no training videos (DAVIS's JPEGImages/480p holds the val sequences
+    too): evaluation needs none, `dvos train` asks for them, and refuses a folder that holds an
+    evaluated sequence."""
+    for name in ("davis2016", "davis2017"):
+        assert load_config([f"data={name}", "data.root=/d"]).data.train_root is None
+    root = tmp_path / "DAVIS"
+    frames, masks = moving_frames(6, 32, 48), box_masks(6, 32, 48, {1: (4, 20, 4, 20)})
+    make_davis_tree(root, {"blackswan": (frames, masks)}, year=2016)
+    runs = [f"paths.runs_dir={tmp_path / 'runs'}", f"paths.data_dir={tmp_path / 'data'}", "logger=none"]
+    assert main(["train", "data=davis2016", f"data.root={root}", *runs]) == 2
+    assert "data.train_root is not set" in capsys.readouterr().err
+    words = ["train", "data=davis2016", f"data.root={root}", f"data.train_root={root}/JPEGImages/480p", *runs]
+    assert main(words) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err.startswith("dvos: error: data.train_root=")
+        and "1 sequence(s) of the evaluation set (blackswan)" in err
+    )

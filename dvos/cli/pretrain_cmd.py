@@ -150,10 +150,11 @@ def ensure_teacher(cfg: DictConfig, run_dir: Path, *, force: bool = False) -> No
 def run(args: argparse.Namespace) -> int:
     from dvos.cli.common import setup_logging, start_run
     from dvos.config import load_config
-    from dvos.data.builders import prepare_data
+    from dvos.data.builders import prepare_data, require_train_root
 
     setup_logging()
     cfg = load_config(args.overrides)
+    require_train_root(cfg)
     run_dir = start_run(cfg)
     prepare_data(cfg)
     if cfg.teacher.encoder != "resnet":

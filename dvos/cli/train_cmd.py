@@ -99,7 +99,13 @@ def run(args: argparse.Namespace) -> int:
     from dvos.cli.factory import build_trainer, finish_wandb
     from dvos.cli.pretrain_cmd import ensure_teacher
     from dvos.config import load_config, save_config
-    from dvos.data.builders import build_clip_datamodule, build_eval_datamodule, prepare_data
+    from dvos.data.builders import (
+        build_clip_datamodule,
+        build_eval_datamodule,
+        check_training_excludes_evaluation,
+        prepare_data,
+        require_train_root,
+    )
     from dvos.inference.evaluate import final_evaluation, format_summary
     from dvos.lit.distill import DistillationModule, check_distill_config
     from dvos.utils.io import write_json
@@ -112,8 +118,12 @@ def run(args: argparse.Namespace) -> int:
         cfg = resumed_config(cfg, args.overrides)
     # Before any folder, data or teacher pretraining: a bad setting must not cost minutes first.
     check_distill_config(cfg, max_objects=int(cfg.model.max_objects))
+    require_train_root(cfg)
     run_dir = start_run(cfg)
     prepare_data(cfg)
+    eval_data = build_eval_datamodule(cfg)
+    eval_data.setup("validate")
+    check_training_excludes_evaluation(cfg.data.train_root, eval_data.dataset.names)
     ensure_teacher(cfg, run_dir)
     # Seeded after the teacher: pretraining it here draws random numbers that loading it from the
     # cache does not, and a run must give the same student either way
@@ -122,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
     if not is_launched_rank():
         save_config(cfg, run_dir / "config.yaml")  # now with the teacher file it uses
 
-    eval_data = build_eval_datamodule(cfg)
-    eval_data.setup("validate")
     clips = build_clip_datamodule(cfg, val_dataloader_fn=eval_data.val_dataloader)
     module = DistillationModule(cfg)
     log.info("student encoder: %s", module.student_init)

@@ -10,7 +10,9 @@ import time
 from omegaconf import DictConfig
 
 from dvos.data.datamodules import VideoClipDataModule, VOSEvalDataModule
+from dvos.data.readers import list_videos
 from dvos.data.synth import ensure_synthetic
+from dvos.utils.errors import ConfigError
 
 log = logging.getLogger("dvos")  # progress lines of the commands, `dvos: ...`
 
@@ -57,7 +59,7 @@ def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None, **override
         val_dataloader_fn=val_dataloader_fn,
     )
     options.update(overrides)
-    return VideoClipDataModule(data.train_root, **options)
+    return VideoClipDataModule(require_train_root(cfg), **options)
 
 
 def build_eval_datamodule(cfg: DictConfig) -> VOSEvalDataModule:
@@ -71,3 +73,31 @@ def build_eval_datamodule(cfg: DictConfig) -> VOSEvalDataModule:
         resolution=data.resolution,
         sequences=list(data.sequences) if data.sequences is not None else None,
     )
+
+
+def require_train_root(cfg: DictConfig) -> str:
+    """`data.train_root`, or a one-line error when a command that trains has none."""
+    root = cfg.data.train_root
+    if not root:
+        raise ConfigError(
+            "data.train_root is not set: give the unlabelled training videos, e.g. data.train_root=/data/videos"
+        )
+    return str(root)
+
+
+def check_training_excludes_evaluation(train_root: str, evaluated: list[str]) -> None:
+    """Refuse training videos that are sequences of the evaluation set.
+
+    Training is label-free, but training on the frames of the sequences it is then scored on (e.g.
+    `data.train_root` = DAVIS's JPEGImages/480p, which holds the val sequences too) is not the
+    protocol of a semi-supervised VOS benchmark. A video is matched by its name: a video file's stem
+    or a frame folder's name.
+    """
+    names = {path.stem if path.is_file() else path.name for path in list_videos(train_root)}
+    overlap = sorted(names & set(evaluated))
+    if overlap:
+        shown = ", ".join(overlap[:5]) + (f" and {len(overlap) - 5} more" if len(overlap) > 5 else "")
+        raise ConfigError(
+            f"data.train_root={train_root} holds {len(overlap)} sequence(s) of the evaluation set ({shown}): "
+            "point it at unlabelled videos outside the evaluation set (e.g. YouTube-VOS train frames)"
+        )

@@ -226,6 +226,9 @@ class EvalConfig:
     # validation J&F) or last (the weights at the end of training, last.ckpt). The embedded run sets
     # last: its validation (360 px, unrefined) is a cheaper, noisier proxy of the table's protocol.
     final_checkpoint: str = "best"
+    # The student's long-term frames at most: the reference frame plus one per frame where objects
+    # first appear (YouTube-VOS), the oldest added one dropped beyond it (docs/METHOD.md, "Memory").
+    max_long_term: int = 4
 
 
 @dataclass

@@ -115,7 +115,13 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: s
     from dvos.cli.common import build_eval_datamodule, log
     from dvos.cli.evaluate_cmd import evaluate_segmenter
     from dvos.inference.checkpoints import load_student
-    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
+    from dvos.inference.engine import (
+        CopySegmenter,
+        StudentSegmenter,
+        TeacherSegmenter,
+        long_term_bound,
+        reading_options,
+    )
 
     eval_data = build_eval_datamodule(cfg)
     eval_data.setup("validate")
@@ -145,6 +151,7 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: s
                 device=device,
                 max_size=max_size,
                 min_size=min_size,
+                max_long_term=long_term_bound(cfg.eval),
                 **reading,
             ),
             f"student ({description})",

@@ -3,7 +3,8 @@
     image ──encode_frame──▶ stride-4/8/16 maps; stride-16 map → 1×1 conv → embedding (d) + sine position
     masks ──embed_ids────▶ ID embedding (d, stride 16): a 17×17 stride-16 conv over the one-hot (AOT)
     memory = reference frame (long-term) + previous frame (short-term), each: keys, visual values,
-             ID embedding — constant size, the short-term part is replaced every frame
+             ID embedding — constant size, the short-term part is replaced every frame; at
+             inference a frame where objects first appear joins the long-term part (bounded)
     propagate: deformable long-term and short-term attention (DAT-style sampling, one attention map
                per head shared by the visual and the ID branch), SiLU-gated (DeAOT) → gated
                self-propagation among the query tokens → feed-forward; two output streams (visual, ID)
@@ -91,6 +92,10 @@ class Memory:
     """Constant-size memory of one clip: the reference frame (long-term) and the previous frame
     (short-term). Every map is B × d × h × w.
 
+    Objects that appear later (YouTube-VOS): the frame where they are given joins the long-term
+    memory (`add_long_term`, `added_long_term`) up to a bound; the long-term read then samples every
+    long-term frame at the same points and attends over all of them at once (`long_term_maps`).
+
     Attributes:
         reference_key, reference_value: the propagation layer's keys and visual values of the reference
             frame.
@@ -98,6 +103,9 @@ class Memory:
         previous_key, previous_value, previous_id: the same for the previous frame (its predicted mask).
         id_permutation: B × (max_objects + 1) long; object id c is embedded in slot id_permutation[:, c]
             (identity in eval mode; entry 0, the background, is always 0).
+        added_long_term: frames added to the long-term memory after the reference frame, oldest
+            first, each (key, value, ID embedding) B × d × h × w; empty in training and in the
+            exported step (`tensors`).
     """
 
     reference_key: torch.Tensor
@@ -107,6 +115,7 @@ class Memory:
     previous_value: torch.Tensor
     previous_id: torch.Tensor
     id_permutation: torch.Tensor
+    added_long_term: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()
 
     def replace_short_term(
         self, key: torch.Tensor, value: torch.Tensor, id_embedding: torch.Tensor
@@ -122,13 +131,46 @@ class Memory:
             )
         return dataclasses.replace(self, previous_key=key, previous_value=value, previous_id=id_embedding)
 
+    def add_long_term(
+        self, key: torch.Tensor, value: torch.Tensor, id_embedding: torch.Tensor, *, max_frames: int
+    ) -> Memory:
+        """A new Memory whose long-term part also holds (key, value, id_embedding), B × d × h × w
+        each. At most `max_frames` long-term frames: the reference frame always stays, the oldest
+        added frame leaves first; with `max_frames` = 1 the new frame replaces the reference (one
+        long-term slot, as the exported step has)."""
+        if int(max_frames) < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        if int(max_frames) == 1:
+            return dataclasses.replace(
+                self, reference_key=key, reference_value=value, reference_id=id_embedding
+            )
+        added = (*self.added_long_term, (key, value, id_embedding))
+        return dataclasses.replace(self, added_long_term=added[max(0, len(added) - (int(max_frames) - 1)) :])
+
+    def long_term_maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, ID embeddings) of the long-term memory: the reference frame's B × d × h × w
+        maps, or B × L × d × h × w with L − 1 added frames (reference first)."""
+        if not self.added_long_term:
+            return self.reference_key, self.reference_value, self.reference_id
+        frames = ((self.reference_key, self.reference_value, self.reference_id), *self.added_long_term)
+        return tuple(torch.stack(maps, dim=1) for maps in zip(*frames))
+
     def detach(self) -> Memory:
         """A copy cut from the autograd graph (truncated back-propagation through time)."""
-        return Memory(*(tensor.detach() for tensor in self.tensors()))
+        added = tuple(tuple(t.detach() for t in frame) for frame in self.added_long_term)
+        return Memory(*(tensor.detach() for tensor in self.tensors()), added_long_term=added)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """All fields in declaration order (the explicit inputs of `DeformableStudent.forward`)."""
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
+        """The seven fixed fields in declaration order (the explicit inputs of
+        `DeformableStudent.forward`); the added long-term frames are not among them."""
+        return tuple(
+            getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "added_long_term"
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor held, the added long-term frames included."""
+        held = (*self.tensors(), *(t for frame in self.added_long_term for t in frame))
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 class StepOutput(NamedTuple):
@@ -311,11 +353,9 @@ class GatedDeformablePropagation(nn.Module):
         Returns:
             (visual, identity, aux): visual and ID streams B × N × d (N = h·w); aux or None.
         """
+        long_key, long_value, long_id = memory.long_term_maps()  # one frame, or L frames stacked
         long_visual_id, long_aux = self.long_term(
-            query,
-            memory.reference_key,
-            (memory.reference_value, memory.reference_id),
-            return_aux=return_attention,
+            query, long_key, (long_value, long_id), return_aux=return_attention
         )
         short_visual_id, short_aux = self.short_term(
             query,
@@ -676,6 +716,23 @@ class DeformableStudent(nn.Module):
         return memory.replace_short_term(
             key, value, self.embed_ids(masks, id_permutation=memory.id_permutation)
         )
+
+    def add_reference(
+        self, memory: Memory, features: FrameFeatures, masks: torch.Tensor, *, max_long_term: int
+    ) -> Memory:
+        """Add a frame with given masks (objects appearing later) to the long-term memory, keeping
+        the reference frame (`Memory.add_long_term`, at most `max_long_term` long-term frames), and
+        make it the short-term memory too.
+
+        Args:
+            memory: the clip's memory.
+            features: the frame's `FrameFeatures`.
+            masks: B × (K + 1) × H × W, its masks (the given objects over the prediction of the others).
+        """
+        key, value = self.propagation.key_value(features.embedding, features.position)
+        id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
+        memory = memory.add_long_term(key, value, id_embedding, max_frames=max_long_term)
+        return memory.replace_short_term(key, value, id_embedding)
 
     def propagate(
         self, query: FrameFeatures, memory: Memory, *, return_attention: bool = False

@@ -334,7 +334,7 @@ def test_dots_and_offset_arrows_follow_the_sampling_positions():
     changed = np.abs(teacher_quiet - teacher_loud).sum(-1) > 0
     assert changed.any()  # the heat and its rings are gone
     # the frame itself is the same (the target row averages the teacher rows of a whole student cell:
-    # its heat and rings cover about a third of the panel here)
+    # a wider heat than one teacher row's)
     assert changed.mean() < 0.5
 
     # Offset arrows: zero offsets draw only the grid dots; known offsets draw shafts to positions_px.

@@ -469,8 +469,9 @@ def render_attention(
                 cells_to_image(values, teacher_stride, (height, width)), panel_size, nearest=True
             )
             panel = render.blend_heatmap(panel_base, full)
-            # Top-k attention is a handful of cells, a few pixels each on a large frame: ring them.
-            threshold = 0.1 * values.max() if values.max() > 0 else np.inf
+            # The row holds a few top-k cells per teacher row under the student cell, a few pixels
+            # each on a large frame: ring the heavier ones (the heat map shows the rest).
+            threshold = 0.3 * values.max() if values.max() > 0 else np.inf
             strong_i, strong_j = np.nonzero(values >= threshold)
             centres = np.stack([strong_j, strong_i], -1) * teacher_stride
             centres = to_panel(centres + (teacher_stride - 1) / 2, scale)

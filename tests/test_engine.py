@@ -27,6 +27,7 @@ from dvos.inference.engine import (
     StudentSegmenter,
     TeacherSegmenter,
     current_rss_mb,
+    long_term_bound,
     model_size,
     reading_options,
     segment_sequence,
@@ -525,6 +526,15 @@ def test_long_term_memory_stays_bounded_dropping_the_oldest_added_frame(tmp_path
     assert max(sizes.values()) == 4 * frame_bytes + permutation_bytes
     with pytest.raises(DvosError, match="max_long_term"):
         StudentSegmenter(tiny_student(), max_long_term=0)
+    from omegaconf import OmegaConf
+
+    from dvos.config import load_config
+    from dvos.utils.errors import ConfigError
+
+    assert long_term_bound(load_config([]).eval) == long_term_bound(OmegaConf.create({})) == 4
+    assert long_term_bound(load_config(["eval.max_long_term=2"]).eval) == 2
+    with pytest.raises(ConfigError, match=r"eval\.max_long_term must be >= 1 .* got 0"):
+        long_term_bound(OmegaConf.create({"max_long_term": 0}))
 
 
 def test_max_long_term_one_replaces_the_reference(tmp_path):

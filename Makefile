@@ -26,7 +26,7 @@ SWEEP_ARGS := $(if $(COUNT),--count $(COUNT)) $(if $(SEED),--seed $(SEED)) $(if 
 .PHONY: install train test test-slow eval lint format bench sweep clean help
 
 help:
-	@echo "make train   install if needed, build the embedded data, train, evaluate (EXP=<experiment> ARGS='key=value ...')"
+	@echo "make train   install if needed, build the embedded data, train the CPU recipe, evaluate (EXP=<experiment> ARGS='key=value ...')"
 	@echo "make test    install if needed, run the tests (WANDB offline)"
 	@echo "make eval    score predictions: make eval GT=<DAVIS root> PRED=<folder> OUT=<folder> [YEAR=2017]"
 	@echo "make lint    ruff check + format check;  make format  apply ruff format"
@@ -43,8 +43,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# make train runs the CPU recipe (conf/experiment/cpu.yaml) unless EXP names another experiment.
 train: install
-	$(if $(SWEEP),$(BIN)/dvos sweep "$(SWEEP)" $(SWEEP_ARGS) $(TRAIN_ARGS),$(BIN)/dvos train $(TRAIN_ARGS))
+	$(if $(SWEEP),$(BIN)/dvos sweep "$(SWEEP)" $(SWEEP_ARGS) $(TRAIN_ARGS),$(BIN)/dvos train experiment=$(or $(EXP),cpu) $(ARGS))
 
 test: install
 	WANDB_MODE=offline WANDB_SILENT=true $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -7,7 +7,8 @@ A run's config is built in this order, each step overriding the one before (docs
 3. one file per group, `conf/<group>/<choice>.yaml`, merged into `cfg.<group>`; the choice comes
    from `conf/config.yaml`'s `defaults:`, then the experiment file's `defaults:`, then the command
    line (`data=davis2016`); a choice may also be a path to a YAML file;
-4. the experiment file `conf/experiment/<name>.yaml` (if `experiment=<name>`), merged at the root;
+4. the experiment file `conf/experiment/<name>.yaml` (if `experiment=<name>`), merged at the root,
+   after the experiment it extends (`defaults: {experiment: <base>}`), if any;
 5. dot-list overrides from the command line (`trainer.max_epochs=2`).
 
 Because the schema is a dataclass, a misspelled key or a value of the wrong type fails at once with
@@ -81,8 +82,6 @@ class DataConfig:
     train_root: str = MISSING
     clip_len: int = 3
     max_gap: int = 4
-    # largest gap from the reference (first) frame of a clip to the next; None: max_gap like the others
-    reference_gap: int | None = None
     reverse_prob: float = 0.5
     clips_per_video: int = 8
     crop_size: list[int] = field(default_factory=lambda: [224, 224])
@@ -94,6 +93,9 @@ class DataConfig:
     num_workers: int = 2
     decord_threads: int = 1
     synth: SynthConfig = field(default_factory=SynthConfig)
+    # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
+    # largest gap from the reference (first) frame of a clip to the next; None: max_gap like the others
+    reference_gap: int | None = None
 
 
 @dataclass
@@ -114,8 +116,9 @@ class ModelConfig:
     permute_ids: bool = True  # random permutation of object ids in training (undone on the output)
     permute_slots: int | None = None  # that permutation moves slots 1..P only (null: all max_objects)
     attention_scale: float = 30.0  # > 0: cosine attention with a learned scale starting here; 0: q·k/√d
+    propagation_init: bool = True  # a fresh student starts as a label propagator (docs/METHOD.md, "Student")
+    # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
     attention_topk: int = 0  # > 0: each query reads only its k most similar sampled points (0: all)
-    propagation_init: bool = True  # a fresh student starts as a label propagator (docs/DESIGN.md)
 
 
 @dataclass
@@ -134,7 +137,8 @@ class TeacherConfig:
 
 @dataclass
 class DistillConfig:
-    """The distillation losses (docs/DESIGN.md §1): weights and temperature, all logged with the run."""
+    """The distillation (docs/METHOD.md, "Distillation losses"): pseudo-objects, loss weights and
+    temperature, all logged with the run."""
 
     ref_masks: str = "pseudo"  # pseudo (cluster the teacher's features) | annotation (first-frame labels)
     num_segments: int = 4  # pseudo-objects per clip, background included
@@ -142,6 +146,18 @@ class DistillConfig:
     feature_weight: float = 1.0  # weight of the teacher's (unit) features in that clustering
     colour_weight: float = 0.0  # weight of frame 0's smoothed colours in it (a weak teacher needs them)
     components: bool = False  # every connected piece of a segment is its own pseudo-object
+    tau: float = 1.0  # softmax temperature of the relation losses
+    lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
+    lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
+    lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
+    lambda_ce: float = 0.0  # CE to the teacher's hard pseudo-masks (not the paper's; the CPU recipe's)
+    lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
+    refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
+    teacher_scale: int = 1  # the teacher sees the training clips magnified this many times (finer targets)
+    # per training clip, the probability that an elliptical piece of another clip's frame 0 moves
+    # across its frames (copy-paste occluder: occlusions and encounters; 0: off)
+    occluder_prob: float = 0.0
+    # -- experimental: no shipped config sets these (docs/DESIGN.md, "Configuration") --
     # with components: a piece must hold a min_width × min_width block of the teacher's feature cells
     # (thinner pieces, e.g. one stripe of a texture, are background; 1: any piece)
     min_width: int = 1
@@ -149,32 +165,21 @@ class DistillConfig:
     # this much (RGB in [0, 1]; 0: off): pieces that only the position term cut out of a uniform
     # texture are background
     min_contrast: float = 0.0
-    tau: float = 1.0  # softmax temperature of the relation losses
-    lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
-    lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
-    lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
-    lambda_ce: float = 1.0  # optional cross-entropy to the teacher's hard pseudo-masks (paper-scale: 0)
-    # that CE (and the reference reading's) over each sample's hardest share of pixels (AOT: 0.15)
+    # the CE (and the reference reading's) over each sample's hardest share of pixels (AOT: 0.15)
     ce_hard_ratio: float = 1.0
     lambda_jaccard: float = 0.0  # soft Jaccard to the same hard masks (and in the reference reading's loss)
-    lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
-    refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
     att_branches: str = "both"  # which student attention is distilled: long | short | both
-    teacher_scale: int = 1  # the teacher sees the training clips magnified this many times (finer targets)
     # per sample and frame, the probability that one object's mask enters the short-term memory
     # under another id (another object's or the background's): the student learns to correct its own
     # previous prediction from the reference frame (0: off)
     memory_swap_prob: float = 0.0
-    # per training clip, the probability that an elliptical piece of another clip's frame 0 moves
-    # across its frames (copy-paste occluder: occlusions and encounters; 0: off)
-    occluder_prob: float = 0.0
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and polynomial decay (per step), optional EMA of the student."""
 
-    lr: float = 1e-3  # the embedded CPU run; the paper-scale experiments set 2e-4
+    lr: float = 2e-4
     encoder_lr_ratio: float = 0.1  # the pretrained encoder learns slower
     weight_decay: float = 0.07
     warmup_steps: int = 20
@@ -203,14 +208,14 @@ class EvalConfig:
     # training (false: the argmax one-hot). attention_topk: each deformable read keeps its k most
     # similar sampled points (0: all; null: model.attention_topk, as trained). long_term_weight: w in
     # [0, 2], the ID stream sums the long-term (reference frame) read × w and the short-term (previous
-    # frame) read × (2 − w) (null: 1, as trained). docs/DESIGN.md.
+    # frame) read × (2 − w) (null: 1, as trained). docs/METHOD.md, "Inference".
     soft_memory: bool = True
     attention_topk: int | None = None
     long_term_weight: float | None = None
     # Edge refinement of the student's output (dvos/models/refine.py): refine_iterations passes of a
     # joint bilateral filter guided by the frame, at the frame's size, before the argmax and the
     # short-term memory (0: off). val_refine_iterations: the same for the validation during training.
-    # The settings below are the embedded run's (docs/DESIGN.md), the root config turns it on.
+    # The CPU recipe turns it on (docs/DESIGN.md, "The CPU recipe").
     refine_iterations: int = 0
     val_refine_iterations: int = II("eval.refine_iterations")
     refine_radius: int = 12  # pixels of the frame
@@ -218,12 +223,12 @@ class EvalConfig:
     refine_sigma_space: float = 8.0  # pixels
     refine_sigma_colour: float = 0.1  # RGB in [0, 1]
     # With the refinement on, the student's short-term memory embeds the refined mask's argmax one-hot
-    # (false): the filter mixes background into objects' probabilities (an object's 0.86 becomes
-    # 0.77), and fed back softly frame after frame a faint object fades out (docs/DESIGN.md). true:
-    # the filtered probabilities (with soft_memory). Without refinement soft_memory alone decides.
+    # (false): the filter mixes background into objects' probabilities, and fed back softly frame
+    # after frame a faint object fades out (docs/METHOD.md, "Inference"). true: the filtered
+    # probabilities (with soft_memory). Without refinement soft_memory alone decides.
     refine_soft_memory: bool = False
     # Which student the final table of `dvos train` scores: best (the checkpoint with the best
-    # validation J&F) or last (the weights at the end of training, last.ckpt). The embedded run sets
+    # validation J&F) or last (the weights at the end of training, last.ckpt). The CPU recipe sets
     # last: its validation (360 px, unrefined) is a cheaper, noisier proxy of the table's protocol.
     final_checkpoint: str = "best"
     # The student's long-term frames at most: the reference frame plus one per frame where objects
@@ -262,7 +267,7 @@ class TrainerConfig:
     devices: Any = 1  # int, list of ids or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
-    precision: str = "32-true"  # never bf16 on a CPU (0.3 GFLOP/s here)
+    precision: str = "32-true"  # never bf16 on a CPU (0.3 GFLOP/s on an AMD EPYC)
     max_epochs: int = 10
     max_steps: int = -1
     val_check_interval: Any = 1.0
@@ -420,6 +425,29 @@ def split_overrides(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return choices, dotlist
 
 
+def _experiment_chain(conf_dir: Path, name: str) -> list[tuple[Path, DictConfig]]:
+    """The experiment file `name` and the ones it extends, base first.
+
+    An experiment extends another with `experiment: <base>` in its `defaults:`; the base's keys and
+    group choices come first, the extending file's override them.
+    """
+    chain: list[tuple[Path, DictConfig]] = []
+    seen: list[str] = []
+    while name:
+        if name in seen:
+            raise ConfigError(f"experiment files extend each other in a loop: {' -> '.join([*seen, name])}")
+        seen.append(name)
+        path = _group_file(conf_dir, "experiment", name)
+        experiment = _load_yaml(path)
+        defaults = experiment.get("defaults")
+        if defaults is not None and not isinstance(defaults, DictConfig):
+            raise ConfigError(f"{path}: 'defaults' must be a mapping of group: choice")
+        base = defaults.pop("experiment", None) if defaults is not None else None
+        chain.insert(0, (path, experiment))
+        name = str(base) if base else ""
+    return chain
+
+
 def load_config(
     overrides: list[str] | None = None, *, conf_dir: str | os.PathLike | None = None
 ) -> DictConfig:
@@ -436,10 +464,8 @@ def load_config(
     cfg = _merge(cfg, root, str(conf_dir / "config.yaml"))
 
     experiment_name = choices_cli.get("experiment", defaults.get("experiment"))
-    experiment = None
-    if experiment_name:
-        experiment_path = _group_file(conf_dir, "experiment", str(experiment_name))
-        experiment = _load_yaml(experiment_path)
+    experiments = _experiment_chain(conf_dir, str(experiment_name)) if experiment_name else []
+    for _, experiment in experiments:
         defaults.update(dict(experiment.pop("defaults", None) or {}))
     defaults.update({k: v for k, v in choices_cli.items() if k != "experiment"})
 
@@ -449,8 +475,9 @@ def load_config(
             continue
         path = _group_file(conf_dir, group, str(choice))
         cfg = _merge(cfg, {group: _load_yaml(path)}, str(path))
-    if experiment is not None:
+    for experiment_path, experiment in experiments:
         cfg = _merge(cfg, experiment, str(experiment_path))
+    if experiments:
         cfg.experiment = str(experiment_name)
     if dotlist:
         try:
@@ -483,15 +510,58 @@ def save_config(cfg: DictConfig, path: str | os.PathLike) -> Path:
     return path
 
 
+def cpu_model() -> str:
+    """The processor's model name (`/proc/cpuinfo` on Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def source_commit() -> str:
+    """The git commit of the dvos source tree ("<hash>+dirty" with uncommitted changes; "unknown"
+    outside a git checkout, e.g. an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
 def environment_info() -> dict[str, str]:
-    """Versions every run logs next to its config."""
+    """Versions, source commit and machine every run logs next to its config."""
+    import datetime as _dt
+
     import lightning
     import torch
 
     return {
         "dvos": __version__,
+        "commit": source_commit(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }

@@ -43,19 +43,6 @@ def test_bad_config_key_is_one_line_exit_2():
     assert "trainer.max_epoch" in lines[0] and "trainer.max_epochs" in lines[0]
 
 
-def test_command_of_a_later_issue_says_so(capsys):
-    # Every planned command has landed; the mechanism stays for the next one.
-    import argparse
-
-    from dvos.cli.placeholders import register_planned
-
-    parser = argparse.ArgumentParser(prog="dvos")
-    register_planned(parser.add_subparsers(), "later", "something new", "issue 9")
-    args = parser.parse_args(["later"])
-    assert args.func(args) == 1
-    assert "arrives with issue 9" in capsys.readouterr().err
-
-
 def test_train_smoke_writes_run_folder(tmp_path):
     result = run_dvos(
         "train",
@@ -74,7 +61,7 @@ def test_train_smoke_writes_run_folder(tmp_path):
     baseline = json.loads((run_dir / "summary.json").read_text())["baseline"]
     assert 0.0 < baseline["J&F"] <= 1.0
     assert abs(baseline["J&F"] - (baseline["J"] + baseline["F"]) / 2) < 1e-12
-    # the table's student is the end of training (the root config's eval.final_checkpoint=last)
+    # the table's student is the end of training (the CPU recipe's eval.final_checkpoint=last)
     scored = json.loads((run_dir / "eval" / "student" / "results.json").read_text())["config"]["method"]
     assert f"student from {run_dir / 'checkpoints' / 'last.ckpt'} " in scored
     # the embedded data was built where the config says, DAVIS layout

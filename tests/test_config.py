@@ -44,6 +44,16 @@ def test_merge_order_experiment_then_command_line(tmp_path):
     cfg = load_config(["experiment=e", "data=a", "trainer.max_epochs=9"], conf_dir=conf)
     assert (cfg.data.name, cfg.trainer.max_epochs) == ("a", 9)
 
+    # an experiment extends another: the base's keys and group choices first, then its own
+    (conf / "experiment" / "f.yaml").write_text("defaults:\n  experiment: e\ntrainer:\n  max_steps: 3\n")
+    cfg = load_config(["experiment=f"], conf_dir=conf)
+    assert (cfg.data.name, cfg.seed, cfg.trainer.max_epochs, cfg.trainer.max_steps) == ("b", 2, 7, 3)
+    assert cfg.experiment == "f"
+    (conf / "experiment" / "g.yaml").write_text("defaults:\n  experiment: h\n")
+    (conf / "experiment" / "h.yaml").write_text("defaults:\n  experiment: g\n")
+    with pytest.raises(ConfigError, match="in a loop: g -> h -> g"):
+        load_config(["experiment=g"], conf_dir=conf)
+
 
 def test_misspelled_key_names_key_and_nearest_valid_one():
     with pytest.raises(ConfigError) as info:

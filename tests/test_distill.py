@@ -617,7 +617,7 @@ def test_validation_segments_at_the_validation_sizes(tmp_path, monkeypatch):
     with pytest.raises(Seen) as info:
         module.validation_step(sequence, 0)
     assert info.value.args == (64, 128, 2)
-    # the schema's default: the evaluation's own sizes and refinement (the root config and smoke set their own)
+    # the schema's default: the evaluation's own sizes and refinement (the CPU recipe and smoke set their own)
     schema = OmegaConf.structured(Config)
     schema.eval.min_size, schema.eval.max_size, schema.eval.refine_iterations = 200, 300, 4
     assert (schema.eval.val_min_size, schema.eval.val_max_size) == (200, 300)

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -162,8 +161,9 @@ def test_reading_options_come_from_the_eval_config():
     from dvos.config import load_config
     from dvos.utils.errors import ConfigError
 
-    plain = reading_options(load_config(["eval.refine_iterations=0", "eval.val_refine_iterations=0"]).eval)
-    # the root config's reading: soft memory, top-k as trained, the reference weighed 1.3
+    overrides = ["experiment=cpu", "eval.refine_iterations=0", "eval.val_refine_iterations=0"]
+    plain = reading_options(load_config(overrides).eval)
+    # the CPU recipe's reading: soft memory, top-k as trained, the reference weighed 1.3
     assert plain == {
         "soft_memory": True,
         "attention_topk": None,
@@ -319,7 +319,7 @@ def test_student_output_is_edge_refined_and_remembered_refined(soft, refine_soft
 
 
 def test_teacher_output_is_edge_refined_when_asked():
-    from dvos.models.teacher import upsample_probabilities
+    from dvos.models.grid import upsample_probabilities
 
     frames, masks = moving_scene(2)
     teacher = tiny_teacher()
@@ -673,7 +673,7 @@ def test_load_student_from_a_lightning_checkpoint_prefers_ema_and_its_config(tmp
     torch.save({"state_dict": state, "dvos_config": config, "epoch": 3, "global_step": 12}, path)
 
     # The model config given says d_model=32: the checkpoint's own config wins.
-    student, description = load_student(path, SimpleNamespace(**TINY_MODEL))
+    student, description = load_student(path, TINY_MODEL)
     assert student.d_model == 16 and not student.training
     assert "student_ema" in description and "global_step 12" in description
     for key, value in ema.state_dict().items():
@@ -682,9 +682,7 @@ def test_load_student_from_a_lightning_checkpoint_prefers_ema_and_its_config(tmp
 
     plain = tmp_path / "plain.pt"
     torch.save(trained.state_dict(), plain)
-    student, description = load_student(
-        plain, SimpleNamespace(**{**TINY_MODEL, "d_model": 16, "decoder_dim": 8})
-    )
+    student, description = load_student(plain, {**TINY_MODEL, "d_model": 16, "decoder_dim": 8})
     assert torch.equal(student.id_embedding.weight, trained.id_embedding.weight)
 
 
@@ -702,7 +700,7 @@ def test_newest_run_checkpoint_is_found_by_mtime(tmp_path):
 
 def test_no_checkpoint_means_a_random_student_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        student, description = load_student(None, SimpleNamespace(**TINY_MODEL), runs_dir=tmp_path / "runs")
+        student, description = load_student(None, TINY_MODEL, runs_dir=tmp_path / "runs")
     assert "randomly initialised" in description
     assert (
         "no trained checkpoint found under" in caplog.text
@@ -719,7 +717,7 @@ def test_bad_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path):
     torch.save({"encoder.nothing": torch.zeros(2)}, wrong)
     for path in (garbage, other, wrong, tmp_path / "missing.ckpt"):
         with pytest.raises(DvosError) as info:
-            load_student(path, SimpleNamespace(**TINY_MODEL))
+            load_student(path, TINY_MODEL)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 

@@ -38,7 +38,34 @@ def test_every_experiment_file_loads_given_data_roots(path):
 
 def test_the_expected_experiments_exist():
     names = {path.stem for path in EXPERIMENTS}
-    assert set(PAPER) | {"teacher_crw_youtubevos", "teacher_crw_kinetics", "smoke", "sweep_cpu"} <= names
+    expected = {"cpu", "paper", "teacher_crw_youtubevos", "teacher_crw_kinetics", "smoke", "sweep_cpu"}
+    assert set(PAPER) | expected <= names
+
+
+def test_the_root_config_is_the_papers_method_and_cpu_adds_the_recipe():
+    """The schema and conf/config.yaml describe the paper's method (CKA + relations, pseudo-objects
+    from the teacher's features, no inference post-processing); `experiment=cpu` adds the recipe."""
+    root, cpu = load_config([]), load_config(["experiment=cpu"])
+    assert (root.distill.lambda_ce, root.distill.lambda_ref, root.distill.occluder_prob) == (0, 0, 0)
+    assert (root.distill.feature_weight, root.distill.colour_weight, root.distill.components) == (1, 0, False)
+    assert root.eval.min_size is None and root.eval.refine_iterations == 0 and root.eval.long_term_weight is None
+    assert (cpu.distill.lambda_ce, cpu.distill.colour_weight, cpu.distill.teacher_scale) == (1, 1, 2)
+    assert cpu.eval.min_size == 600 and cpu.eval.refine_iterations == 12 and cpu.eval.long_term_weight == 1.3
+    # smoke and sweep_cpu are the CPU recipe at a tiny size
+    for name in ("smoke", "sweep_cpu"):
+        small = load_config([f"experiment={name}"])
+        assert small.distill.occluder_prob == cpu.distill.occluder_prob and small.eval.refine_iterations == 12
+
+
+def test_paper_experiments_repeat_nothing_of_their_base():
+    """The paper experiments extend `paper`: each file names its data and little else."""
+    base = (REPO / "conf" / "experiment" / "paper.yaml").read_text()
+    for name in PAPER:
+        text = (REPO / "conf" / "experiment" / f"{name}.yaml").read_text()
+        assert "experiment: paper" in text
+        keys = [line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ")]
+        assert not {"lr", "crop_size", "max_steps", "ema_decay"} & set(keys), name
+        assert "crop_size" in base
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -53,13 +80,14 @@ def test_paper_scale_distillation_has_the_deaot_schedule(name):
     assert cfg.trainer.gradient_clip_val == 5.0 and cfg.optim.ema
     assert cfg.data.batch_size * 4 == 16  # DeAOT's global batch on 4 GPUs
     assert cfg.teacher.checkpoint.endswith("teachers/crw-resnet-youtubevos.pt")
-    # the paper's method, not the embedded recipe of the root config
+    # the paper's method (the root config's), not the CPU recipe's additions
+    cpu = load_config(["experiment=cpu"])
     assert cfg.model.attention_topk == 0
-    assert cfg.model.permute_slots is None and load_config([]).model.permute_slots == 4  # AOT's: every slot
+    assert cfg.model.permute_slots is None and cpu.model.permute_slots == 4  # AOT's: every slot
     assert cfg.eval.long_term_weight is None and cfg.eval.refine_iterations == 0
-    assert cfg.eval.final_checkpoint == "best" and load_config([]).eval.final_checkpoint == "last"
+    assert cfg.eval.final_checkpoint == "best" and cpu.eval.final_checkpoint == "last"
     assert cfg.distill.lambda_ce == 0 and cfg.distill.teacher_scale == 1 and cfg.eval.min_size is None
-    assert cfg.distill.occluder_prob == 0 and load_config([]).distill.occluder_prob > 0
+    assert cfg.distill.occluder_prob == 0 and cpu.distill.occluder_prob > 0
     teacher = load_config(["experiment=teacher_crw_youtubevos", "data.root=/data/YouTubeVOS"])
     assert teacher.pretrain.output == cfg.teacher.checkpoint  # the pretraining writes what distillation loads
     if fmt == "youtubevos":

@@ -178,7 +178,9 @@ def test_evaluate_and_segment_read_the_student_memory_as_eval_says(tmp_path):
     args = Namespace(ckpt=str(checkpoint), teacher=None, baseline=None, max_size=None, min_size=None)
     segmenter, _, _ = build_segmenter(args, load_config(tiny_model_overrides()), "cpu")
     assert (segmenter.soft_memory, segmenter.attention_topk) == (True, None)  # defaults: soft, as trained
-    assert segmenter.refine.iterations == 12  # the root config's edge refinement
+    assert segmenter.refine is None  # the paper's protocol: no post-processing
+    segmenter, _, _ = build_segmenter(args, load_config(["experiment=cpu", *tiny_model_overrides()]), "cpu")
+    assert segmenter.refine.iterations == 12  # the CPU recipe's edge refinement
     assert segmenter.refine_soft_memory is False  # the refined mask is remembered as a one-hot
     cfg = load_config(
         [
@@ -274,15 +276,13 @@ def test_evaluate_teacher_writes_scores_and_timing(tmp_path, synthetic_val, monk
 def test_evaluate_uses_the_latest_run_checkpoint_and_its_run_folder(
     tmp_path, synthetic_val, monkeypatch, capsys
 ):
-    from types import SimpleNamespace
-
-    from dvos.models.student import build_student
+    from dvos.models.build import build_student
 
     options = dict(
         d_model=32, num_heads=4, num_groups=2, deform_stride=2, offset_range=4.0, offset_kernel=3,
         max_objects=10, decoder_dim=16, ffn_ratio=2.0, permute_ids=True, pretrained="none",
     )  # fmt: skip
-    student, _ = build_student(SimpleNamespace(**options))
+    student, _ = build_student(options)
     run_dir = tmp_path / "runs" / "20240101-000000-tiny"
     (run_dir / "checkpoints").mkdir(parents=True)
     torch.save(

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "dvos.cli.evaluate_cmd",
     "dvos.cli.sweep_cmd",
     "dvos.cli.compare_cmd",
+    "dvos.cli.report_cmd",
     "dvos.cli.bench_cmd",
     "dvos.cli.export_cmd",
 ]

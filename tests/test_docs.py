@@ -61,7 +61,7 @@ def test_cited_headings_exist():
         for doc, heading in CITATION.findall(path.read_text(errors="replace")):
             target = REPO / "docs" / doc
             if not target.is_file() or heading not in headings(target):
-                missing.append(f"{path.relative_to(REPO)}: docs/{doc}, \"{heading}\"")
+                missing.append(f'{path.relative_to(REPO)}: docs/{doc}, "{heading}"')
         if "§" in path.read_text(errors="replace"):
             missing.append(f"{path.relative_to(REPO)}: a § section number (cite a heading instead)")
     assert not missing, "\n".join(missing)

@@ -232,6 +232,9 @@ class EvalConfig:
     # training, last.ckpt) or best (the best validation J&F). best picks a step on the validation
     # set, so use it only when that set is held out of the one the table reports.
     final_checkpoint: str = "last"
+    # The student's long-term frames at most: the reference frame plus one per frame where objects
+    # first appear (YouTube-VOS), the oldest added one dropped beyond it (docs/METHOD.md, "Memory").
+    max_long_term: int = 4
 
 
 @dataclass

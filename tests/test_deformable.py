@@ -111,6 +111,36 @@ def test_zero_offsets_equal_plain_attention_over_grid_samples(stride):
     assert torch.allclose(attention.sum(-1), torch.ones(()), atol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_several_memory_frames_are_read_with_one_softmax_over_all_their_points(stride):
+    """B × L × C × H × W memory (DeAOT's concatenated long-term frames): zero offsets read each frame
+    at its cell centres, and the attention is one softmax over the L·M points, frame-major."""
+    torch.manual_seed(5)
+    batch, channels, heads, groups, frames = 2, 16, 4, 2, 3
+    height, width = 6, 8
+    query = torch.randn(batch, channels, height, width)
+    keys = torch.randn(batch, frames, channels, height, width)
+    values = torch.randn(batch, frames, channels, height, width)
+    grid = (math.ceil(height / stride), math.ceil(width / stride))
+    offsets = torch.zeros(batch, groups, *grid, 2)
+    outputs, attention, _ = deformable_attention(
+        query, keys, [values], offsets, num_heads=heads, stride=stride
+    )
+    key_tokens = torch.cat([tokens(F.avg_pool2d(keys[:, m], stride)) for m in range(frames)], 1)
+    value_tokens = torch.cat([tokens(F.avg_pool2d(values[:, m], stride)) for m in range(frames)], 1)
+    assert torch.allclose(outputs[0], plain_attention(query, key_tokens, value_tokens, heads), atol=1e-5)
+    assert attention.shape == (batch, heads, height * width, frames * grid[0] * grid[1])
+    assert torch.allclose(attention.sum(-1), torch.ones(()), atol=1e-5)
+    # one frame stacked alone is the plain one-frame read
+    single, _, _ = deformable_attention(
+        query, keys[:, :1], [values[:, :1]], offsets, num_heads=heads, stride=stride
+    )
+    plain, _, _ = deformable_attention(
+        query, keys[:, 0], [values[:, 0]], offsets, num_heads=heads, stride=stride
+    )
+    assert torch.allclose(single[0], plain[0], atol=1e-6)
+
+
 def test_fresh_module_samples_the_regular_grid():
     """A new DeformableAttention (zero-initialised offset conv) is plain attention over avg-pooled memory."""
     torch.manual_seed(1)

@@ -2,12 +2,14 @@
 state, the optimizer and the checkpoint; the loss, its parts and their weights; target-frame labels
 never used; warm-up + poly learning rate, EMA and non-finite losses by hand; exact resume."""
 
+import dataclasses
 import hashlib
 import logging
 import math
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from helpers_data import square_and_disc_clip
@@ -24,10 +26,12 @@ from dvos.lit.distill import (
     magnify,
     paste_occluders,
     swap_objects,
+    teacher_frame_targets,
     warmup_poly,
 )
 from dvos.lit.losses import bootstrapped_ce, objects_to_valid, soft_jaccard_loss
 from dvos.models.student import labels_to_onehot
+from dvos.models.teacher import TeacherAttention
 from dvos.utils.errors import ConfigError
 
 HEIGHT, WIDTH, FRAMES, BATCH = 48, 64, 3, 2
@@ -392,6 +396,118 @@ def test_occluders_are_pasted_in_training_only(tmp_path):
     off.train()
     off.compute_loss(batch)
     assert torch.equal(seen[-1], batch["frames"])  # 0 turns it off
+
+
+# ---------------------------------------------------------------------------------------- attention targets
+CROP, CROP_PAD, TEACHER_STRIDE = 465, 7, 8  # the paper's crop: padded to 480 by the student, 7 px above/left
+TEACHER_CELLS = -(-CROP // TEACHER_STRIDE)  # 59: a ceil-sized grid from pixel 0, its last cell 1 px wide
+
+
+def pixel_counts() -> np.ndarray:
+    """900 × 59² pixel counts: how many image pixels of each student cell (padded grid) lie in each
+    teacher cell (grid from pixel 0), by assigning every pixel of the 465 × 465 crop."""
+    ys, xs = np.meshgrid(np.arange(CROP), np.arange(CROP), indexing="ij")
+    teacher = (ys // TEACHER_STRIDE) * TEACHER_CELLS + xs // TEACHER_STRIDE
+    student = ((ys + CROP_PAD) // 16) * 30 + (xs + CROP_PAD) // 16
+    counts = np.zeros((900, TEACHER_CELLS**2))
+    np.add.at(counts, (student.ravel(), teacher.ravel()), 1.0)
+    return counts
+
+
+def hand_made_attention() -> TeacherAttention:
+    """The attention of query frame 4 over the context frames (0, 2, 3) of a 465 × 465 crop (59 × 59
+    teacher cells), with known mass per frame: the joint top-2 map puts 0.2 of every row on frame 0
+    (its own cell) and 0.8 on frame 3 (cell 0), none on frame 2; the per-frame maps are frame 0: its
+    own cell (weight 1), frame 2: cell 5 (weight 1), frame 3: 0.25 its own cell + 0.75 cell 0."""
+    tokens = TEACHER_CELLS**2
+    own = torch.arange(tokens)
+    indices = torch.stack([own, torch.full_like(own, 2 * tokens)], -1)[None]  # frame 3 is slot 2
+    weights = torch.tensor([0.2, 0.8]).expand(1, tokens, 2)
+    frame_indices = torch.stack(
+        [
+            torch.stack([own, own], -1),
+            torch.full((tokens, 2), 5),
+            torch.stack([own, torch.zeros_like(own)], -1),
+        ],
+        1,
+    )[None]  # 1 × N × 3 frames × 2
+    frame_weights = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.25, 0.75]]).expand(1, tokens, 3, 2)
+    return TeacherAttention(
+        indices, weights, (TEACHER_CELLS,) * 2, (0, 2, 3), 4, frame_indices.long(), frame_weights.contiguous()
+    )
+
+
+def test_teacher_targets_are_per_frame_distributions_on_the_students_padded_grid():
+    attention = hand_made_attention()
+    counts = pixel_counts()
+    share = counts / counts.sum(1, keepdims=True)  # a student row: the mean over its pixels
+    tokens = TEACHER_CELLS**2
+    # the joint map's blocks hold 0.2 / 0 / 0.8 of each row: not what a student read's row is
+    assert attention.frame_columns(0).sum(-1).unique().tolist() == pytest.approx([0.2])
+    assert attention.frame_columns(1).sum(-1).unique().tolist() == [0.0]
+    by_hand = {
+        0: share,  # each teacher row attends to its own cell
+        2: np.tile(np.eye(tokens)[5], (900, 1)),
+        3: 0.25 * share + 0.75 * np.eye(tokens)[0][None],
+    }
+    for frame_index, expected in by_hand.items():
+        target = teacher_frame_targets(attention, frame_index, (CROP, CROP), TEACHER_STRIDE)
+        assert target.shape == (1, 900, tokens)
+        assert np.allclose(target[0].numpy(), expected, atol=1e-6), frame_index
+        torch.testing.assert_close(target.sum(-1), torch.ones(1, 900))
+    assert teacher_frame_targets(attention, 1, (CROP, CROP), TEACHER_STRIDE) is None  # not in the context
+    # student cell (0, 0) covers image pixels [0, 9)²: teacher cell (0, 0) whole, 1 px of its neighbours
+    target = teacher_frame_targets(attention, 0, (CROP, CROP), TEACHER_STRIDE)[0, 0]
+    assert target[0].item() == pytest.approx(64 / 81) and target[1].item() == pytest.approx(8 / 81)
+
+
+def test_each_student_read_is_paired_with_the_teachers_map_of_the_same_frame(tmp_path):
+    module = make_module(tmp_path)
+    attention = hand_made_attention()
+    reads = {
+        name: SimpleNamespace(attention=torch.rand(1, 2, 900, 8)) for name in ("long_term", "short_term")
+    }
+    outputs = SimpleNamespace(
+        student_aux=[None, None, None, reads], teacher_attention=[None] * 4 + [attention], teacher_stride=8
+    )
+    pairs = module.attention_pairs(outputs, 4, (CROP, CROP))
+    assert [student for student, _ in pairs] == [reads["long_term"].attention, reads["short_term"].attention]
+    for (_, target), frame_index in zip(pairs, (0, 3)):  # long-term: frame 0, short-term: frame t − 1 = 3
+        assert torch.equal(target, teacher_frame_targets(attention, frame_index, (CROP, CROP), 8))
+    # a previous frame the teacher's context no longer holds gives no short-term pair
+    gone = dataclasses.replace(attention, context_frames=(0, 1, 2))
+    outputs.teacher_attention[4] = gone
+    assert len(module.attention_pairs(outputs, 4, (CROP, CROP))) == 1
+    # the branches follow distill.att_branches
+    short = make_module(tmp_path, "distill.att_branches=short")
+    outputs.teacher_attention[4] = attention
+    assert [s for s, _ in short.attention_pairs(outputs, 4, (CROP, CROP))] == [reads["short_term"].attention]
+
+
+def test_padded_clips_train_with_targets_on_the_students_grid(tmp_path):
+    # 40 × 56 frames: the student pads to 48 × 64 (3 × 4 query cells), the teacher (stride 8) has 5 × 7
+    module = make_module(tmp_path)
+    frames = torch.stack([make_clip(seed)[:, :, 4:44, 4:60] for seed in range(BATCH)])
+    loss, parts, outputs = module.compute_loss({"frames": frames})
+    assert outputs.teacher_token_shape == (5, 7)
+    pairs = module.attention_pairs(outputs, FRAMES - 1, (40, 56))
+    assert len(pairs) == 2 and all(target.shape == (BATCH, 12, 35) for _, target in pairs)
+    assert all(student.shape[-2] == 12 for student, _ in pairs)
+    assert torch.isfinite(loss) and parts["att"] > 0
+    loss.backward()
+
+
+def test_single_object_clips_are_counted_as_skipped_by_the_inter_relation(tmp_path):
+    module = make_module(tmp_path, "distill.num_segments=2")  # background + one pseudo-object
+    trainer = make_trainer(tmp_path, max_steps=1, log_every_n_steps=1)
+    trainer.fit(module, train_loader())
+    logged = trainer.callback_metrics
+    assert float(logged["train/objects"]) == 1.0 and float(logged["train/inter_skipped"]) == 1.0
+    assert float(logged["train/inter"]) == 0.0
+    module = make_module(tmp_path)  # two pseudo-objects: nothing skipped
+    trainer = make_trainer(tmp_path / "two", max_steps=1, log_every_n_steps=1)
+    trainer.fit(module, train_loader())
+    assert float(trainer.callback_metrics["train/inter_skipped"]) == 0.0
 
 
 def test_magnify_repeats_each_pixel_into_a_block_for_masks():

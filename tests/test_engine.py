@@ -1,6 +1,7 @@
 """The streaming inference engine: constant memory over long videos, object ids, late objects, sizes,
 names and palettes of the outputs, the background writer, checkpoints and overlay videos."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_data import write_frame_folder
+from helpers_data import make_youtubevos_tree, write_frame_folder
 from helpers_models import TINY_MODEL, tiny_student
 from PIL import Image
 from torch import nn
@@ -25,6 +26,7 @@ from dvos.inference.engine import (
     StudentSegmenter,
     TeacherSegmenter,
     current_rss_mb,
+    long_term_bound,
     model_size,
     reading_options,
     segment_sequence,
@@ -448,10 +450,102 @@ def test_object_appearing_at_frame_10_is_segmented_from_then_on(tmp_path, kind):
     if kind != "student":  # a random student need not propagate it, but must take it in
         assert all((p == 4).any() for p in predictions[10:])
         assert all((p == 2).any() for p in predictions)
-    if kind == "student":
-        assert len(set(sizes)) == 1  # re-anchoring the memory keeps its size
+    if kind == "student":  # frame 10 joins the long-term memory: three maps more, then constant
+        frame_bytes = 3 * segmenter.memory.reference_key.numel() * 4
+        assert set(sizes[:10]) == {sizes[0]} and set(sizes[10:]) == {sizes[0] + frame_bytes}
     written = sorted(path.name for path in (tmp_path / "out" / "clip").iterdir())
     assert written == [f"{t:05d}.png" for t in range(16)]
+
+
+def late_objects_tree(root: Path, appearances: dict[int, int], num_frames: int) -> Path:
+    """A YouTube-VOS valid-layout tree of one video: object 1 from frame 0 and object `id` from
+    frame `appearances[id]` on (a box of its own colour each), masks only where objects first
+    appear."""
+    frames, masks = moving_scene(num_frames, object_ids=(1,), seed=3)
+    rng = np.random.default_rng(4)
+    for number, (object_id, first) in enumerate(sorted(appearances.items())):
+        top, left = 36, 4 + 22 * number
+        colour = rng.integers(120, 255, size=3).astype(np.uint8)
+        frames[first:, top : top + 12, left : left + 16] = colour
+        masks[first:, top : top + 12, left : left + 16] = object_id
+    return make_youtubevos_tree(root, "valid", {"clip": (frames, masks)}, first_appearance_only=True)
+
+
+def test_late_object_joins_the_long_term_memory_beside_the_reference(tmp_path):
+    (sequence,) = youtubevos_sequences(late_objects_tree(tmp_path / "ytvos", {2: 4}, 7), split="valid")
+    assert sequence.first_frame == {1: 0, 2: 4}
+    student = tiny_student()
+    segmenter = StudentSegmenter(student, max_long_term=3)
+    memories = {}
+    segment_sequence(
+        segmenter, sequence, on_frame=lambda index, p: memories.setdefault(index, segmenter.memory)
+    )
+    reference = memories[0]
+    for index in range(4, 7):  # after frame 4: the annotated reference of object 1 is still held
+        memory = memories[index]
+        assert memory.reference_key is reference.reference_key
+        assert memory.reference_id is reference.reference_id
+        assert len(memory.added_long_term) == 1
+    assert all(not memories[index].added_long_term for index in range(4))
+    # ... and read: the next frame's prediction depends on the reference frame's ID embedding, and
+    # its long-term read attends over the points of both long-term frames at once.
+    memory = memories[6]
+    image = torch.from_numpy(sequence.load_frame(6)).permute(2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        kept = student.step(image, memory, num_objects=2, return_attention=True)
+        blanked = dataclasses.replace(memory, reference_id=torch.zeros_like(memory.reference_id))
+        without = student.step(image, blanked, num_objects=2)
+    assert (kept.logits - without.logits).abs().max() > 1e-3
+    points = kept.aux["short_term"].attention.shape[-1]
+    assert kept.aux["long_term"].attention.shape[-1] == 2 * points
+    torch.testing.assert_close(
+        kept.aux["long_term"].attention.sum(-1), torch.ones_like(kept.aux["long_term"].attention[..., 0])
+    )
+
+
+def test_long_term_memory_stays_bounded_dropping_the_oldest_added_frame(tmp_path):
+    appearances = {2: 2, 3: 4, 4: 6}
+    (sequence,) = youtubevos_sequences(late_objects_tree(tmp_path / "ytvos", appearances, 9), split="valid")
+    segmenter = StudentSegmenter(tiny_student(), max_long_term=3)
+    added, sizes = {}, {}
+
+    def watch(index, prediction):
+        memory = segmenter.memory
+        added[index] = [frame[0] for frame in memory.added_long_term]  # the added frames' keys
+        sizes[index] = segmenter.memory_bytes()
+
+    segment_sequence(segmenter, sequence, on_frame=watch)
+    assert [len(added[t]) for t in range(9)] == [0, 0, 1, 1, 2, 2, 2, 2, 2]
+    # at frame 6 the frame of frame 2 (oldest added) left; those of frames 4 and 6 stay
+    assert added[6][0] is added[4][1] and added[6][1] is not added[4][0]
+    # the memory never holds more than the reference, max_long_term − 1 added frames and the previous
+    # frame: 4 frames of three d × h × w maps, plus the id permutation
+    memory = segmenter.memory
+    frame_bytes = 3 * memory.reference_key.numel() * 4
+    permutation_bytes = memory.id_permutation.numel() * memory.id_permutation.element_size()
+    assert max(sizes.values()) == 4 * frame_bytes + permutation_bytes
+    with pytest.raises(DvosError, match="max_long_term"):
+        StudentSegmenter(tiny_student(), max_long_term=0)
+    from omegaconf import OmegaConf
+
+    from dvos.config import load_config
+    from dvos.utils.errors import ConfigError
+
+    assert long_term_bound(load_config([]).eval) == long_term_bound(OmegaConf.create({})) == 4
+    assert long_term_bound(load_config(["eval.max_long_term=2"]).eval) == 2
+    with pytest.raises(ConfigError, match=r"eval\.max_long_term must be >= 1 .* got 0"):
+        long_term_bound(OmegaConf.create({"max_long_term": 0}))
+
+
+def test_max_long_term_one_replaces_the_reference(tmp_path):
+    (sequence,) = youtubevos_sequences(late_objects_tree(tmp_path / "ytvos", {2: 3}, 5), split="valid")
+    segmenter = StudentSegmenter(tiny_student(), max_long_term=1)
+    memories = {}
+    segment_sequence(
+        segmenter, sequence, on_frame=lambda index, p: memories.setdefault(index, segmenter.memory)
+    )
+    assert memories[3].reference_key is not memories[0].reference_key  # the one slot moved to frame 3
+    assert memories[3].reference_key is memories[3].previous_key and not memories[4].added_long_term
 
 
 def test_frames_before_the_first_object_are_background(tmp_path):

@@ -87,7 +87,9 @@ def segment_both(student, exported):
     frames[2:, 2:8, 70:86] = (240, 240, 60)
     masks = {0: mask, 2: late}
     reference, ours = [], []
-    segment_sequence(StudentSegmenter(student), frames, masks, on_frame=lambda i, p: reference.append(p))
+    # the exported step holds one long-term frame: the engine with one long-term slot computes the same
+    engine = StudentSegmenter(student, max_long_term=1)
+    segment_sequence(engine, frames, masks, on_frame=lambda i, p: reference.append(p))
     segment_sequence(ExportedSegmenter(exported), frames, masks, on_frame=lambda i, p: ours.append(p))
     assert (ours[2] == 5).sum() == 6 * 16  # the late object's given mask, pasted as it is
     return np.stack(reference), np.stack(ours)

@@ -11,15 +11,18 @@ import torch.nn.functional as F
 from dvos.lit.losses import (
     DistillationLoss,
     bootstrapped_ce,
+    cell_overlaps,
     cka_form,
     cka_loss,
     crw_loss,
     crw_transitions,
     inter_object_loss,
+    inter_skipped_share,
     intra_object_loss,
     linear_cka,
     masked_softmax,
     match_query_grid,
+    match_sparse_query_grid,
     palindrome_walk_loss,
     pearson,
     pseudo_label_ce,
@@ -168,6 +171,87 @@ def test_match_query_grid_samples_student_cell_centres():
     assert match_query_grid(odd, (13, 17), (13, 17)) is not None
 
 
+def pixel_averaged_rows(rows, image_size, teacher_stride, teacher_hw, student_hw, pad=(0, 0)):
+    """The expected student rows, by counting pixels: image pixel (y, x) lies in teacher cell
+    (y // s_t, x // s_t) and in student cell ((y + top) // 16, (x + left) // 16) (the student pads
+    `pad` = (top, left) pixels before its stride-16 grid); a student row is the mean of the teacher
+    rows of its pixels. rows: N_t × M numpy → N_s × M."""
+    height, width = image_size
+    ys, xs = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    teacher_cell = (ys // teacher_stride) * teacher_hw[1] + xs // teacher_stride
+    student_cell = ((ys + pad[0]) // 16) * student_hw[1] + (xs + pad[1]) // 16
+    counts = np.zeros((student_hw[0] * student_hw[1], teacher_hw[0] * teacher_hw[1]))
+    np.add.at(counts, (student_cell.ravel(), teacher_cell.ravel()), 1.0)
+    return counts @ rows / counts.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("teacher_stride", [8, 4])
+def test_match_query_grid_averages_the_teacher_rows_of_each_student_cell(teacher_stride):
+    # 64 × 96 pixels: a 4 × 6 student grid over 8 × 12 (ratio 2) or 16 × 24 (ratio 4) teacher cells
+    g = torch.Generator().manual_seed(21)
+    teacher_hw = (64 // teacher_stride, 96 // teacher_stride)
+    rows = torch.rand(2, teacher_hw[0] * teacher_hw[1], 7, generator=g).softmax(-1)
+    out = match_query_grid(rows, teacher_hw, (4, 6), ratio=16 / teacher_stride)
+    for b in range(2):
+        expected = pixel_averaged_rows(rows[b].double().numpy(), (64, 96), teacher_stride, teacher_hw, (4, 6))
+        assert np.allclose(out[b].numpy(), expected, atol=1e-6)
+    assert torch.allclose(out.sum(-1), torch.ones(2, 24), atol=1e-5)  # still distributions
+    assert torch.allclose(match_query_grid(rows, teacher_hw, (4, 6)), out)  # the ratio is inferred
+    # at ratio 4 every one of a cell's 4 × 4 teacher rows counts, not only the central 2 × 2
+    corner = torch.zeros_like(rows)
+    corner[:, 0, 0] = 1.0  # only teacher cell (0, 0), a corner of student cell (0, 0), has mass
+    expected = 1.0 / (16 / teacher_stride) ** 2
+    assert match_query_grid(corner, teacher_hw, (4, 6))[:, 0, 0].tolist() == pytest.approx([expected] * 2)
+    # the sparse form of a top-k map gives the same rows
+    values, indices = rows.topk(3, dim=-1)
+    dense = torch.zeros_like(rows).scatter_(-1, indices, values)
+    sparse = match_sparse_query_grid(indices, values, 7, teacher_hw, (4, 6), ratio=16 / teacher_stride)
+    assert torch.allclose(sparse, match_query_grid(dense, teacher_hw, (4, 6)), atol=1e-6)
+
+
+@pytest.mark.parametrize("teacher_stride", [8, 4])
+def test_match_query_grid_on_a_padded_465_crop(teacher_stride):
+    # 465 × 465: the student pads to 480 (7 px above and left, 8 below and right), so student cell i
+    # covers image rows [16i − 7, 16i + 9); the teacher's ceil-sized grid starts at pixel 0 and its
+    # last cell is partial (465 = 58·8 + 1 = 116·4 + 1)
+    image, pad = (465, 465), (7, 7)
+    teacher_hw = (-(-465 // teacher_stride),) * 2
+    student_hw = (30, 30)
+    g = torch.Generator().manual_seed(22)
+    columns, k = 40, 5
+    indices = torch.randint(0, columns, (1, teacher_hw[0] * teacher_hw[1], k), generator=g)
+    weights = torch.rand(1, teacher_hw[0] * teacher_hw[1], k, generator=g)
+    weights = weights / weights.sum(-1, keepdim=True)
+    grid = dict(
+        ratio=16 / teacher_stride,
+        offset=(-7 / teacher_stride, -7 / teacher_stride),
+        extent=(465 / teacher_stride, 465 / teacher_stride),
+    )
+    out = match_sparse_query_grid(indices, weights, columns, teacher_hw, student_hw, **grid)
+    dense = torch.zeros(1, teacher_hw[0] * teacher_hw[1], columns).scatter_add_(-1, indices, weights)
+    expected = pixel_averaged_rows(
+        dense[0].double().numpy(), image, teacher_stride, teacher_hw, student_hw, pad
+    )
+    assert np.allclose(out[0].numpy(), expected, atol=1e-6)
+    assert torch.allclose(match_query_grid(dense, teacher_hw, student_hw, **grid), out, atol=1e-6)
+    assert torch.allclose(out.sum(-1), torch.ones(1, 900), atol=1e-5)
+    # without the offset the rows would be those of cells 7 px away: not the same
+    unaligned = match_query_grid(dense, teacher_hw, student_hw, ratio=16 / teacher_stride)
+    assert not np.allclose(unaligned[0].numpy(), expected, atol=1e-3)
+
+
+def test_cell_overlaps_by_hand():
+    # output cells of 4 source cells starting 1.75 cells before the source grid, image 9.25 cells long
+    weights = cell_overlaps(3, 10, ratio=4.0, offset=-1.75, extent=9.25)
+    # cell 0 covers [−1.75, 2.25) → [0, 2.25): cells 0, 1 whole and a quarter of cell 2
+    assert weights[0, :3].tolist() == pytest.approx([1 / 2.25, 1 / 2.25, 0.25 / 2.25])
+    # cell 1 covers [2.25, 6.25): three quarters of 2, then 3, 4, 5, and a quarter of 6
+    assert weights[1, 2:7].tolist() == pytest.approx([0.75 / 4, 0.25, 0.25, 0.25, 0.25 / 4])
+    # cell 2 covers [6.25, 10.25) → [6.25, 9.25): the image ends inside cell 9
+    assert weights[2, 6:10].tolist() == pytest.approx([0.75 / 3, 1 / 3, 1 / 3, 0.25 / 3])
+    assert torch.allclose(weights.sum(1), torch.ones(3))
+
+
 def test_resample_grid_matches_interpolate_and_stride_alignment():
     g = torch.Generator().manual_seed(6)
     maps = torch.rand(2, 3, 10, 14, generator=g)
@@ -291,6 +375,38 @@ def test_relation_losses_gradients_finite_with_constant_and_single_channels():
     only_background = torch.tensor([[True, False, False, False]] * 2)
     zero = inter_object_loss(z_s, z_t, valid=only_background)
     assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_inter_object_relation_leaves_out_samples_with_fewer_than_three_channels():
+    # background + one object: y = (p, 1 − p) per pixel, and the Pearson of two such pairs is ±1 with
+    # no gradient; such a sample is left out of the inter-object mean and counted
+    g = torch.Generator().manual_seed(23)
+    student = torch.randn(1, 2, 10, 12, generator=g)
+    teacher = torch.randn(1, 2, 10, 12, generator=g)
+    y_s, y_t = torch.softmax(student, 1), torch.softmax(teacher, 1)
+    by_hand = [
+        np.corrcoef(y_s[0, :, i, j].numpy(), y_t[0, :, i, j].numpy())[0, 1]
+        for i in range(10)
+        for j in range(12)
+    ]
+    assert np.allclose(np.abs(by_hand), 1.0, atol=1e-5)  # why: a sign, nothing to learn
+    two = student.clone().requires_grad_(True)
+    loss = inter_object_loss(two, teacher)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert two.grad.abs().max().item() == 0.0
+    # a batch of a two-channel and a three-channel sample: the mean is the three-channel one's
+    z_s, z_t = logits_pair(24, batch=2, channels=3, size=(10, 12))
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    alone = inter_object_loss(z_s[1:], z_t[1:])
+    assert alone.item() > 0.01
+    assert inter_object_loss(z_s, z_t, valid=valid).item() == pytest.approx(alone.item(), abs=1e-6)
+    assert inter_skipped_share(valid).item() == 0.5
+    assert inter_skipped_share(torch.ones(4, 3, dtype=torch.bool)).item() == 0.0
+    assert inter_skipped_share(torch.tensor([[True, False, False], [True, True, False]])).item() == 1.0
+    # the intra-object relation still learns from two channels
+    intra = intra_object_loss(two, teacher)
+    assert intra.item() > 0.01
 
 
 def test_relation_losses_with_teacher_at_stride_8_and_student_at_stride_4():

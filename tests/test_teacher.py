@@ -185,6 +185,76 @@ def test_attention_respects_topk_and_radius_and_rows_sum_to_one():
     torch.testing.assert_close(probabilities.sum(1), torch.ones(2, height, width))
 
 
+def test_per_frame_maps_are_each_frames_own_topk_softmax():
+    """Each context frame's map is the top-k softmax over that frame alone (loops over queries and
+    frames, from the formula): rows are distributions, where the joint map's block of a frame holds
+    anything from 0 to all of a row's mass."""
+    height, width, slots, radius, topk, temperature = 5, 6, 3, 2, 4, 0.1
+    query, features, labels = random_context(height=height, width=width, slots=slots, seed=3)
+    _, indices, weights, frame_indices, frame_weights = propagate_labels(
+        query,
+        features,
+        labels,
+        topk=topk,
+        radius=radius,
+        temperature=temperature,
+        chunk_size=3,
+        frame_maps=True,
+    )
+    attention = TeacherAttention(
+        indices, weights, (height, width), tuple(range(slots)), slots, frame_indices, frame_weights
+    )
+    q = query.double().numpy()
+    for m in range(slots):
+        f = features[m].double().numpy()
+        expected = np.zeros((2, height * width, height * width))
+        for b in range(2):
+            for y in range(height):
+                for x in range(width):
+                    cells = [
+                        (cy, cx)
+                        for cy in range(height)
+                        for cx in range(width)
+                        if abs(cy - y) <= radius and abs(cx - x) <= radius
+                    ]
+                    scores = np.array([q[b, :, y, x] @ f[b, :, cy, cx] / temperature for cy, cx in cells])
+                    kept = np.argsort(-scores)[:topk]
+                    soft = np.exp(scores[kept] - scores[kept].max())
+                    for index, weight in zip(kept, soft / soft.sum()):
+                        cy, cx = cells[index]
+                        expected[b, y * width + x, cy * width + cx] = weight
+        got = attention.frame_map(m)
+        assert np.allclose(got.numpy(), expected, atol=1e-5), m
+        torch.testing.assert_close(got.sum(-1), torch.ones(2, height * width))
+        rows = torch.tensor([0, 7, 29])
+        torch.testing.assert_close(attention.frame_map(m, rows), got[:, rows])
+    # the joint map's blocks: each frame's share of a row varies, some rows have none on a frame
+    shares = torch.stack([attention.frame_columns(m).sum(-1) for m in range(slots)], -1)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(2, height * width))
+    assert float(shares.min()) == 0.0 and float(shares.max()) > 0.5
+    assert attention.slot_of(2) == 2 and attention.slot_of(7) is None
+    # without frame_maps the propagation is the same and no per-frame map is kept
+    plain = propagate_labels(
+        query, features, labels, topk=topk, radius=radius, temperature=temperature, chunk_size=3
+    )
+    assert len(plain) == 3 and torch.equal(plain[1], indices) and torch.equal(plain[2], weights)
+    with pytest.raises(ValueError, match="frame_maps=True"):
+        attention_of(indices, weights, height, width, slots).frame_map(0)
+
+
+def test_clip_attention_holds_a_map_for_every_context_frame():
+    torch.manual_seed(0)
+    teacher = LabelPropagationTeacher(PixelEncoder(stride=4), n_recent=2, radius=3)
+    frames = torch.rand(1, 5, 3, 24, 32)
+    out = teacher.propagate_clip(frames, one_hot(np.zeros((24, 32), np.uint8), 2))
+    last = out["attention"][4]
+    assert last.context_frames == (0, 2, 3)  # the reference and the two most recent frames
+    for frame_index in (0, 2, 3):
+        frame_map = last.frame_map(last.slot_of(frame_index))
+        assert frame_map.shape == (1, 6 * 8, 6 * 8)
+        torch.testing.assert_close(frame_map.sum(-1), torch.ones(1, 48))
+
+
 def test_window_is_global_without_radius_and_topk_is_clamped():
     query, features, labels = random_context(height=3, width=4, slots=1)
     _, indices, weights = propagate_labels(query, features, labels, topk=50, radius=None, temperature=0.1)

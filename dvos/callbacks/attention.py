@@ -11,11 +11,13 @@ module in eval mode for that call) and draws two pictures of the last frame t of
   over frame 0] | [teacher's attention over frame t−1].
   A dot per sampling point and group (colour = group), radius and opacity ∝ the query's attention
   weight (mean over the group's heads), scaled to the panel's largest weight; the `max_points`
-  heaviest dots are drawn, the heaviest on top. Teacher panels: its top-k attention row of the
-  teacher query token under the student token's centre, as a heat map (nearest upsampling: each
-  teacher cell stays visible) blended on the frame. A small cross marks the query's position on
-  every memory panel; outlines show the reference objects (frame 0) and the student's prediction
-  (frame t−1).
+  heaviest dots are drawn, the heaviest on top. Teacher panels: the row the CKA compares with the
+  student's read of that frame (`dvos.lit.distill.teacher_frame_targets`): the teacher's attention
+  over that frame alone (its own top-k and softmax), averaged over the teacher query cells inside
+  the student's query cell, a distribution (the caption's sum is 1) as the student's row is; as a
+  heat map (nearest upsampling: each teacher cell stays visible) blended on the frame. A small
+  cross marks the query's position on every memory panel; outlines show the reference objects
+  (frame 0) and the student's prediction (frame t−1).
 - `attention/offsets`: the offset field of group 0 as arrows from the reference grid points to the
   sampling points (long-term over frame 0, short-term over frame t−1), coloured by length in
   memory-map cells (turbo colour map, 0 … the picture's largest offset).
@@ -34,9 +36,9 @@ reported once as a `PictureWarning` (later ones at debug level).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
-import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from dvos.callbacks import render
+from dvos.lit.distill import teacher_frame_targets
 from dvos.models.layers import pad_to_stride
 
 log = logging.getLogger(__name__)
@@ -276,32 +279,35 @@ def group_weights(attention: torch.Tensor, token: int, num_groups: int) -> np.nd
     return row.reshape(num_groups, -1, row.shape[-1]).mean(1).cpu().numpy()
 
 
-def teacher_row(
+def teacher_target_rows(
     attention: Any,
-    columns: str,
-    point: tuple[float, float],
+    frame_index: int,
+    image_size: tuple[int, int],
     stride: int,
-    token_shape: tuple[int, int],
     sample: int,
-) -> np.ndarray:
-    """The teacher's attention row of the teacher query token containing an image point.
+) -> torch.Tensor | None:
+    """The CKA targets of one clip for the student's read of frame `frame_index`.
 
     Args:
-        attention: a `TeacherAttention`.
-        columns: "reference" or "previous".
-        point: (x, y) image pixels (pixel-centre coordinates); the token is the teacher cell
-            [s·i, s·i + s) × [s·j, s·j + s) that holds the point (a student cell's centre lies on a
-            teacher cell border for s = 8: the lower-right cell is taken).
-        stride, token_shape: the teacher's s and (h_t, w_t).
+        attention: a `TeacherAttention` with per-frame maps.
+        frame_index: the memory frame (0, or t − 1).
+        image_size: (H, W) of the clip's frames.
+        stride: pixels per teacher cell.
+        sample: the batch element.
 
     Returns:
-        h_t × w_t float64 attention over the context frame's tokens.
+        N_s × h_t·w_t (one row per student query token, each summing to 1), or None when the
+        teacher's context does not hold the frame.
     """
-    h_t, w_t = token_shape
-    i = min(max(int(math.floor((point[1] + 0.5) / stride)), 0), h_t - 1)
-    j = min(max(int(math.floor((point[0] + 0.5) / stride)), 0), w_t - 1)
-    dense = attention.reference_columns() if columns == "reference" else attention.previous_columns()
-    return dense[sample, i * w_t + j].detach().double().reshape(h_t, w_t).cpu().numpy()
+    one = dataclasses.replace(
+        attention,
+        indices=attention.indices[sample : sample + 1],
+        weights=attention.weights[sample : sample + 1],
+        frame_indices=attention.frame_indices[sample : sample + 1],
+        frame_weights=attention.frame_weights[sample : sample + 1],
+    )
+    targets = teacher_frame_targets(one, frame_index, image_size, stride)
+    return None if targets is None else targets[0].detach()
 
 
 def cells_to_image(values: np.ndarray, stride: int, image_size: tuple[int, int]) -> np.ndarray:
@@ -427,6 +433,15 @@ def render_attention(
     teacher_stride = int(outputs.teacher_stride)
     teacher_shape = tuple(outputs.teacher_token_shape)
     teacher_attention = outputs.teacher_attention[t]
+    teacher_columns = [("reference", 0, reference_base)]
+    if teacher_previous:
+        teacher_columns.append(("previous", t - 1, previous_base))
+    teacher_targets = {
+        frame_index: None
+        if teacher_attention is None
+        else teacher_target_rows(teacher_attention, frame_index, (height, width), teacher_stride, sample)
+        for _, frame_index, _ in teacher_columns
+    }
 
     rows, titles = [], []
     for number, query in enumerate(queries):
@@ -443,23 +458,20 @@ def render_attention(
             panel, top = _dot_layer(panel, weights, points, max_points=max_points, cell=cell)
             row.append(panel)
             row_titles.append(f"student {name} f{frame_index} max w {top:.3f}")
-        teacher_columns = [("reference", 0, reference_base)]
-        if teacher_previous:
-            teacher_columns.append(("previous", t - 1, previous_base))
         for columns_name, frame_index, panel_base in teacher_columns:
-            if teacher_attention is None:
+            targets = teacher_targets[frame_index]
+            if targets is None:
                 row.append(None)
                 row_titles.append(f"teacher {columns_name}: none")
                 continue
-            values = teacher_row(
-                teacher_attention, columns_name, query.point, teacher_stride, teacher_shape, sample
-            )
+            values = targets[query.token].double().reshape(teacher_shape).cpu().numpy()
             full = render.resize_image(
                 cells_to_image(values, teacher_stride, (height, width)), panel_size, nearest=True
             )
             panel = render.blend_heatmap(panel_base, full)
-            # Top-k attention is a handful of cells, a few pixels each on a large frame: ring them.
-            threshold = 0.1 * values.max() if values.max() > 0 else np.inf
+            # The row holds a few top-k cells per teacher row under the student cell, a few pixels
+            # each on a large frame: ring the heavier ones (the heat map shows the rest).
+            threshold = 0.3 * values.max() if values.max() > 0 else np.inf
             strong_i, strong_j = np.nonzero(values >= threshold)
             centres = np.stack([strong_j, strong_i], -1) * teacher_stride
             centres = to_panel(centres + (teacher_stride - 1) / 2, scale)

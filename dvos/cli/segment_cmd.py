@@ -206,7 +206,13 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
         the copy baseline or a random student).
     """
     from dvos.inference.checkpoints import find_latest_checkpoint, load_student
-    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
+    from dvos.inference.engine import (
+        CopySegmenter,
+        StudentSegmenter,
+        TeacherSegmenter,
+        long_term_bound,
+        reading_options,
+    )
     from dvos.models.build import build_teacher
 
     sizes = {
@@ -216,6 +222,7 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
     if getattr(args, "baseline", None) == "copy":
         return CopySegmenter(), "first-frame copy baseline", None
     reading = reading_options(cfg.get("eval"))
+    bound = long_term_bound(cfg.get("eval"))
     if args.teacher:
         teacher = build_teacher(cfg.teacher)
         weights = cfg.teacher.checkpoint or "random weights"
@@ -228,9 +235,11 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
         checkpoint = find_latest_checkpoint(cfg.paths.runs_dir)
         if checkpoint is None:
             student, description = load_student(None, cfg.model, runs_dir=cfg.paths.runs_dir)
-            return StudentSegmenter(student, device=device, **sizes, **reading), description, None
+            segmenter = StudentSegmenter(student, device=device, max_long_term=bound, **sizes, **reading)
+            return segmenter, description, None
     student, description = load_student(checkpoint, cfg.model, runs_dir=cfg.paths.runs_dir)
-    return StudentSegmenter(student, device=device, **sizes, **reading), description, Path(checkpoint)
+    segmenter = StudentSegmenter(student, device=device, max_long_term=bound, **sizes, **reading)
+    return segmenter, description, Path(checkpoint)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@
 
 Three segmenters share that small interface (`Segmenter`):
 
-- `StudentSegmenter`: the deformable student. Its `Memory` holds exactly two frames, the reference
-  (long-term) and the previous frame with its predicted mask (short-term, replaced every step), so
-  its size is fixed by the frame size alone.
+- `StudentSegmenter`: the deformable student. Its `Memory` holds two frames, the reference
+  (long-term) and the previous frame with its predicted mask (short-term, replaced every step),
+  plus at most `max_long_term` − 1 frames where objects first appeared, so its size is bounded by
+  the frame size and that count alone.
 - `TeacherSegmenter`: the label-propagation teacher; its context queue holds at most 1 + n_recent
   frames (`LabelPropagationTeacher.context_size`).
 - `CopySegmenter`: the first-frame-copy baseline (no model).
@@ -21,11 +22,13 @@ contiguous model ids 1..K in order of appearance (`ObjectIdMap`) and mapped back
 (255) and ids that are not objects read as background.
 
 Objects that appear later (YouTube-VOS): the given masks are pasted over the frame's prediction.
-- student: the long-term memory is re-initialised with that frame and the merged mask (the given
-  masks of the new objects over the prediction of the others); the short-term memory starts from
-  the same frame. The memory keeps its two-frame size (growing it by one long-term frame per
-  appearance, as AOT does, would break the constant-memory bound). What is lost: the original
-  reference frame; the older objects are from then on anchored on their predicted masks.
+- student: that frame with the merged mask (the given masks of the new objects over the
+  prediction of the others) joins the long-term memory beside the reference frame, as DeAOT adds
+  it to its long-term memory, and becomes the short-term memory too; later frames read every
+  long-term frame at once (`DeformableStudent.add_reference`). One long-term slot per such frame,
+  at most `max_long_term` (`eval.max_long_term`): beyond it the oldest added frame leaves (the
+  reference frame never does), so the memory stays bounded; `max_long_term=1` replaces the
+  reference instead (the exported step's single long-term slot).
 - teacher: `LabelPropagationTeacher.add_objects` merges the masks into that frame's soft labels in
   its context (its own bounded queue), so later frames propagate them.
 - copy: the new masks are pasted into the copied prediction from that frame on.
@@ -72,6 +75,7 @@ from dvos.utils.errors import ConfigError, DataError
 from dvos.utils.masks import VOID_ID
 
 READ_CHUNK = 8  # frames decoded at once from a video file (bounded: never the whole video)
+MAX_LONG_TERM = 4  # the student's long-term frames at most: the reference + 3 where objects appeared
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,8 +279,19 @@ def reading_options(eval_config: Any, *, validation: bool = False) -> dict[str, 
     }
 
 
+def long_term_bound(eval_config: Any) -> int:
+    """`StudentSegmenter`'s `max_long_term` from a config's `eval` section (`eval.max_long_term`,
+    `MAX_LONG_TERM` where the section lacks it); a one-line `ConfigError` below 1."""
+    get = eval_config.get if hasattr(eval_config, "get") else (lambda key, default: default)
+    value = get("max_long_term", MAX_LONG_TERM)
+    if value is None or int(value) < 1:
+        raise ConfigError(f"eval.max_long_term must be >= 1 (the reference frame), got {value}")
+    return int(value)
+
+
 class StudentSegmenter(_TorchSegmenter):
-    """The deformable student, with its constant-size two-frame `Memory`.
+    """The deformable student, with its bounded `Memory` (two frames, plus frames where objects
+    first appeared, at most `max_long_term` long-term frames).
 
     Args:
         student: a `DeformableStudent` (put in eval mode here: identity id permutation).
@@ -299,6 +314,9 @@ class StudentSegmenter(_TorchSegmenter):
             instead of the refined mask's one-hot (`eval.refine_soft_memory`; only with
             `soft_memory`). Off by default: the filter lowers an object's probabilities where it
             mixes in background, and fed back softly a faint object fades out over the frames.
+        max_long_term: long-term frames at most (`eval.max_long_term`): the reference frame plus
+            the frames where objects first appeared (`add_objects`), the oldest added one dropped
+            beyond it; 1: such a frame replaces the reference.
     """
 
     name = "student"
@@ -315,11 +333,15 @@ class StudentSegmenter(_TorchSegmenter):
         long_term_weight: float | None = None,
         refine: EdgeRefinement | None = None,
         refine_soft_memory: bool = False,
+        max_long_term: int = MAX_LONG_TERM,
     ) -> None:
         super().__init__(device=device, max_size=max_size, min_size=min_size, refine=refine)
         problem = reading_problem(attention_topk, long_term_weight)
         if problem is not None:
             raise DataError(problem)
+        if int(max_long_term) < 1:
+            raise DataError(f"max_long_term must be >= 1 (the reference frame), got {max_long_term}")
+        self.max_long_term = int(max_long_term)
         self.soft_memory = bool(soft_memory)
         self.refine_soft_memory = bool(refine_soft_memory)
         self.attention_topk = None if attention_topk is None else int(attention_topk)
@@ -407,19 +429,20 @@ class StudentSegmenter(_TorchSegmenter):
         if self.memory is None or self._previous is None:
             raise RuntimeError("StudentSegmenter.add_objects() before start()")
         merged = self._merge_new_objects(mask_ids, new_ids)
-        # Re-anchor the long-term memory on this frame and its merged mask: still two frames.
+        # The frame joins the long-term memory beside the reference (bounded by max_long_term).
         features = self.student.encode_frame(self._image(frame))
-        self.memory = self.student.initialize_memory(
-            features, self._one_hot(merged), id_permutation=self.memory.id_permutation
+        self.memory = self.student.add_reference(
+            self.memory, features, self._one_hot(merged), max_long_term=self.max_long_term
         )
         self._previous = merged
         return self.ids.to_sequence(merged)
 
     def memory_bytes(self) -> int:
-        """Bytes of the `Memory` tensors (reference + previous frame; constant for a frame size)."""
+        """Bytes of the `Memory` tensors (reference + previous frame + added long-term frames; at
+        most `max_long_term` + 1 frames for a frame size)."""
         if self.memory is None:
             return 0
-        return sum(t.numel() * t.element_size() for t in self.memory.tensors())
+        return self.memory.nbytes()
 
 
 class TeacherSegmenter(_TorchSegmenter):

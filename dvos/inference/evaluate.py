@@ -211,7 +211,13 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: s
 
     from dvos.data.builders import build_eval_datamodule
     from dvos.inference.checkpoints import load_student
-    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
+    from dvos.inference.engine import (
+        CopySegmenter,
+        StudentSegmenter,
+        TeacherSegmenter,
+        long_term_bound,
+        reading_options,
+    )
 
     eval_data = build_eval_datamodule(cfg)
     eval_data.setup("validate")
@@ -241,6 +247,7 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: s
                 device=device,
                 max_size=max_size,
                 min_size=min_size,
+                max_long_term=long_term_bound(cfg.eval),
                 **reading,
             ),
             f"student ({description})",

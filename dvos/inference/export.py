@@ -34,8 +34,9 @@ One graph does the whole video (what `ExportedSegmenter` does, and what a device
 - frame t > 0: `given_labels` all −1; `labels` is the prediction; (key, value, id_embedding)
   replace the previous memory, the reference memory stays;
 - objects appearing at frame t: run frame t again with `given_labels` = the new objects' ids where
-  they are and the prediction elsewhere; its outputs replace both memories (the engine's rule, see
-  `dvos.inference.engine`).
+  they are and the prediction elsewhere; its outputs replace both memories (the graph has one
+  long-term slot: the engine's rule with `max_long_term=1`, see `dvos.inference.engine`; the
+  Python engine keeps the reference and adds the frame).
 
 The graph is exported in eval mode (identity ID permutation) with the engine's memory reading
 (`eval.soft_memory`, `eval.attention_topk`, `eval.long_term_weight`; recorded in the description).

@@ -7,12 +7,15 @@ Per training clip (frames B × T × 3 × H × W, frame 0 the reference):
    `distill.ref_masks=annotation` and the batch carries one; target frames' labels are never used;
 2. the teacher propagates them through the clip (no gradients; magnified `distill.teacher_scale`
    times, so its cells are finer on the clip): per-object logits and, per frame, its attention over
-   the reference frame's and the previous frame's tokens;
+   each context frame alone (that frame's own top-k and softmax: rows are distributions, as the
+   student's are);
 3. the student propagates the same reference masks, feeding its own previous prediction back as the
    short-term memory (as at test time), and returns its deformable attention maps;
-4. loss = λ_att·(1 − CKA) on the attention maps (long-term vs the teacher's reference columns,
-   short-term vs its previous-frame columns) + λ_inter·L_inter + λ_intra·L_intra on the logits
-   (+ λ_ce·CE to the teacher's hard masks).
+4. loss = λ_att·(1 − CKA) on the attention maps, each student read paired with the teacher's map
+   over the same memory frame (long-term: frame 0; short-term: frame t − 1), the teacher's query
+   rows area-averaged onto the student's query cells over the same image pixels
+   (`teacher_frame_targets`) + λ_inter·L_inter + λ_intra·L_intra on the logits (+ λ_ce·CE to the
+   teacher's hard masks).
 
 The teacher is frozen and is NOT a registered sub-module: it is not in the optimizer, not wrapped by
 DDP, not in `state_dict()` and so not in checkpoints; the checkpoint records its checkpoint path and
@@ -41,14 +44,22 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from dvos.config import MIN_MODEL_SIZE
-from dvos.inference.engine import reading_options
-from dvos.lit.losses import DistillationLoss, objects_to_valid, segmentation_loss, teacher_probabilities
+from dvos.inference.engine import long_term_bound, reading_options
+from dvos.lit.losses import (
+    DistillationLoss,
+    inter_skipped_share,
+    match_sparse_query_grid,
+    objects_to_valid,
+    segmentation_loss,
+    teacher_probabilities,
+)
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
 from dvos.models.build import build_student, build_teacher
 from dvos.models.deformable import DeformableAttentionAux
+from dvos.models.layers import pad_to_stride
 from dvos.models.refine import bilateral_refine
-from dvos.models.student import DeformableStudent, labels_to_onehot
+from dvos.models.student import FEATURE_STRIDE, DeformableStudent, labels_to_onehot
 from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention
 from dvos.utils.errors import ConfigError
 
@@ -228,6 +239,56 @@ def magnify(images: torch.Tensor, scale: int, *, nearest: bool = False) -> torch
     if nearest:
         return images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     return F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+
+
+def student_query_grid(image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The student's query grid over an H × W frame: ((h_s, w_s), (top, left)), the padded frame's
+    cells (`pad_to_stride` to a multiple of 16) and the pixels padded above and to the left, so
+    that student cell (i, j) covers image pixels [16·i − top, 16·i + 16 − top) × (the same in x)."""
+    height, width = int(image_size[0]), int(image_size[1])
+    _, (left, right, top, bottom) = pad_to_stride(torch.zeros(1, 1, height, width), FEATURE_STRIDE)
+    return ((height + top + bottom) // FEATURE_STRIDE, (width + left + right) // FEATURE_STRIDE), (top, left)
+
+
+def teacher_frame_targets(
+    attention: TeacherAttention,
+    frame_index: int,
+    image_size: tuple[int, int],
+    teacher_stride: int,
+) -> torch.Tensor | None:
+    """The teacher's attention over one memory frame alone, on the student's query grid: the CKA
+    target of the student's read of that frame.
+
+    Rows: the teacher's per-frame map (`TeacherAttention.frame_map`: that frame's own top-k and
+    softmax, rows summing to 1), area-averaged onto the student's query cells over the image pixels
+    each covers (`match_sparse_query_grid`): the student pads the frame (`student_query_grid`), the
+    teacher does not, so student cell i starts at teacher coordinate (16·i − pad) / s and only
+    teacher cells inside the image count. Rows stay distributions.
+
+    Args:
+        attention: the teacher's attention of the query frame (with per-frame maps).
+        frame_index: the memory frame (0: the reference frame; t − 1: the previous frame).
+        image_size: (H, W) of the clip's frames, in pixels.
+        teacher_stride: pixels of the clip per teacher cell (its stride / `distill.teacher_scale`).
+
+    Returns:
+        B × h_s·w_s × h_t·w_t float32, or None when the frame is not in the teacher's context.
+    """
+    slot = attention.slot_of(frame_index)
+    if slot is None:
+        return None
+    student_hw, (top, left) = student_query_grid(image_size)
+    stride = float(teacher_stride)
+    return match_sparse_query_grid(
+        attention.frame_indices[:, :, slot],
+        attention.frame_weights[:, :, slot],
+        attention.tokens_per_frame,
+        attention.token_shape,
+        student_hw,
+        ratio=FEATURE_STRIDE / stride,
+        offset=(-top / stride, -left / stride),
+        extent=(image_size[0] / stride, image_size[1] / stride),
+    )
 
 
 REF_MASKS = ("pseudo", "annotation")
@@ -480,31 +541,14 @@ class DistillationModule(pl.LightningModule):
         total = None
         parts_sum: dict[str, torch.Tensor] = {}
         num_labels = outputs.teacher_logits.shape[2]
-        student_hw = (math.ceil(image_size[0] / 16), math.ceil(image_size[1] / 16))
         for index, student_logits in enumerate(outputs.student_logits):
             t = index + 1
-            attention_pairs = []
-            aux = outputs.student_aux[index]
-            teacher_attention = outputs.teacher_attention[t]
-            if aux is not None and teacher_attention is not None:
-                branches = self.config.distill.att_branches
-                if branches in ("long", "both"):
-                    attention_pairs.append(
-                        (aux["long_term"].attention, teacher_attention.reference_columns())
-                    )
-                if branches in ("short", "both"):
-                    attention_pairs.append(
-                        (aux["short_term"].attention, teacher_attention.previous_columns())
-                    )
             loss, parts = self.criterion(
                 student_logits=student_logits[:, :num_labels],
                 teacher_logits=outputs.teacher_logits[:, t],
                 num_objects=outputs.num_objects,
-                attention_pairs=attention_pairs,
-                student_query_shape=student_hw,
-                teacher_query_shape=outputs.teacher_token_shape,
+                attention_pairs=self.attention_pairs(outputs, t, image_size),
                 logit_ratio=1.0 / outputs.teacher_stride,
-                query_ratio=16.0 / outputs.teacher_stride,
                 ce_target=None if outputs.ce_targets is None else outputs.ce_targets[index],
             )
             total = loss if total is None else total + loss
@@ -525,6 +569,27 @@ class DistillationModule(pl.LightningModule):
             total = total + weight * reference
             parts["ref"] = reference.detach()
         return total, parts
+
+    def attention_pairs(
+        self, outputs: ClipOutputs, t: int, image_size: tuple[int, int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(student map, teacher target) pairs of query frame t (`distill.att_branches`): the
+        student's long-term read (frame 0) and short-term read (frame t − 1), each with the
+        teacher's map over that same frame on the student's query grid (`teacher_frame_targets`).
+        A frame the teacher's context no longer holds (`teacher.n_recent` = 0 and t ≥ 2) has no
+        target and no pair."""
+        aux, attention = outputs.student_aux[t - 1], outputs.teacher_attention[t]
+        if aux is None or attention is None:
+            return []
+        branches = self.config.distill.att_branches
+        reads = [("long_term", 0)] if branches in ("long", "both") else []
+        reads += [("short_term", t - 1)] if branches in ("short", "both") else []
+        pairs = []
+        for name, frame_index in reads:
+            target = teacher_frame_targets(attention, frame_index, image_size, outputs.teacher_stride)
+            if target is not None:
+                pairs.append((aux[name].attention, target))
+        return pairs
 
     # ------------------------------------------------------------------------------------------ training
     def seed_clip_generator(self, batch_idx: int) -> None:
@@ -580,6 +645,9 @@ class DistillationModule(pl.LightningModule):
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         self.log("train/objects", outputs.num_objects.float().mean(), batch_size=batch_size)
+        # The share of clips the inter-object relation leaves out (fewer than two objects).
+        valid = objects_to_valid(outputs.num_objects, int(outputs.num_objects.max()) + 1, batch_size)
+        self.log("train/inter_skipped", inter_skipped_share(valid), batch_size=batch_size)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -660,6 +728,7 @@ class DistillationModule(pl.LightningModule):
             device=self.device,
             max_size=self.config.eval.val_max_size,
             min_size=self.config.eval.val_min_size,
+            max_long_term=long_term_bound(self.config.eval),
             **reading_options(self.config.eval, validation=True),
         )
         predictions: list[np.ndarray] = []
@@ -802,6 +871,7 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     # eval.attention_topk and eval.refine_*: one-line errors now, not at the first validation
     reading_options(config.eval)
     reading_options(config.eval, validation=True)
+    long_term_bound(config.eval)
     check_training_crops(config.data)
     reference_gap = (config.get("data") or {}).get("reference_gap")
     if reference_gap is not None and int(reference_gap) < 1:

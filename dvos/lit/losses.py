@@ -20,7 +20,10 @@ Student heads (B × heads × N × M): by default their maps are concatenated alo
 different offset groups are different sampling positions, so averaging maps column by column
 (`"mean"`) mixes unrelated points unless there is one group; `"each"` is 1 − CKA per head, averaged,
 which asks every head for the teacher's structure. Query grids must match: `match_query_grid`
-resamples the teacher's query rows (stride 8) onto the student's grid (stride 16).
+(`match_sparse_query_grid` for a top-k map) area-averages the teacher's query rows onto the
+student's grid: student cell (i, j) reads the teacher rows of the image pixels it covers, each
+weighted by the area it shares with them (the plain mean of r × r rows at a stride ratio r when
+both grids start at pixel 0; an offset and an extent when the student pads the image).
 
 **Relation losses** (DIST, Huang et al. 2022, per pixel and per object): y = softmax(z/τ) over the
 valid channels (background + objects; unused ids masked by a B × C validity mask, or detected from
@@ -31,10 +34,14 @@ the student's ABSENT logits),
 
 both multiplied by τ², as in DIST (each softmax derivative carries 1/τ). Pearson is exact (no
 epsilon in its value); terms whose teacher series is (nearly) constant, std < 1e-4, carry no
-relation and are left out of the means, as are pixels of samples with fewer than two valid
-channels; a constant student series correlates 0 with a zero gradient. The teacher's logits
-(stride 8) are turned into probabilities on their own grid and resampled bilinearly onto the
-student's (`teacher_probabilities`); the student's logits are used at their own resolution.
+relation and are left out of the means; a constant student series correlates 0 with a zero
+gradient. The inter-object term leaves out the pixels of samples with fewer than three valid
+channels (`INTER_MIN_CHANNELS`): with background + one object, y = (p, 1 − p), and the Pearson
+correlation of two such pairs is ±1, with no gradient. `inter_skipped_share` counts those samples
+(logged as `train/inter_skipped`), so a single-object batch is seen to get nothing from it. The
+teacher's logits (stride 8) are turned into probabilities on their own grid and resampled
+bilinearly onto the student's (`teacher_probabilities`); the student's logits are used at their
+own resolution.
 
 **Contrastive random walk** (Jabri, Owens, Efros 2020): `crw_loss`.
 """
@@ -56,6 +63,7 @@ ABSENT_THRESHOLD = -1e3  # a channel whose logits are all at or below this is an
 CKA_RELATIVE_FLOOR = 1e-6  # ρ: norms below ρ·‖X‖²_F count as a constant map
 PEARSON_RELATIVE_STD = 1e-6  # a series whose std is below this share of its RMS is constant (float32 noise)
 TEACHER_MIN_STD = 1e-4  # probabilities varying less than this carry no relation to imitate
+INTER_MIN_CHANNELS = 3  # the Pearson of two distributions over two channels is ±1: no gradient
 TINY = 1e-30
 MASKED_LOGIT = torch.finfo(torch.float32).min  # finite: a row with no valid channel stays NaN-free
 CRW_DROPPED = -1e9  # scaled affinity of a dropped edge (finite: a fully dropped row becomes uniform)
@@ -125,34 +133,148 @@ def _rescaled(x: torch.Tensor) -> torch.Tensor:
     return x / scale
 
 
+def cell_overlaps(
+    size: int,
+    source_size: int,
+    *,
+    ratio: float,
+    offset: float = 0.0,
+    extent: float | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Area weights from one 1-D cell grid onto another: output cell i covers source coordinates
+    [r·i + o, r·(i + 1) + o) (in source cells, r = `ratio`, o = `offset`), clipped to [0, extent);
+    source cell k covers [k, k + 1). W[i, k] = the length of their overlap / the length of cell i
+    inside [0, extent), so each row is a convex combination (a row with no overlap stays 0).
+
+    Args:
+        size: output cells.
+        source_size: source cells.
+        ratio: source cells per output cell (2 for stride 16 over stride 8).
+        offset: where output cell 0 starts, in source cells (−pad / source stride for a grid over a
+            padded image, 0 when both grids start at the image's first pixel).
+        extent: the image's length in source cells (None: `source_size`; clipped to it).
+
+    Returns:
+        size × source_size float32.
+    """
+    extent = float(source_size) if extent is None else min(float(extent), float(source_size))
+    starts = torch.arange(size, dtype=torch.float64, device=device) * ratio + offset
+    low, high = starts.clamp(0.0, extent), (starts + ratio).clamp(0.0, extent)
+    cells = torch.arange(source_size, dtype=torch.float64, device=device)
+    overlap = (
+        torch.minimum(high[:, None], cells[None] + 1) - torch.maximum(low[:, None], cells[None])
+    ).clamp_min(0)
+    total = overlap.sum(1, keepdim=True)
+    return torch.where(total > 0, overlap / total.clamp_min(1e-12), overlap).float()
+
+
+def _grid_weights(
+    teacher_hw: tuple[int, int],
+    student_hw: tuple[int, int],
+    ratio: float | None,
+    offset: tuple[float, float],
+    extent: tuple[float, float] | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_y h_s × h_t, W_x w_s × w_t) of `cell_overlaps` for `match_query_grid`."""
+    if ratio is None:
+        ratio_y, ratio_x = _infer_ratio(tuple(teacher_hw), tuple(student_hw))
+    else:
+        ratio_y = ratio_x = float(ratio)
+    extent = (None, None) if extent is None else extent
+    return tuple(
+        cell_overlaps(n_s, n_t, ratio=r, offset=float(o), extent=e, device=device)
+        for n_s, n_t, r, o, e in zip(student_hw, teacher_hw, (ratio_y, ratio_x), offset, extent)
+    )
+
+
 def match_query_grid(
     teacher_attention: torch.Tensor,
     teacher_hw: tuple[int, int],
     student_hw: tuple[int, int],
     *,
     ratio: float | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    extent: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Resample the teacher's query rows onto the student's query grid (bilinear).
+    """Area-average the teacher's query rows onto the student's query grid.
+
+    Student cell (i, j) gets the mean of the teacher rows weighted by the image area each teacher
+    cell shares with it (`cell_overlaps` per axis; at an integer ratio r over unpadded grids, the
+    plain mean of its r × r teacher rows). Rows that were distributions stay distributions.
 
     Args:
         teacher_attention: B × N_t × M_t, N_t = h_t·w_t query tokens in row-major order.
         teacher_hw: (h_t, w_t).
         student_hw: (h_s, w_s).
-        ratio: student stride / teacher stride (2 for stride 16 vs 8); None infers it (`resample_grid`).
+        ratio: student stride / teacher stride (2 for stride 16 vs 8); None infers an integer
+            ratio from the grid sizes (`resample_grid`).
+        offset: (y, x) where the student grid starts, in teacher cells: −pad / teacher stride when
+            the student pads the image before its encoder (`pad_to_stride`) and the teacher does not.
+        extent: (y, x) the image's size in teacher cells (None: the whole teacher grid); student
+            cells read only the teacher rows of the image's pixels.
 
     Returns:
-        B × h_s·w_s × M_t float32 (rows still sum to what they summed to, up to interpolation).
+        B × h_s·w_s × M_t float32.
     """
     batch, tokens, columns = teacher_attention.shape
     if tokens != teacher_hw[0] * teacher_hw[1]:
         raise ValueError(
             f"teacher attention has {tokens} query rows, grid {teacher_hw} has {teacher_hw[0] * teacher_hw[1]}"
         )
-    if tuple(teacher_hw) == tuple(student_hw):
+    aligned = tuple(offset) == (0.0, 0.0) and extent is None and ratio in (None, 1.0)
+    if tuple(teacher_hw) == tuple(student_hw) and aligned:
         return teacher_attention.float()
-    maps = teacher_attention.float().mT.reshape(batch, columns, *teacher_hw)
-    resized = resample_grid(maps, student_hw, ratio=ratio)
-    return resized.reshape(batch, columns, -1).mT
+    weight_y, weight_x = _grid_weights(
+        teacher_hw, student_hw, ratio, offset, extent, teacher_attention.device
+    )
+    with _no_autocast(teacher_attention):
+        maps = teacher_attention.float().reshape(batch, *teacher_hw, columns)
+        out = torch.einsum("ia,jc,nacm->nijm", weight_y, weight_x, maps)
+    return out.reshape(batch, -1, columns)
+
+
+def match_sparse_query_grid(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    columns: int,
+    teacher_hw: tuple[int, int],
+    student_hw: tuple[int, int],
+    *,
+    ratio: float | None = None,
+    offset: tuple[float, float] = (0.0, 0.0),
+    extent: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """`match_query_grid` of a sparse top-k map, never building the teacher's dense B × N_t × M_t.
+
+    Args:
+        indices: B × N_t × k int64 column of each entry (N_t = h_t·w_t rows, row-major).
+        weights: B × N_t × k float weight of each entry (0 for unused entries).
+        columns: M_t, the dense map's column count.
+        teacher_hw, student_hw, ratio, offset, extent: as `match_query_grid`.
+
+    Returns:
+        B × h_s·w_s × M_t float32, equal to `match_query_grid` of the dense map.
+    """
+    batch, tokens, k = indices.shape
+    if tokens != teacher_hw[0] * teacher_hw[1]:
+        raise ValueError(
+            f"teacher attention has {tokens} query rows, grid {teacher_hw} has {teacher_hw[0] * teacher_hw[1]}"
+        )
+    weight_y, weight_x = _grid_weights(teacher_hw, student_hw, ratio, offset, extent, indices.device)
+    # each teacher row (a, b) feeds the student rows (i, j) with W_y[i, a]·W_x[j, b] > 0: a few each
+    reach_y = max(1, int((weight_y > 0).sum(0).max()))
+    reach_x = max(1, int((weight_x > 0).sum(0).max()))
+    share_y, row_y = weight_y.topk(reach_y, dim=0)  # reach_y × h_t
+    share_x, row_x = weight_x.topk(reach_x, dim=0)  # reach_x × w_t
+    share = share_y[:, None, :, None] * share_x[None, :, None, :]  # reach_y × reach_x × h_t × w_t
+    student_row = row_y[:, None, :, None] * student_hw[1] + row_x[None, :, None, :]
+    share, student_row = share.reshape(-1, tokens), student_row.reshape(-1, tokens)  # P × N_t
+    flat = (student_row[None, :, :, None] * columns + indices[:, None]).reshape(batch, -1)
+    values = (share[None, :, :, None] * weights.float()[:, None]).reshape(batch, -1)
+    out = torch.zeros(batch, student_hw[0] * student_hw[1] * columns, device=indices.device)
+    return out.scatter_add_(1, flat, values).view(batch, -1, columns)
 
 
 def resample_grid(maps: torch.Tensor, size: tuple[int, int], *, ratio: float | None = None) -> torch.Tensor:
@@ -432,16 +554,23 @@ def inter_object_loss(
         ratio: see `teacher_probabilities`.
 
     Returns:
-        float32 scalar. Left out of the mean (0 if nothing is left): samples with fewer than 2
-        valid channels, and pixels where the teacher's probabilities vary by less than 1e-4 (std)
-        across the valid channels (no relation to imitate).
+        float32 scalar. Left out of the mean (0 if nothing is left): samples with fewer than
+        `INTER_MIN_CHANNELS` (3) valid channels (`inter_skipped_share`), and pixels where the
+        teacher's probabilities vary by less than 1e-4 (std) across the valid channels (no relation
+        to imitate).
     """
     student, teacher, valid = _relation_inputs(student_logits, teacher_logits, valid, tau, ratio)
     correlation, _, teacher_varies = _pearson_terms(
         student, teacher, dim=1, mask=valid[:, :, None, None], min_std_b=TEACHER_MIN_STD
     )  # B × H × W
-    used = teacher_varies & (valid.sum(1) >= 2)[:, None, None]
+    used = teacher_varies & (valid.sum(1) >= INTER_MIN_CHANNELS)[:, None, None]
     return tau**2 * _masked_mean(1.0 - correlation, used)
+
+
+def inter_skipped_share(valid: torch.Tensor) -> torch.Tensor:
+    """The share of samples the inter-object term leaves out: B × C bool valid channels → float32
+    scalar in [0, 1], the share with fewer than `INTER_MIN_CHANNELS` valid channels."""
+    return (valid.sum(1) < INTER_MIN_CHANNELS).float().mean()
 
 
 def intra_object_loss(
@@ -646,6 +775,8 @@ class DistillationLoss(nn.Module):
         teacher_query_shape: tuple[int, int] | None = None,
         logit_ratio: float | None = None,
         query_ratio: float | None = None,
+        query_offset: tuple[float, float] = (0.0, 0.0),
+        query_extent: tuple[float, float] | None = None,
         ce_target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted total and its parts for one target frame.
@@ -661,6 +792,8 @@ class DistillationLoss(nn.Module):
                 resampled (`match_query_grid`) when they differ.
             logit_ratio: teacher cells per student logit cell (see `teacher_probabilities`).
             query_ratio: student query stride / teacher query stride (see `match_query_grid`).
+            query_offset, query_extent: the student grid's start and the image's size, in teacher
+                cells (see `match_query_grid`).
             ce_target: B × H × W ids for the CE instead of the teacher's argmax (`pseudo_label_ce`).
 
         Returns:
@@ -675,7 +808,11 @@ class DistillationLoss(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.weights[name] != 0.0):
                 if name == "att":
                     parts[name] = self._attention_loss(
-                        student_logits, attention_pairs, student_query_shape, teacher_query_shape, query_ratio
+                        student_logits,
+                        attention_pairs,
+                        student_query_shape,
+                        teacher_query_shape,
+                        dict(ratio=query_ratio, offset=query_offset, extent=query_extent),
                     )
                 elif name == "inter":
                     parts[name] = inter_object_loss(
@@ -709,7 +846,7 @@ class DistillationLoss(nn.Module):
         attention_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
         student_query_shape: tuple[int, int] | None,
         teacher_query_shape: tuple[int, int] | None,
-        query_ratio: float | None,
+        grid: dict,
     ) -> torch.Tensor:
         if not attention_pairs:
             return student_logits.new_zeros((), dtype=torch.float32)
@@ -723,7 +860,7 @@ class DistillationLoss(nn.Module):
                         " pass student_query_shape and teacher_query_shape"
                     )
                 teacher_attention = match_query_grid(
-                    teacher_attention, teacher_query_shape, student_query_shape, ratio=query_ratio
+                    teacher_attention, teacher_query_shape, student_query_shape, **grid
                 )
             losses.append(cka_loss(student_attention, teacher_attention, heads=self.heads))
         return torch.stack(losses).mean()

@@ -95,12 +95,18 @@ def sample_memory(memory: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     """Read a memory map at per-group points with bilinear interpolation (zeros outside).
 
     Args:
-        memory: B × C × H × W; channel group g is [g·C/G, (g+1)·C/G).
+        memory: B × C × H × W; channel group g is [g·C/G, (g+1)·C/G). Or B × L × C × H × W, L
+            memory frames read at the same points, their points concatenated (point l·M + m).
         positions: B × G × M × 2, normalised (x, y) (align_corners=False convention).
 
     Returns:
-        B × G × C/G × M: group g's channels read at group g's points.
+        B × G × C/G × M (B × G × C/G × L·M for L frames): group g's channels at group g's points.
     """
+    if memory.ndim == 5:  # L frames: each read on its own (no bilinear mixing across frames)
+        frames = memory.shape[1]
+        sampled = sample_memory(memory.flatten(0, 1), positions.repeat_interleave(frames, dim=0))
+        sampled = sampled.unflatten(0, (memory.shape[0], frames))  # B × L × G × C/G × M
+        return sampled.permute(0, 2, 3, 1, 4).flatten(3)
     batch, channels, height, width = memory.shape
     groups, num_points = positions.shape[1], positions.shape[2]
     grouped = memory.reshape(batch * groups, channels // groups, height, width)
@@ -263,9 +269,11 @@ def deformable_attention(
 
     Args:
         query: B × C × h × w, the projected queries (token n = row-major pixel n).
-        memory_key: B × C × H × W, the projected keys of one memory frame.
+        memory_key: B × C × H × W, the projected keys of one memory frame, or B × L × C × H × W for
+            L frames read at the same points (one softmax over all L·M points, as DeAOT concatenates
+            its long-term memory frames' tokens).
         memory_values: value maps B × C_v × H × W of the same frame (e.g. visual and ID); C_v divisible
-            by the number of groups and of heads.
+            by the number of groups and of heads (B × L × C_v × H × W with L frames).
         offsets: B × G × ⌈H/s⌉ × ⌈W/s⌉ × 2, (Δx, Δy) in memory-map cells, one per reference point and group.
         num_heads: heads; G = offsets.shape[1] divides it.
         stride: s of the reference grid.
@@ -276,10 +284,10 @@ def deformable_attention(
 
     Returns:
         (outputs, attention, positions): one B × N × C_v tensor per value map; the attention
-        B × heads × N × M (float32, M = ⌈H/s⌉·⌈W/s⌉) or None; the sampling positions B × G × M × 2 in
-        pixels of the memory map (x, y).
+        B × heads × N × M (float32, M = ⌈H/s⌉·⌈W/s⌉; L·M with L frames) or None; the sampling
+        positions B × G × M × 2 in pixels of the memory map (x, y).
     """
-    batch, _, height, width = memory_key.shape
+    batch, (height, width) = memory_key.shape[0], memory_key.shape[-2:]
     groups = offsets.shape[1]
     # positions in at least float32: half precision cannot tell pixel fractions apart on wide maps
     offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
@@ -335,7 +343,8 @@ class DeformableAttentionAux:
     """What one deformable attention looked at, for distillation and for pictures.
 
     Attributes:
-        attention: B × heads × N × M, float32 (N = h·w query tokens, M = sampled points per group).
+        attention: B × heads × N × M, float32 (N = h·w query tokens, M = sampled points per group;
+            L·M when L memory frames are read at the same points, frame-major).
         positions: B × G × M × 2, sampling points, normalised (x, y) in [-1, 1] (align_corners=False).
         positions_px: B × G × M × 2, the same points in memory-map pixels (x, y).
         offsets: B × G × M × 2, (Δx, Δy) from the reference points, in memory-map cells.
@@ -421,7 +430,8 @@ class DeformableAttention(nn.Module):
         Args:
             query: B × C × h × w, projected queries of the query frame.
             memory_key: B × C × h × w, projected keys of the memory frame (same size as the query: the
-                offset network's output grid is the memory's reference grid).
+                offset network's output grid is the memory's reference grid); B × L × C × h × w for
+                L frames read at the same points (`deformable_attention`).
             memory_values: value maps B × C_v × h × w of the memory frame (visual, ID, ...).
             return_aux: also return a `DeformableAttentionAux`.
 

@@ -1,5 +1,6 @@
 """The student's memory: constant size, the reference frame (long-term) and the previous frame
-(short-term), each as keys, visual values and ID embedding (docs/METHOD.md, "Memory")."""
+(short-term), each as keys, visual values and ID embedding, plus (at inference) a bounded number
+of frames where objects first appeared, added to the long-term part (docs/METHOD.md, "Memory")."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ class Memory:
     """Constant-size memory of one clip: the reference frame (long-term) and the previous frame
     (short-term). Every map is B × d × h × w.
 
+    Objects that appear later (YouTube-VOS): the frame where they are given joins the long-term
+    memory (`add_long_term`, `added_long_term`) up to a bound; the long-term read then samples every
+    long-term frame at the same points and attends over all of them at once (`long_term_maps`).
+
     Attributes:
         reference_key, reference_value: the propagation layer's keys and visual values of the reference
             frame.
@@ -21,6 +26,9 @@ class Memory:
         previous_key, previous_value, previous_id: the same for the previous frame (its predicted mask).
         id_permutation: B × (max_objects + 1) long; object id c is embedded in slot id_permutation[:, c]
             (identity in eval mode; entry 0, the background, is always 0).
+        added_long_term: frames added to the long-term memory after the reference frame, oldest
+            first, each (key, value, ID embedding) B × d × h × w; empty in training and in the
+            exported step (`tensors`).
     """
 
     reference_key: torch.Tensor
@@ -30,6 +38,7 @@ class Memory:
     previous_value: torch.Tensor
     previous_id: torch.Tensor
     id_permutation: torch.Tensor
+    added_long_term: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] = ()
 
     def replace_short_term(
         self, key: torch.Tensor, value: torch.Tensor, id_embedding: torch.Tensor
@@ -45,10 +54,43 @@ class Memory:
             )
         return dataclasses.replace(self, previous_key=key, previous_value=value, previous_id=id_embedding)
 
+    def add_long_term(
+        self, key: torch.Tensor, value: torch.Tensor, id_embedding: torch.Tensor, *, max_frames: int
+    ) -> Memory:
+        """A new Memory whose long-term part also holds (key, value, id_embedding), B × d × h × w
+        each. At most `max_frames` long-term frames: the reference frame always stays, the oldest
+        added frame leaves first; with `max_frames` = 1 the new frame replaces the reference (one
+        long-term slot, as the exported step has)."""
+        if int(max_frames) < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        if int(max_frames) == 1:
+            return dataclasses.replace(
+                self, reference_key=key, reference_value=value, reference_id=id_embedding
+            )
+        added = (*self.added_long_term, (key, value, id_embedding))
+        return dataclasses.replace(self, added_long_term=added[max(0, len(added) - (int(max_frames) - 1)) :])
+
+    def long_term_maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, ID embeddings) of the long-term memory: the reference frame's B × d × h × w
+        maps, or B × L × d × h × w with L − 1 added frames (reference first)."""
+        if not self.added_long_term:
+            return self.reference_key, self.reference_value, self.reference_id
+        frames = ((self.reference_key, self.reference_value, self.reference_id), *self.added_long_term)
+        return tuple(torch.stack(maps, dim=1) for maps in zip(*frames))
+
     def detach(self) -> Memory:
         """A copy cut from the autograd graph (truncated back-propagation through time)."""
-        return Memory(*(tensor.detach() for tensor in self.tensors()))
+        added = tuple(tuple(t.detach() for t in frame) for frame in self.added_long_term)
+        return Memory(*(tensor.detach() for tensor in self.tensors()), added_long_term=added)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """All fields in declaration order (the explicit inputs of `DeformableStudent.forward`)."""
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
+        """The seven fixed fields in declaration order (the explicit inputs of
+        `DeformableStudent.forward`); the added long-term frames are not among them."""
+        return tuple(
+            getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "added_long_term"
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor held, the added long-term frames included."""
+        held = (*self.tensors(), *(t for frame in self.added_long_term for t in frame))
+        return sum(t.numel() * t.element_size() for t in held)

@@ -161,11 +161,9 @@ class GatedDeformablePropagation(nn.Module):
         Returns:
             (visual, identity, aux): visual and ID streams B × N × d (N = h·w); aux or None.
         """
+        long_key, long_value, long_id = memory.long_term_maps()  # one frame, or L frames stacked
         long_visual_id, long_aux = self.long_term(
-            query,
-            memory.reference_key,
-            (memory.reference_value, memory.reference_id),
-            return_aux=return_attention,
+            query, long_key, (long_value, long_id), return_aux=return_attention
         )
         short_visual_id, short_aux = self.short_term(
             query,

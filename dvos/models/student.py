@@ -3,7 +3,8 @@
     image ──encode_frame──▶ stride-4/8/16 maps; stride-16 map → 1×1 conv → embedding (d) + sine position
     masks ──embed_ids────▶ ID embedding (d, stride 16): a 17×17 stride-16 conv over the one-hot (AOT)
     memory = reference frame (long-term) + previous frame (short-term), each: keys, visual values,
-             ID embedding — constant size, the short-term part is replaced every frame
+             ID embedding — constant size, the short-term part is replaced every frame; at
+             inference a frame where objects first appear joins the long-term part (bounded)
     propagate: deformable long-term and short-term attention (DAT-style sampling, one attention map
                per head shared by the visual and the ID branch), SiLU-gated (DeAOT) → gated
                self-propagation among the query tokens → feed-forward; two output streams (visual, ID)
@@ -371,6 +372,23 @@ class DeformableStudent(nn.Module):
         return memory.replace_short_term(
             key, value, self.embed_ids(masks, id_permutation=memory.id_permutation)
         )
+
+    def add_reference(
+        self, memory: Memory, features: FrameFeatures, masks: torch.Tensor, *, max_long_term: int
+    ) -> Memory:
+        """Add a frame with given masks (objects appearing later) to the long-term memory, keeping
+        the reference frame (`Memory.add_long_term`, at most `max_long_term` long-term frames), and
+        make it the short-term memory too.
+
+        Args:
+            memory: the clip's memory.
+            features: the frame's `FrameFeatures`.
+            masks: B × (K + 1) × H × W, its masks (the given objects over the prediction of the others).
+        """
+        key, value = self.propagation.key_value(features.embedding, features.position)
+        id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
+        memory = memory.add_long_term(key, value, id_embedding, max_frames=max_long_term)
+        return memory.replace_short_term(key, value, id_embedding)
 
     def propagate(
         self, query: FrameFeatures, memory: Memory, *, return_attention: bool = False

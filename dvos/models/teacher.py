@@ -32,8 +32,17 @@ Attention output (`TeacherAttention`): the sparse top-k form, `indices` and `wei
 B × N_q × k (N_q = h·w query tokens; context token index = m·h·w + y·w + x, slot m = 0 the
 reference frame, the last slot the previous frame), 12·k bytes per query token. `dense()` gives
 B × N_q × (M·h·w) with zeros outside the top-k (4·B·N_q·M·h·w bytes: 84 MB for a 240 × 432 frame
-and M = 8); `reference_columns()` / `previous_columns()` give the B × N_q × h·w blocks of the
-reference and previous frame (their rows sum to ≤ 1) for the CKA loss of the distillation.
+and M = 8); `frame_columns(m)` gives the B × N_q × h·w block of slot m of that joint map (rows
+sum to ≤ 1: a query's k cells may all lie in other frames).
+
+Per-frame maps (with `frame_maps=True`, what the distillation's CKA compares): for each context
+frame m alone, the same window, top-k and softmax as if m were the only context frame,
+
+    A_m(q, ·) = softmax over the topk largest a(q, c), c in frame m (within the window)
+
+so every row is a distribution over frame m's tokens, as each of the student's memory reads is.
+Stored sparse (`frame_indices`, `frame_weights`: B × N_q × M × k, 12·k·M bytes per query token);
+`frame_map(m)` gives B × N_q × h·w, rows summing to 1.
 
 Logits: log(max(p, 1e-6)) of the propagated probabilities p, B × L × h × w; `upsample_logits`
 brings them to image size by bilinear interpolation of the probabilities (feature cell (i, j)
@@ -88,6 +97,10 @@ class TeacherAttention:
         context_frames: frame index of each context slot m; slot 0 is the reference frame, the
             last slot the most recent (previous) frame.
         query_frame: frame index of the query.
+        frame_indices: B × N_q × M × k int64, frame m's own top-k tokens (y·w + x in that frame),
+            or None when the per-frame maps were not computed (`read_context(frame_maps=False)`).
+        frame_weights: B × N_q × M × k float32, their softmax weights; each (query, frame) row
+            sums to 1. None with `frame_indices`.
     """
 
     indices: torch.Tensor
@@ -95,6 +108,8 @@ class TeacherAttention:
     token_shape: tuple[int, int]
     context_frames: tuple[int, ...]
     query_frame: int
+    frame_indices: torch.Tensor | None = None
+    frame_weights: torch.Tensor | None = None
 
     @property
     def tokens_per_frame(self) -> int:
@@ -125,12 +140,30 @@ class TeacherAttention:
         return out.scatter_add_(2, local, self.weights * inside)
 
     def reference_columns(self) -> torch.Tensor:
-        """B × N_q × h·w attention on the reference frame's tokens (rows sum to ≤ 1)."""
+        """B × N_q × h·w block of the joint map on the reference frame's tokens (rows sum to ≤ 1)."""
         return self.frame_columns(0)
 
     def previous_columns(self) -> torch.Tensor:
-        """B × N_q × h·w attention on the most recent context frame's tokens (rows sum to ≤ 1)."""
+        """B × N_q × h·w block of the joint map on the most recent context frame (rows sum to ≤ 1)."""
         return self.frame_columns(-1)
+
+    def slot_of(self, frame_index: int) -> int | None:
+        """The context slot holding frame `frame_index`, or None when that frame is not in the context."""
+        slots = [m for m, frame in enumerate(self.context_frames) if frame == frame_index]
+        return slots[-1] if slots else None
+
+    def frame_map(self, slot: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """B × N_q × h·w: the attention over context slot `slot` alone (its own top-k and softmax,
+        see the module docstring); every row sums to 1. `rows`: only these query tokens (a 1-D
+        int64 tensor R, giving B × R × h·w)."""
+        if self.frame_indices is None or self.frame_weights is None:
+            raise ValueError("this attention has no per-frame maps: read the context with frame_maps=True")
+        slot = range(len(self.context_frames))[slot]
+        indices, weights = self.frame_indices[:, :, slot], self.frame_weights[:, :, slot]
+        if rows is not None:
+            indices, weights = indices[:, rows], weights[:, rows]
+        out = weights.new_zeros(indices.shape[0], indices.shape[1], self.tokens_per_frame)
+        return out.scatter_add_(2, indices, weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +180,8 @@ def propagate_labels(
     radius: int | None,
     temperature: float,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    frame_maps: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Top-k, windowed, softmax label propagation from context frames to a query frame.
 
     Args:
@@ -158,11 +192,14 @@ def propagate_labels(
         radius: window half-size in cells (|dy|, |dx| ≤ radius); None = no window.
         temperature: affinities are dot products / temperature.
         chunk_size: side of the square query tiles (cells); None = one tile.
+        frame_maps: also return each context frame's own top-k attention (module docstring).
 
     Returns:
         labels B × L × h × w (float32, convex combinations of context labels),
         indices B × h·w × k (int64, context token m·h·w + y·w + x),
-        weights B × h·w × k (float32, rows sum to 1); k = min(topk, M·h·w).
+        weights B × h·w × k (float32, rows sum to 1); k = min(topk, M·h·w);
+        with `frame_maps`, also frame_indices B × h·w × M × k_f (int64, token y·w + x of frame m)
+        and frame_weights B × h·w × M × k_f (float32, each frame's row sums to 1), k_f = min(topk, h·w).
     """
     batch, channels, height, width = query_features.shape
     slots, num_labels = len(context_features), context_labels[0].shape[1]
@@ -180,6 +217,10 @@ def propagate_labels(
     out_labels = query_features.new_zeros(batch, height, width, num_labels, dtype=torch.float32)
     out_indices = torch.zeros(batch, height, width, k, dtype=torch.long, device=device)
     out_weights = torch.zeros(batch, height, width, k, dtype=torch.float32, device=device)
+    k_frame = min(int(topk), tokens)
+    if frame_maps:
+        frame_indices = torch.zeros(batch, height, width, slots, k_frame, dtype=torch.long, device=device)
+        frame_weights = torch.zeros(batch, height, width, slots, k_frame, dtype=torch.float32, device=device)
     with torch.autocast(device_type=device.type, enabled=False):
         # Channels-last copies made once (B × h × w × C, B × M × h × w × C, B × M × h × w × L): each
         # tile then gathers its window's rows with one copy instead of a stack and a permute.
@@ -225,11 +266,22 @@ def propagate_labels(
                 out_labels[:, y0:y1, x0:x1] = propagated.view(batch, rows, cols, num_labels)
                 out_indices[:, y0:y1, x0:x1, :kept] = token.view(batch, rows, cols, kept)
                 out_weights[:, y0:y1, x0:x1, :kept] = weights.view(batch, rows, cols, kept)
-    return (
-        out_labels.permute(0, 3, 1, 2).contiguous(),
-        out_indices.view(batch, tokens, k),
-        out_weights.view(batch, tokens, k),
+                if frame_maps:  # each frame alone: its own top-k and softmax over the same window
+                    kept_frame = min(k_frame, window)
+                    values, cell = affinity.view(batch, queries, slots, window).topk(kept_frame, dim=-1)
+                    token = (wy0 + cell // win_cols) * width + (wx0 + cell % win_cols)
+                    shape = (batch, rows, cols, slots, kept_frame)
+                    frame_indices[:, y0:y1, x0:x1, :, :kept_frame] = token.view(shape)
+                    frame_weights[:, y0:y1, x0:x1, :, :kept_frame] = torch.softmax(values, -1).view(shape)
+    labels_out = out_labels.permute(0, 3, 1, 2).contiguous()
+    attention = (out_indices.view(batch, tokens, k), out_weights.view(batch, tokens, k))
+    if not frame_maps:
+        return labels_out, *attention
+    per_frame = (
+        frame_indices.view(batch, tokens, slots, k_frame),
+        frame_weights.view(batch, tokens, slots, k_frame),
     )
+    return labels_out, *attention, *per_frame
 
 
 def labels_to_logits(labels: torch.Tensor) -> torch.Tensor:
@@ -416,7 +468,12 @@ class LabelPropagationTeacher(nn.Module):
 
     @torch.no_grad()
     def read_context(
-        self, query_features: torch.Tensor, context: Sequence[ContextEntry], *, query_frame: int = -1
+        self,
+        query_features: torch.Tensor,
+        context: Sequence[ContextEntry],
+        *,
+        query_frame: int = -1,
+        frame_maps: bool = False,
     ) -> tuple[torch.Tensor, TeacherAttention]:
         """Propagate the context's labels to a query frame.
 
@@ -424,6 +481,7 @@ class LabelPropagationTeacher(nn.Module):
             query_features: B × C × h × w from `encode`.
             context: the M context entries (slot order: reference first).
             query_frame: frame index recorded in the attention.
+            frame_maps: also compute each context frame's own attention (`TeacherAttention.frame_map`).
 
         Returns:
             probabilities B × L × h × w, and the attention (`TeacherAttention`, N_q = h·w).
@@ -432,7 +490,7 @@ class LabelPropagationTeacher(nn.Module):
             raise RuntimeError("the context is empty: call init() (or give a reference entry) first")
         num_labels = max(entry.labels.shape[1] for entry in context)
         labels = [F.pad(e.labels, (0, 0, 0, 0, 0, num_labels - e.labels.shape[1])) for e in context]
-        probabilities, indices, weights = propagate_labels(
+        probabilities, indices, weights, *per_frame = propagate_labels(
             query_features,
             [entry.features for entry in context],
             labels,
@@ -440,6 +498,7 @@ class LabelPropagationTeacher(nn.Module):
             radius=self.radius,
             temperature=self.temperature,
             chunk_size=self.chunk_size,
+            frame_maps=frame_maps,
         )
         attention = TeacherAttention(
             indices=indices,
@@ -447,6 +506,8 @@ class LabelPropagationTeacher(nn.Module):
             token_shape=(query_features.shape[-2], query_features.shape[-1]),
             context_frames=tuple(entry.frame_index for entry in context),
             query_frame=int(query_frame),
+            frame_indices=per_frame[0] if per_frame else None,
+            frame_weights=per_frame[1] if per_frame else None,
         )
         return probabilities, attention
 
@@ -579,7 +640,8 @@ class LabelPropagationTeacher(nn.Module):
             dict with
             `logits` B × T × L × h × w (frame 0: the reference labels),
             `probabilities` B × T × L × h × w (soft labels, channels sum to 1),
-            `attention` list of T entries, `TeacherAttention` per frame (None for frame 0),
+            `attention` list of T entries, `TeacherAttention` per frame (None for frame 0), with
+            the per-frame maps of every context frame (`frame_map`),
             `features` B × T × C × h × w (unit norm per cell),
             `reference_ids` B × H × W int64 (the pseudo-objects or the argmax of the masks),
             `token_shape` (h, w), `stride` s.
@@ -617,7 +679,9 @@ class LabelPropagationTeacher(nn.Module):
         all_features, all_labels, attention = [features], [labels], [None]
         for t in range(1, num_frames):
             query = self.encode(frames[:, t])
-            probabilities, frame_attention = self.read_context(query, memory.entries(), query_frame=t)
+            probabilities, frame_attention = self.read_context(
+                query, memory.entries(), query_frame=t, frame_maps=True
+            )
             entry = ContextEntry(t, query, probabilities)
             if t in object_masks:
                 masks = object_masks[t].to(probabilities.device)

@@ -39,7 +39,10 @@ from dvos.utils.errors import ConfigError
 from dvos.utils.io import atomic_write
 
 GROUPS = ("data", "model", "teacher", "trainer", "logger", "callbacks")
-DEFAULT_CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONF_DIR = REPO_ROOT / "conf"
+# `${repo:assets/davis2016}`: a path inside the repository, wherever the command runs from.
+OmegaConf.register_resolver("repo", lambda path="": str(REPO_ROOT / path), replace=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,6 +67,16 @@ class SynthConfig:
     width: int = 432
     train_frames: int = 48
     val_frames: int = 32
+
+
+@dataclass
+class RealDataConfig:
+    """The real data the repository carries (assets/davis2016): its annotated val sequences are
+    decoded once into `out` when `prepare` is true; its train videos are read as they are."""
+
+    prepare: bool = False
+    source: str = "${repo:assets/davis2016}"
+    out: str = "${paths.data_dir}/davis2016-sample"
 
 
 @dataclass
@@ -94,6 +107,7 @@ class DataConfig:
     num_workers: int = 2
     decord_threads: int = 1
     synth: SynthConfig = field(default_factory=SynthConfig)
+    real: RealDataConfig = field(default_factory=RealDataConfig)
     # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
     # largest gap from the reference (first) frame of a clip to the next; None: max_gap like the others
     reference_gap: int | None = None
@@ -235,6 +249,9 @@ class EvalConfig:
     # The student's long-term frames at most: the reference frame plus one per frame where objects
     # first appear (YouTube-VOS), the oldest added one dropped beyond it (docs/METHOD.md, "Memory").
     max_long_term: int = 4
+    # More evaluation sets for the final table of `dvos train`: data group names (conf/data/), each
+    # scored like data.* and written as `summary-<name>.json` and a second table.
+    extra_sets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -488,6 +505,16 @@ def load_config(
         cfg = _merge(cfg, cli, "the command line")
     check_resolvable(cfg)
     return cfg
+
+
+def with_data(cfg: DictConfig, choice: str, *, conf_dir: str | os.PathLike | None = None) -> DictConfig:
+    """A copy of `cfg` whose `data` section is the data group file `choice` over the schema's defaults
+    (an extra evaluation set of `eval.extra_sets`)."""
+    path = _group_file(Path(conf_dir) if conf_dir else DEFAULT_CONF_DIR, "data", choice)
+    other = cfg.copy()
+    other.data = _merge(OmegaConf.structured(DataConfig), _load_yaml(path), str(path))
+    check_resolvable(other)
+    return other
 
 
 def check_resolvable(cfg: DictConfig) -> None:

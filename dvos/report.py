@@ -33,6 +33,13 @@ class RunRecord:
     summary: dict[str, dict[str, Any]]
     environment: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # summary-<set>.json
+
+    @property
+    def tables(self) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+        """(evaluation set, table): the main set (data.name), then each extra set."""
+        main = str((self.config.get("data") or {}).get("name", "validation set"))
+        return [(main, self.summary), *self.extra.items()]
 
     @property
     def command(self) -> str:
@@ -81,19 +88,24 @@ def read_run(path: str | Path) -> RunRecord:
         config = yaml.safe_load(config_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise DataError(f"{config_path}: cannot read YAML ({str(err).splitlines()[0]})") from err
-    summary = _read_json(path / "summary.json", required=True)
-    unknown = [name for name in summary if name not in CANDIDATES]
-    if unknown or not summary:
-        raise DataError(
-            f"{path / 'summary.json'}: expected rows {', '.join(CANDIDATES)}, got {', '.join(summary)}"
-        )
+    summary = _summary(path / "summary.json")
+    extra = {p.stem.removeprefix("summary-"): _summary(p) for p in sorted(path.glob("summary-*.json"))}
     return RunRecord(
         path=path,
         config=config,
         summary=summary,
         environment=_read_json(path / "environment.json", required=False),
         timing=_read_json(path / "timing.json", required=False),
+        extra=extra,
     )
+
+
+def _summary(path: Path) -> dict[str, dict[str, Any]]:
+    summary = _read_json(path, required=True)
+    unknown = [name for name in summary if name not in CANDIDATES]
+    if unknown or not summary:
+        raise DataError(f"{path}: expected rows {', '.join(CANDIDATES)}, got {', '.join(summary) or 'none'}")
+    return summary
 
 
 def _duration(seconds: float | None) -> str:
@@ -131,16 +143,23 @@ def provenance(run: RunRecord) -> str:
     short = commit[:10] + ("+dirty" if commit.endswith("+dirty") else "") if commit != "unknown" else commit
     cpu = env.get("cpu") or "unknown CPU"
     cores = f" ({env['cpu_count']} cores)" if env.get("cpu_count") else ""
-    data = (run.config.get("data") or {}).get("name", "?")
     return (
         f"{run.date} · commit {short} · {cpu}{cores} · {_duration(run.timing.get('wall_s'))} · "
-        f"`{run.command}` · validation set: {data} · run folder `{run.path.name}`"
+        f"`{run.command}` · run folder `{run.path.name}`"
     )
+
+
+def tables_lines(run: RunRecord) -> list[str]:
+    """Each evaluation set's table under its name."""
+    lines: list[str] = []
+    for name, table in run.tables:
+        lines += [f"*{name}*", "", *table_lines(table), ""]
+    return lines
 
 
 def readme_block(run: RunRecord) -> str:
     """The README's results block: the run's table and its provenance line, between the markers."""
-    lines = [BEGIN, *table_lines(run.summary), "", provenance(run), END]
+    lines = [BEGIN, *tables_lines(run), provenance(run), END]
     return "\n".join(lines)
 
 
@@ -185,7 +204,7 @@ def results_page(
             "",
             f"## {run.config.get('name', run.path.name)} ({experiment}, seed {run.config.get('seed')})",
         ]
-        lines += ["", *table_lines(run.summary), "", provenance(run)]
+        lines += ["", *tables_lines(run), provenance(run)]
     if bench is not None:
         lines += ["", *bench_lines(bench, bench_source)]
     return "\n".join(lines) + "\n"

@@ -53,13 +53,26 @@ def test_report_writes_the_table_and_its_provenance(tmp_path):
     assert "`dvos train experiment=cpu seed=1`" in page and run.name in page
 
 
+def test_report_shows_each_evaluation_set_under_its_name(tmp_path):
+    run = make_run(tmp_path / "runs")
+    second = {name: {**row, "J&F": row["J&F"] / 2} for name, row in SUMMARY.items()}
+    (run / "summary-synthetic_small.json").write_text(json.dumps(second))
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.index("*synthetic*") < page.index("*synthetic_small*")
+    assert "| student | 0.44 | 0.88 | 0.89 | 1.71 | 5.34 M |" in page.split("*synthetic_small*")[1]
+
+
 def test_report_fills_only_the_readme_block(tmp_path):
     run = make_run(tmp_path / "runs", timing=False)
     readme = tmp_path / "README.md"
     readme.write_text("# x\nbefore\n<!-- results:begin -->\nold table\n<!-- results:end -->\nafter\n")
     assert main(["report", str(run), "--out", str(tmp_path / "R.md"), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("# x\nbefore\n<!-- results:begin -->\n| | J&F |") and text.endswith("-->\nafter\n")
+    assert text.startswith("# x\nbefore\n<!-- results:begin -->\n*synthetic*\n\n| | J&F |") and text.endswith(
+        "-->\nafter\n"
+    )
     assert "old table" not in text and "wall time not recorded" in text
 
 

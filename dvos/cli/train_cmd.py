@@ -16,6 +16,7 @@ official J&F rules; `summary.json` and the printed table; the run folder's path 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.cli.common import is_launched_rank, log, setup_logging, start_run
     from dvos.cli.factory import build_trainer, finish_wandb
     from dvos.cli.pretrain_cmd import ensure_teacher
-    from dvos.config import load_config, save_config
+    from dvos.config import load_config, save_config, with_data
     from dvos.data.builders import (
         build_clip_datamodule,
         build_eval_datamodule,
@@ -111,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.utils.io import write_json
     from dvos.utils.run_summary import publish_run_summary
 
+    started = time.perf_counter()
     setup_logging()
     cfg = load_config(args.overrides)
     resume = resolve_resume(cfg)
@@ -146,10 +148,22 @@ def run(args: argparse.Namespace) -> int:
         print("fast_dev_run: no final evaluation")
         print(run_dir)
         return 0
-    summary = final_evaluation(cfg, run_dir, module, final_student_checkpoint(cfg, trainer))
+    checkpoint = final_student_checkpoint(cfg, trainer)
+    summary = final_evaluation(cfg, run_dir, module, checkpoint)
     write_json(run_dir / "summary.json", summary)
+    tables = [(str(cfg.data.name), summary)]
+    for name in cfg.eval.extra_sets:  # e.g. the generated set beside the real one
+        extra_cfg = with_data(cfg, name)
+        prepare_data(extra_cfg)
+        extra = final_evaluation(extra_cfg, run_dir, module, checkpoint, folder=f"eval-{name}")
+        write_json(run_dir / f"summary-{name}.json", extra)
+        tables.append((str(extra_cfg.data.name), extra))
     publish_run_summary(trainer, summary, run_dir)  # the same W&B summary keys in every run (rank 0)
     finish_wandb(trainer)  # now, so that W&B's closing lines come before the table and the folder
-    print(format_summary(summary))
+    write_json(run_dir / "timing.json", {"wall_s": round(time.perf_counter() - started, 1)})
+    for title, table in tables:
+        if len(tables) > 1:
+            print(f"{title}:")
+        print(format_summary(table))
     print(run_dir)
     return 0

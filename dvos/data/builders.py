@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from dvos.data.datamodules import VideoClipDataModule, VOSEvalDataModule
 from dvos.data.readers import list_videos
+from dvos.data.real import ensure_davis_sample
 from dvos.data.synth import ensure_synthetic
 from dvos.utils.errors import ConfigError
 
@@ -18,7 +19,13 @@ log = logging.getLogger("dvos")  # progress lines of the commands, `dvos: ...`
 
 
 def prepare_data(cfg: DictConfig) -> None:
-    """Build the embedded synthetic data set when the data config asks for it (cached: once)."""
+    """Build what the data config asks for (cached: once): the repository's real val sequences
+    decoded into a DAVIS tree, the embedded synthetic data set."""
+    real = cfg.data.real
+    if real.prepare:
+        started = time.perf_counter()
+        ensure_davis_sample(real.source, real.out, progress=lambda line: log.info("DAVIS-2016 sample: %s", line))
+        log.info("DAVIS-2016 sample ready in %s (%.1f s)", real.out, time.perf_counter() - started)
     synth = cfg.data.synth
     if not synth.generate:
         return

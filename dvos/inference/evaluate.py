@@ -203,10 +203,13 @@ def count_parameters(module: Any) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: str | None) -> dict[str, dict]:
+def final_evaluation(
+    cfg: Any, run_dir: Path, module: Any, student_checkpoint: str | None, *, folder: str = "eval"
+) -> dict[str, dict]:
     """Copy baseline, teacher and student on the validation set: J&F, J, F, FPS, parameters.
     `student_checkpoint`: the student's checkpoint (`eval.final_checkpoint`, found by
-    `dvos.callbacks.checkpoints.final_student_checkpoint`), else the module's student in memory."""
+    `dvos.callbacks.checkpoints.final_student_checkpoint`), else the module's student in memory.
+    Predictions and scores go to `run_dir/folder/<candidate>`."""
     import torch
 
     from dvos.data.builders import build_eval_datamodule
@@ -256,7 +259,7 @@ def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: s
     ]
     summary = {}
     for name, segmenter, what, params in candidates:
-        report = evaluate_segmenter(segmenter, what, cfg, sequences, run_dir / "eval" / name, device=device)
+        report = evaluate_segmenter(segmenter, what, cfg, sequences, run_dir / folder / name, device=device)
         if report["results"] is None:
             log.warning("%s: the validation set has no dense ground truth; no J&F", name)
             continue

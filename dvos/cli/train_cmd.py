@@ -68,7 +68,7 @@ def resumed_config(cfg: Any, overrides: list[str]) -> Any:
     from omegaconf import OmegaConf
 
     from dvos.cli.common import log
-    from dvos.config import Config, _merge, check_resolvable, split_overrides
+    from dvos.config import _merge, check_config, check_resolvable, schema, split_overrides
 
     saved = Path(cfg.run_dir) / "config.yaml"
     if not saved.is_file():
@@ -81,12 +81,13 @@ def resumed_config(cfg: Any, overrides: list[str]) -> Any:
             cfg.run_dir,
             " ".join(f"{key}={value}" for key, value in choices.items()),
         )
-    resumed = _merge(OmegaConf.structured(Config), OmegaConf.load(saved), str(saved))
+    resumed = _merge(schema(), OmegaConf.load(saved), str(saved))
     if dotlist:
         resumed = _merge(resumed, OmegaConf.from_dotlist(dotlist), "the command line")
     resumed.ckpt_path = cfg.ckpt_path
     resumed.run_dir = cfg.run_dir
     check_resolvable(resumed)
+    check_config(resumed)
     return resumed
 
 

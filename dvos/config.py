@@ -666,6 +666,13 @@ def _lookup(values: dict, key: str) -> Any:
     return values
 
 
+def _show(value: Any) -> str:
+    """A config value as the user wrote it: 3 rather than 3.0 for a float key."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def _listing(choices: tuple[Any, ...]) -> str:
     return ", ".join("null" if choice is None else str(choice) for choice in choices)
 
@@ -684,7 +691,7 @@ def check_config(cfg: DictConfig) -> None:
     for key, rule in RANGES.items():
         value = _lookup(values, key)
         if value is not _MISSING and not rule.holds(value):
-            raise ConfigError(f"{key} must be {rule.words()}, got {value}")
+            raise ConfigError(f"{key} must be {rule.words()}, got {_show(value)}")
     for check in (_check_sizes, _check_model, _check_pretrain, _check_trainer_values, _check_trainer_keys):
         problem = check(values)
         if problem:

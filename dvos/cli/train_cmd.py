@@ -31,12 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "overrides", nargs="*", help="group choices (data=davis2016) and dot-key overrides (a.b=c)"
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, stop_signals=True)
 
 
 def resolve_resume(cfg: Any) -> str | None:
     """`ckpt_path=last`: the last.ckpt of `run_dir`, or of the newest run; the run folder is reused."""
-    from dvos.inference.checkpoints import find_latest_checkpoint
+    from dvos.inference.checkpoints import check_training_checkpoint, find_latest_checkpoint
     from dvos.utils.errors import ConfigError
 
     if cfg.ckpt_path is None:
@@ -45,16 +45,19 @@ def resolve_resume(cfg: Any) -> str | None:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path: no checkpoint file at {path}")
-        return str(path)
-    if cfg.run_dir:
+    elif cfg.run_dir:
         path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise ConfigError(f"ckpt_path=last: {path} does not exist")
     else:
         path = find_latest_checkpoint(cfg.paths.runs_dir)
         if path is None:
-            raise ConfigError(f"ckpt_path=last: no run under {cfg.paths.runs_dir}/ has checkpoints/last.ckpt")
+            raise ConfigError(
+                f"ckpt_path=last: no run under {cfg.paths.runs_dir}/ has checkpoints/last.ckpt "
+                "(runs marked FAILED are skipped: name one with run_dir=...)"
+            )
         cfg.run_dir = str(path.parent.parent)
+    check_training_checkpoint(path, key="ckpt_path")  # a teacher file, a truncated one: one line
     return str(path)
 
 
@@ -186,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here: `dvos --help` and light commands should not pay for torch / lightning.
     import lightning.pytorch as pl
 
+    from dvos.callbacks.stopping import stopped_by_timer
     from dvos.cli.common import (
         build_clip_datamodule,
         build_eval_datamodule,
@@ -195,10 +199,11 @@ def run(args: argparse.Namespace) -> int:
         setup_logging,
         start_run,
     )
-    from dvos.cli.factory import build_trainer, finish_wandb
+    from dvos.cli.factory import build_trainer, check_trainer, finish_wandb
     from dvos.cli.pretrain_cmd import ensure_teacher
     from dvos.config import load_config, save_config
     from dvos.lit.distill import DistillationModule, check_distill_config
+    from dvos.utils.errors import TimeBudgetSpent
     from dvos.utils.io import write_json
 
     setup_logging()
@@ -208,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = resumed_config(cfg, args.overrides)
     # Before any folder, data or teacher pretraining: a bad setting must not cost minutes first.
     check_distill_config(cfg, max_objects=int(cfg.model.max_objects))
-    run_dir = start_run(cfg)
+    check_trainer(cfg)
+    run_dir = start_run(cfg, resume=resume)
     prepare_data(cfg)
     ensure_teacher(cfg, run_dir)
     # Seeded after the teacher: pretraining it here draws random numbers that loading it from the
@@ -226,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=clips, ckpt_path=resume)
+    if stopped_by_timer(trainer):  # an unfinished run: no table; the job script may requeue it
+        raise TimeBudgetSpent(f"trainer.max_time spent at step {trainer.global_step}")
 
     if not trainer.is_global_zero:
         return 0

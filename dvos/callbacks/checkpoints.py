@@ -56,6 +56,9 @@ class LastCheckpoint(ModelCheckpoint):
             save_last=True,
             every_n_train_steps=int(every_n_train_steps) or None,
             every_n_epochs=None if int(every_n_train_steps) else 0,
+            # Always last.ckpt, replaced atomically: never a last-v1.ckpt beside an older one (Lightning
+            # versions the name when a run folder was moved and its last_model_path is not restored).
+            enable_version_counter=False,
         )
 
     def save_now(self, trainer: pl.Trainer) -> None:

@@ -21,6 +21,7 @@ import difflib
 import inspect
 import os
 import platform
+import re
 import sys
 import types
 import typing
@@ -458,6 +459,17 @@ def schema() -> DictConfig:
     return cfg
 
 
+def _quote_durations(dotlist: list[str]) -> list[str]:
+    """`trainer.max_time=1:00:00:00` stays the text DD:HH:MM:SS: YAML would read numbers joined by
+    colons as one base-60 number (60 hours here, not a day)."""
+    quoted = []
+    for item in dotlist:
+        key, value = item.split("=", 1)
+        duration = key == "trainer.max_time" and re.fullmatch(r"[0-9]+(:[0-9]+)+", value)
+        quoted.append(f"{key}='{value}'" if duration else item)
+    return quoted
+
+
 def load_config(
     overrides: list[str] | None = None, *, conf_dir: str | os.PathLike | None = None
 ) -> DictConfig:
@@ -491,7 +503,7 @@ def load_config(
         cfg.experiment = str(experiment_name)
     if dotlist:
         try:
-            cli = OmegaConf.from_dotlist(dotlist)
+            cli = OmegaConf.from_dotlist(_quote_durations(dotlist))
         except OmegaConfBaseException as err:
             raise ConfigError(f"cannot parse command-line overrides {dotlist}: {err}") from err
         cfg = _merge(cfg, cli, "the command line")

@@ -5,12 +5,10 @@ names a checkpoint that is not a dvos training checkpoint; a full disk while wri
 or the config is one line; a run that fails leaves no folder that looks like a run. Each case checks
 the exit status, the one `dvos:` line and that the files there before are byte-identical after.
 
-A full disk is simulated in-process: the file `open` of `dvos.utils.io` (through which every atomic
-write of dvos goes: checkpoints, configs, JSON, exports) is replaced by one whose file objects keep
-half of the first write and then raise `OSError(ENOSPC)`, as a filling disk does.
+A full disk is simulated in-process (tests/helpers_disk.py): writes through `dvos.utils.io` keep half
+their bytes and then raise `OSError(ENOSPC)`.
 """
 
-import errno
 import os
 import shlex
 import shutil
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers_disk import fill_disk
 
 from dvos.cli.main import main
 from dvos.utils.runs import FAILED_MARKER
@@ -119,6 +118,31 @@ def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(smoke, tmp_p
         f"no checkpoint yet: run folder {run_dir} removed"
     )
     assert not run_dir.exists() and snapshot(runs) == before
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.devices=0", "trainer.devices must be a count ≥ 1, -1 (all), auto, or a list of device ids, got 0"),
+        ("data.batch_size=0", "data.batch_size must be ≥ 1, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be ≥ 0, got -1"),
+        ("optim.lr=-1", "optim.lr must be > 0, got -1"),
+        ("model.d_model=30", "model.d_model (30) must be divisible by model.num_heads (4)"),
+        ("logger.mode=onlin", "logger.mode must be one of auto, online, offline, disabled, got 'onlin'"),
+        ("trainer.strategy=nonsense", "trainer: You selected an invalid strategy name: `strategy='nonsense'`. "
+         "It must be either a string or an instance of `lightning.pytorch.strategies.Strategy`. Example "
+         "choices: auto, ddp, ddp_spawn, deepspeed, ... Find a complete list of options in our documentation "
+         "at https://lightning.ai"),
+        ("trainer.accelerator=gpu", "trainer.accelerator=gpu: this machine has no CUDA GPU (use "
+         "trainer.accelerator=cpu or auto)"),
+    ],
+)  # fmt: skip
+def test_a_bad_value_fails_in_one_line_before_any_run_folder_or_data(tmp_path, capsys, override, message):
+    if override.startswith("trainer.accelerator") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = ["experiment=smoke", f"paths.data_dir={tmp_path / 'data'}", f"paths.runs_dir={tmp_path / 'runs'}"]
+    assert one_line(capsys, main(["train", *args, override]), 2) == f"dvos: error: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------ signals
@@ -236,42 +260,6 @@ def test_resume_names_a_file_that_is_not_a_dvos_training_checkpoint(smoke, tmp_p
 
 
 # ------------------------------------------------------------------------------------ full disk
-class FullDiskFile:
-    """A file on a disk that fills up: the first write keeps half its bytes, then ENOSPC."""
-
-    def __init__(self, handle):
-        self._handle = handle
-
-    def write(self, data):
-        self._handle.write(data[: len(data) // 2])
-        self._handle.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.close()
-
-
-def fill_disk(monkeypatch, name_part: str) -> None:
-    """Writes through dvos.utils.io to files whose name holds `name_part` hit a full disk."""
-    import builtins
-
-    import dvos.utils.io as io_module
-
-    real_open = builtins.open
-
-    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
-        handle = real_open(file, mode, *args, **kwargs)
-        return FullDiskFile(handle) if "w" in mode and name_part in Path(file).name else handle
-
-    monkeypatch.setattr(io_module, "open", open_on_a_full_disk, raising=False)
-
-
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_last_one(
     smoke, tmp_path, capsys, monkeypatch
 ):
@@ -298,6 +286,9 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_keeps_the_last_o
     assert line.startswith(
         f"dvos: error: ckpt_path=last: no run under {copy.parent}/ has checkpoints/last.ckpt"
     )
+    # named, it continues (the disk has room again), and is no longer marked
+    assert main(["train", "ckpt_path=last", f"run_dir={copy}", *more]) == 0
+    assert not (copy / FAILED_MARKER).exists() and step_of(last) == int(more[0].split("=")[1])
 
 
 def test_a_full_disk_while_writing_the_config_removes_the_new_run_folder(

@@ -1,10 +1,12 @@
 """`dvos segment`: segment one video (mp4 or frame folder) from the mask of its first frame.
 
-    dvos segment --video clip.mp4 --mask 00000.png --out masks/ [--ckpt C | --teacher CFG]
+    dvos segment --video clip.mp4 --mask 00000.png --out masks/ [--overwrite] [--ckpt C | --teacher CFG]
                  [--overlay overlay.mp4] [--max-size N] [--max-frames N] [--device auto] [key=value ...]
 
 Predictions are palette PNGs written flat into OUT (`OUT/<frame name>.png`: `00000.png`, ... for a
 video file, the frame files' stems for a folder), with the first mask's palette, at the video's size.
+OUT must be new or empty (`--overwrite` empties it, once the model has loaded): masks of two runs
+never mix in one folder.
 The model: `--ckpt` (a run checkpoint or a student state dict), `--teacher` (a teacher config name
 from conf/teacher or a YAML path; `teacher.checkpoint=...` among the overrides), or by default the
 newest `runs/*/checkpoints/last.ckpt`, else a random student (with a warning).

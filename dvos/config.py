@@ -86,8 +86,6 @@ class DataConfig:
     train_root: str = MISSING
     clip_len: int = 3
     max_gap: int = 4
-    # largest gap from the reference (first) frame of a clip to the next; None: max_gap like the others
-    reference_gap: int | None = None
     reverse_prob: float = 0.5
     clips_per_video: int = 8
     crop_size: list[int] = field(default_factory=lambda: [224, 224])
@@ -99,6 +97,9 @@ class DataConfig:
     num_workers: int = 2
     decord_threads: int = 1
     synth: SynthConfig = field(default_factory=SynthConfig)
+    # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
+    # largest gap from the reference (first) frame of a clip to the next; None: max_gap like the others
+    reference_gap: int | None = None
 
 
 @dataclass
@@ -119,8 +120,9 @@ class ModelConfig:
     permute_ids: bool = True  # random permutation of object ids in training (undone on the output)
     permute_slots: int | None = None  # that permutation moves slots 1..P only (null: all max_objects)
     attention_scale: float = 30.0  # > 0: cosine attention with a learned scale starting here; 0: q·k/√d
+    propagation_init: bool = True  # a fresh student starts as a label propagator (docs/METHOD.md, "Student")
+    # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
     attention_topk: int = 0  # > 0: each query reads only its k most similar sampled points (0: all)
-    propagation_init: bool = True  # a fresh student starts as a label propagator (docs/DESIGN.md)
 
 
 @dataclass
@@ -139,7 +141,8 @@ class TeacherConfig:
 
 @dataclass
 class DistillConfig:
-    """The distillation losses (docs/DESIGN.md §1): weights and temperature, all logged with the run."""
+    """The distillation (docs/METHOD.md, "Distillation losses"): pseudo-objects, loss weights and
+    temperature, all logged with the run."""
 
     ref_masks: str = "pseudo"  # pseudo (cluster the teacher's features) | annotation (first-frame labels)
     num_segments: int = 4  # pseudo-objects per clip, background included
@@ -147,6 +150,18 @@ class DistillConfig:
     feature_weight: float = 1.0  # weight of the teacher's (unit) features in that clustering
     colour_weight: float = 0.0  # weight of frame 0's smoothed colours in it (a weak teacher needs them)
     components: bool = False  # every connected piece of a segment is its own pseudo-object
+    tau: float = 1.0  # softmax temperature of the relation losses
+    lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
+    lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
+    lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
+    lambda_ce: float = 0.0  # CE to the teacher's hard pseudo-masks (not the paper's; the CPU recipe's)
+    lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
+    refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
+    teacher_scale: int = 1  # the teacher sees the training clips magnified this many times (finer targets)
+    # per training clip, the probability that an elliptical piece of another clip's frame 0 moves
+    # across its frames (copy-paste occluder: occlusions and encounters; 0: off)
+    occluder_prob: float = 0.0
+    # -- experimental: no shipped config sets these (docs/DESIGN.md, "Configuration") --
     # with components: a piece must hold a min_width × min_width block of the teacher's feature cells
     # (thinner pieces, e.g. one stripe of a texture, are background; 1: any piece)
     min_width: int = 1
@@ -154,27 +169,14 @@ class DistillConfig:
     # this much (RGB in [0, 1]; 0: off): pieces that only the position term cut out of a uniform
     # texture are background
     min_contrast: float = 0.0
-    tau: float = 1.0  # softmax temperature of the relation losses
-    lambda_att: float = 1.0  # 1 − CKA between teacher and student attention maps
-    lambda_inter: float = 1.0  # inter-object relations (per pixel, across objects)
-    lambda_intra: float = 1.0  # intra-object relations (per object, across pixels)
-    lambda_ce: float = (
-        0.0  # cross-entropy to the teacher's hard pseudo-masks (not the paper's; the CPU recipe's)
-    )
-    # that CE (and the reference reading's) over each sample's hardest share of pixels (AOT: 0.15)
+    # the CE (and the reference reading's) over each sample's hardest share of pixels (AOT: 0.15)
     ce_hard_ratio: float = 1.0
     lambda_jaccard: float = 0.0  # soft Jaccard to the same hard masks (and in the reference reading's loss)
-    lambda_ref: float = 0.0  # CE of the student's reading of frame 0 back from its memory (0: off)
-    refine_iterations: int = 0  # bilateral passes moving reference objects and CE targets onto edges
     att_branches: str = "both"  # which student attention is distilled: long | short | both
-    teacher_scale: int = 1  # the teacher sees the training clips magnified this many times (finer targets)
     # per sample and frame, the probability that one object's mask enters the short-term memory
     # under another id (another object's or the background's): the student learns to correct its own
     # previous prediction from the reference frame (0: off)
     memory_swap_prob: float = 0.0
-    # per training clip, the probability that an elliptical piece of another clip's frame 0 moves
-    # across its frames (copy-paste occluder: occlusions and encounters; 0: off)
-    occluder_prob: float = 0.0
 
 
 @dataclass
@@ -210,14 +212,14 @@ class EvalConfig:
     # training (false: the argmax one-hot). attention_topk: each deformable read keeps its k most
     # similar sampled points (0: all; null: model.attention_topk, as trained). long_term_weight: w in
     # [0, 2], the ID stream sums the long-term (reference frame) read × w and the short-term (previous
-    # frame) read × (2 − w) (null: 1, as trained). docs/DESIGN.md.
+    # frame) read × (2 − w) (null: 1, as trained). docs/METHOD.md, "Inference".
     soft_memory: bool = True
     attention_topk: int | None = None
     long_term_weight: float | None = None
     # Edge refinement of the student's output (dvos/models/refine.py): refine_iterations passes of a
     # joint bilateral filter guided by the frame, at the frame's size, before the argmax and the
     # short-term memory (0: off). val_refine_iterations: the same for the validation during training.
-    # The settings below are the embedded run's (docs/DESIGN.md), the root config turns it on.
+    # The CPU recipe turns it on (docs/DESIGN.md, "The CPU recipe").
     refine_iterations: int = 0
     val_refine_iterations: int = II("eval.refine_iterations")
     refine_radius: int = 12  # pixels of the frame
@@ -225,12 +227,12 @@ class EvalConfig:
     refine_sigma_space: float = 8.0  # pixels
     refine_sigma_colour: float = 0.1  # RGB in [0, 1]
     # With the refinement on, the student's short-term memory embeds the refined mask's argmax one-hot
-    # (false): the filter mixes background into objects' probabilities (an object's 0.86 becomes
-    # 0.77), and fed back softly frame after frame a faint object fades out (docs/DESIGN.md). true:
-    # the filtered probabilities (with soft_memory). Without refinement soft_memory alone decides.
+    # (false): the filter mixes background into objects' probabilities, and fed back softly frame
+    # after frame a faint object fades out (docs/METHOD.md, "Inference"). true: the filtered
+    # probabilities (with soft_memory). Without refinement soft_memory alone decides.
     refine_soft_memory: bool = False
     # Which student the final table of `dvos train` scores: best (the checkpoint with the best
-    # validation J&F) or last (the weights at the end of training, last.ckpt). The embedded run sets
+    # validation J&F) or last (the weights at the end of training, last.ckpt). The CPU recipe sets
     # last: its validation (360 px, unrefined) is a cheaper, noisier proxy of the table's protocol.
     final_checkpoint: str = "best"
 

@@ -12,6 +12,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+DAVIS_FIXTURE = REPO_ROOT / "tests" / "fixtures" / "davis2016"
 
 
 @pytest.fixture
@@ -32,3 +33,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (it sits beside the clone in the dev setup)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def davis_fixture() -> Path:
+    """tests/fixtures/davis2016: real DAVIS-2016 data every clone carries (blackswan frames, mp4 and
+    annotations; car-shadow annotations; OSVOS predictions and the official toolkit's scores)."""
+    return DAVIS_FIXTURE

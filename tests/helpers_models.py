@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 
 from dvos.models.backbones.resnet import ResNetEncoder
-from dvos.models.student import DeformableStudent, build_student
+from dvos.models.build import build_student
+from dvos.models.student import DeformableStudent
 from dvos.models.teacher import LabelPropagationTeacher
 
 # `model` config of a tiny student on the real MobileNet-V2 encoder (random weights, nothing loaded).
@@ -35,7 +34,7 @@ def tiny_model_overrides(**overrides) -> list[str]:
 def tiny_student(**overrides) -> DeformableStudent:
     """`build_student` of TINY_MODEL (with overrides), seeded."""
     torch.manual_seed(0)
-    student, _ = build_student(SimpleNamespace(**{**TINY_MODEL, **overrides}))
+    student, _ = build_student({**TINY_MODEL, **overrides})
     return student
 
 

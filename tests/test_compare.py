@@ -11,10 +11,10 @@ import torch
 import yaml
 from PIL import Image
 
-from dvos.cli import compare_cmd
+from dvos import compare
 from dvos.cli.main import main
-from dvos.cli.run_summary import SUMMARY_FILE, flat_summary, publish_run_summary
 from dvos.config import load_config, to_dict
+from dvos.utils.run_summary import SUMMARY_FILE, flat_summary, publish_run_summary
 
 
 def summary_table(jf: float, fps: float) -> dict:
@@ -102,8 +102,8 @@ def test_compare_a_sweep_folder_follows_its_ranking(tmp_path):
     (sweep / "s-t02").mkdir()  # the failed trial
     trials = [{"trial": f"s-t0{i}", "run_dir": str(Path("elsewhere") / f"s-t0{i}")} for i in (1, 2, 0)]
     (sweep / "ranking.json").write_text(json.dumps({"trials": trials}))
-    assert [path.name for path in compare_cmd.find_run_folders(sweep)] == ["s-t01", "s-t00"]
-    runs, _ = compare_cmd.offline_runs([tmp_path / "runs"], None)
+    assert [path.name for path in compare.find_run_folders(sweep)] == ["s-t01", "s-t00"]
+    runs, _ = compare.offline_runs([tmp_path / "runs"], None)
     assert [run.name for run in runs] == ["s-t01", "s-t00"]
 
 

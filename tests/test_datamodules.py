@@ -234,8 +234,8 @@ def test_ddp_two_ranks_gather_skipped_videos(video_root, tmp_path):
 def test_data_reference_gap_reaches_the_clip_sampler(video_root):
     """`data.reference_gap` from the command line is the training sampler's; teacher pretraining
     (CRW, no reference frame) keeps plain max_gap steps."""
-    from dvos.cli.common import build_clip_datamodule
     from dvos.config import load_config
+    from dvos.data.builders import build_clip_datamodule
 
     cfg = load_config([f"data.train_root={video_root}", "data.reference_gap=9", "data.num_workers=0"])
     datamodule = build_clip_datamodule(cfg)

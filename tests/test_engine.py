@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -318,7 +317,7 @@ def test_student_output_is_edge_refined_and_remembered_refined(soft, refine_soft
 
 
 def test_teacher_output_is_edge_refined_when_asked():
-    from dvos.models.teacher import upsample_probabilities
+    from dvos.models.grid import upsample_probabilities
 
     frames, masks = moving_scene(2)
     teacher = tiny_teacher()
@@ -580,7 +579,7 @@ def test_load_student_from_a_lightning_checkpoint_prefers_ema_and_its_config(tmp
     torch.save({"state_dict": state, "dvos_config": config, "epoch": 3, "global_step": 12}, path)
 
     # The model config given says d_model=32: the checkpoint's own config wins.
-    student, description = load_student(path, SimpleNamespace(**TINY_MODEL))
+    student, description = load_student(path, TINY_MODEL)
     assert student.d_model == 16 and not student.training
     assert "student_ema" in description and "global_step 12" in description
     for key, value in ema.state_dict().items():
@@ -589,9 +588,7 @@ def test_load_student_from_a_lightning_checkpoint_prefers_ema_and_its_config(tmp
 
     plain = tmp_path / "plain.pt"
     torch.save(trained.state_dict(), plain)
-    student, description = load_student(
-        plain, SimpleNamespace(**{**TINY_MODEL, "d_model": 16, "decoder_dim": 8})
-    )
+    student, description = load_student(plain, {**TINY_MODEL, "d_model": 16, "decoder_dim": 8})
     assert torch.equal(student.id_embedding.weight, trained.id_embedding.weight)
 
 
@@ -609,7 +606,7 @@ def test_newest_run_checkpoint_is_found_by_mtime(tmp_path):
 
 def test_no_checkpoint_means_a_random_student_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        student, description = load_student(None, SimpleNamespace(**TINY_MODEL), runs_dir=tmp_path / "runs")
+        student, description = load_student(None, TINY_MODEL, runs_dir=tmp_path / "runs")
     assert "randomly initialised" in description
     assert (
         "no trained checkpoint found under" in caplog.text
@@ -626,7 +623,7 @@ def test_bad_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path):
     torch.save({"encoder.nothing": torch.zeros(2)}, wrong)
     for path in (garbage, other, wrong, tmp_path / "missing.ckpt"):
         with pytest.raises(DvosError) as info:
-            load_student(path, SimpleNamespace(**TINY_MODEL))
+            load_student(path, TINY_MODEL)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 

@@ -48,7 +48,9 @@ def test_the_root_config_is_the_papers_method_and_cpu_adds_the_recipe():
     root, cpu = load_config([]), load_config(["experiment=cpu"])
     assert (root.distill.lambda_ce, root.distill.lambda_ref, root.distill.occluder_prob) == (0, 0, 0)
     assert (root.distill.feature_weight, root.distill.colour_weight, root.distill.components) == (1, 0, False)
-    assert root.eval.min_size is None and root.eval.refine_iterations == 0 and root.eval.long_term_weight is None
+    assert (
+        root.eval.min_size is None and root.eval.refine_iterations == 0 and root.eval.long_term_weight is None
+    )
     assert (cpu.distill.lambda_ce, cpu.distill.colour_weight, cpu.distill.teacher_scale) == (1, 1, 2)
     assert cpu.eval.min_size == 600 and cpu.eval.refine_iterations == 12 and cpu.eval.long_term_weight == 1.3
     # smoke and sweep_cpu are the CPU recipe at a tiny size

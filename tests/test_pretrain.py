@@ -11,7 +11,7 @@ from dvos.data.datamodules import VideoClipDataModule
 from dvos.data.synth import generate_synthetic
 from dvos.lit.pretrain import CRWPretrainModule, WarmupDecay, export_teacher_encoder, jitter_frames
 from dvos.models.backbones.resnet import ResNetEncoder
-from dvos.models.teacher import load_resnet_encoder
+from dvos.models.teacher_checkpoint import load_resnet_encoder
 from dvos.utils.errors import DvosError
 
 TINY_ENCODER = {"widths": (16, 32), "depths": (1, 1), "stem_width": 8}

@@ -27,9 +27,9 @@ def _jpeg(path: Path) -> np.ndarray:
         return np.array(image.convert("RGB"))
 
 
-def test_blackswan_mp4_matches_davis_jpegs(shared_data):
-    jpeg_dir = shared_data / "davis2016-sample" / "JPEGImages" / "480p" / "blackswan"
-    with open_video(shared_data / "videos" / "blackswan.mp4") as reader:
+def test_blackswan_mp4_matches_davis_jpegs(davis_fixture):
+    jpeg_dir = davis_fixture / "JPEGImages" / "480p" / "blackswan"
+    with open_video(davis_fixture / "videos" / "blackswan.mp4") as reader:
         assert isinstance(reader, VideoFileReader)
         assert len(reader) == 50
         assert reader.size == (480, 854)
@@ -45,8 +45,8 @@ def test_blackswan_mp4_matches_davis_jpegs(shared_data):
         assert psnr(frames[index], jpegs[index + 1]) < scores[index] - 5
 
 
-def test_get_batch_returns_callers_order(shared_data):
-    with open_video(shared_data / "videos" / "blackswan.mp4") as reader:
+def test_get_batch_returns_callers_order(davis_fixture):
+    with open_video(davis_fixture / "videos" / "blackswan.mp4") as reader:
         wanted = [31, 2, 17, 2, 49, 0]
         batch = reader.get_batch(wanted)
         singles = [reader[index] for index in wanted]
@@ -97,8 +97,8 @@ def test_index_errors_and_empty_batch(tiny_mp4):
         reader[0]
 
 
-def test_frame_folder_reader_on_davis_jpegs(shared_data):
-    folder = shared_data / "davis2016-sample" / "JPEGImages" / "480p" / "blackswan"
+def test_frame_folder_reader_on_davis_jpegs(davis_fixture):
+    folder = davis_fixture / "JPEGImages" / "480p" / "blackswan"
     with open_video(folder) as reader:
         assert isinstance(reader, FrameFolderReader)
         assert len(reader) == 50 and reader.size == (480, 854) and reader.fps is None

@@ -276,15 +276,13 @@ def test_evaluate_teacher_writes_scores_and_timing(tmp_path, synthetic_val, monk
 def test_evaluate_uses_the_latest_run_checkpoint_and_its_run_folder(
     tmp_path, synthetic_val, monkeypatch, capsys
 ):
-    from types import SimpleNamespace
-
-    from dvos.models.student import build_student
+    from dvos.models.build import build_student
 
     options = dict(
         d_model=32, num_heads=4, num_groups=2, deform_stride=2, offset_range=4.0, offset_kernel=3,
         max_objects=10, decoder_dim=16, ffn_ratio=2.0, permute_ids=True, pretrained="none",
     )  # fmt: skip
-    student, _ = build_student(SimpleNamespace(**options))
+    student, _ = build_student(options)
     run_dir = tmp_path / "runs" / "20240101-000000-tiny"
     (run_dir / "checkpoints").mkdir(parents=True)
     torch.save(

@@ -8,13 +8,9 @@ import torch
 from helpers_models import TinyEncoder
 from torch import nn
 
+from dvos.models.build import build_student
 from dvos.models.layers import LayerNorm2d, pad_to_stride, sine_position_embedding, unpad
-from dvos.models.student import (
-    ABSENT_LOGIT,
-    DeformableStudent,
-    build_student,
-    labels_to_onehot,
-)
+from dvos.models.student import ABSENT_LOGIT, DeformableStudent, labels_to_onehot
 
 MAX_OBJECTS = 5
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvos.cli import sweep_cmd
+from dvos import sweeps
 from dvos.cli.main import main
-from dvos.cli.run_summary import SUMMARY_FILE
 from dvos.config import load_config
 from dvos.utils.errors import DvosError
+from dvos.utils.run_summary import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # experiment=smoke cut further for the default test run: a one-step epoch (then validation), two-frame
@@ -42,15 +42,13 @@ def test_every_sweep_file_is_a_valid_sweep_whose_trials_load(tmp_path):
     assert {f.stem for f in files} >= {"distill_losses", "deformable", "learning_rate"}
     swept = set()
     for path in files:
-        spec = sweep_cmd.load_sweep(path)
+        spec = sweeps.load_sweep(path)
         assert spec.metric == "val/J&F" and spec.goal == "maximize"
         assert "${args_no_hyphens}" in spec.command and spec.command[1:3] == ["dvos", "train"]
         # a small budget by default: the trials of every file run on a CPU
         assert spec.parameters["experiment"] == {"value": "sweep_cpu"}
         swept |= set(spec.swept_keys)
-        trials = sweep_cmd.prepare_trials(
-            spec, tmp_path / spec.name, sweep_cmd.expand_trials(spec, count=2), []
-        )
+        trials = sweeps.prepare_trials(spec, tmp_path / spec.name, sweeps.expand_trials(spec, count=2), [])
         assert len(trials) == 2
     assert {
         "distill.lambda_att",
@@ -61,26 +59,26 @@ def test_every_sweep_file_is_a_valid_sweep_whose_trials_load(tmp_path):
         "model.offset_range",
         "optim.lr",
     } <= swept
-    assert {sweep_cmd.load_sweep(p).method for p in files} == {"grid", "random", "bayes"}
+    assert {sweeps.load_sweep(p).method for p in files} == {"grid", "random", "bayes"}
 
 
 def test_grid_expansion_every_combination_last_key_fastest():
-    spec = sweep_cmd.load_sweep(SWEEPS / "deformable.yaml")
-    assert sweep_cmd.grid_size(spec) == 9
-    trials = sweep_cmd.expand_trials(spec)
+    spec = sweeps.load_sweep(SWEEPS / "deformable.yaml")
+    assert sweeps.grid_size(spec) == 9
+    trials = sweeps.expand_trials(spec)
     assert len(trials) == 9
     assert len({json.dumps(t, sort_keys=True) for t in trials}) == 9
     assert trials[0] == {"experiment": "sweep_cpu", "model.deform_stride": 1, "model.offset_range": 2.0}
     assert trials[1]["model.offset_range"] == 4.0 and trials[3]["model.deform_stride"] == 2
-    assert sweep_cmd.expand_trials(spec, count=4) == trials[:4]
+    assert sweeps.expand_trials(spec, count=4) == trials[:4]
 
 
 def test_random_expansion_is_repeatable_for_a_seed_and_stays_in_range():
-    spec = sweep_cmd.load_sweep(SWEEPS / "distill_losses.yaml")
-    first = sweep_cmd.expand_trials(spec, count=6, seed=3)
-    assert first == sweep_cmd.expand_trials(spec, count=6, seed=3)
-    assert first != sweep_cmd.expand_trials(spec, count=6, seed=4)
-    assert len(sweep_cmd.expand_trials(spec)) == spec.run_cap  # no --count: the file's run_cap
+    spec = sweeps.load_sweep(SWEEPS / "distill_losses.yaml")
+    first = sweeps.expand_trials(spec, count=6, seed=3)
+    assert first == sweeps.expand_trials(spec, count=6, seed=3)
+    assert first != sweeps.expand_trials(spec, count=6, seed=4)
+    assert len(sweeps.expand_trials(spec)) == spec.run_cap  # no --count: the file's run_cap
     for trial in first:
         assert 0.5 <= trial["distill.tau"] <= 4.0
         assert trial["distill.lambda_att"] in (0.25, 0.5, 1.0, 2.0)
@@ -91,7 +89,7 @@ def test_distributions_and_value_formatting():
     import random
 
     rng = random.Random(0)
-    draw = sweep_cmd.sample_parameter
+    draw = sweeps.sample_parameter
     assert draw({"value": 3}, rng) == 3
     assert all(1 <= draw({"min": 1, "max": 3}, rng) <= 3 for _ in range(20))  # int_uniform inferred
     assert all(isinstance(draw({"min": 1, "max": 3}, rng), int) for _ in range(5))
@@ -100,7 +98,7 @@ def test_distributions_and_value_formatting():
         for _ in range(20)
     )
     assert draw({"distribution": "q_uniform", "min": 0, "max": 10, "q": 5}, rng) in (0, 5, 10)
-    words = sweep_cmd.parameter_words({"a.b": 1e-5, "c": True, "d": None, "e": [224, 224], "f": "x"})
+    words = sweeps.parameter_words({"a.b": 1e-5, "c": True, "d": None, "e": [224, 224], "f": "x"})
     assert words == ["a.b=1e-05", "c=true", "d=null", "e=[224,224]", "f=x"]
     from omegaconf import OmegaConf
 
@@ -108,9 +106,9 @@ def test_distributions_and_value_formatting():
 
 
 def test_dot_key_overrides_reach_the_config_and_command_line_words_win(tmp_path):
-    spec = sweep_cmd.load_sweep(SWEEPS / "distill_losses.yaml")
-    parameters = sweep_cmd.expand_trials(spec, count=3, seed=1)
-    trials = sweep_cmd.prepare_trials(spec, tmp_path / "sweep", parameters, ["trainer.max_steps=3"])
+    spec = sweeps.load_sweep(SWEEPS / "distill_losses.yaml")
+    parameters = sweeps.expand_trials(spec, count=3, seed=1)
+    trials = sweeps.prepare_trials(spec, tmp_path / "sweep", parameters, ["trainer.max_steps=3"])
     for trial in trials:
         cfg = load_config(trial.overrides)
         assert cfg.experiment == "sweep_cpu"
@@ -160,8 +158,8 @@ def test_bayes_falls_back_to_random_offline_with_a_warning(tmp_path, capsys):
 
 
 def test_online_mode_sends_the_file_to_wandb_with_extra_words(tmp_path):
-    spec = sweep_cmd.load_sweep(SWEEPS / "deformable.yaml")
-    config = sweep_cmd.online_sweep_config(spec, ["data.root=/data/DAVIS"])
+    spec = sweeps.load_sweep(SWEEPS / "deformable.yaml")
+    config = sweeps.online_sweep_config(spec, ["data.root=/data/DAVIS"])
     assert config["method"] == "grid" and config["metric"] == {"name": "val/J&F", "goal": "maximize"}
     assert config["command"] == ["${env}", "dvos", "train", "${args_no_hyphens}", "data.root=/data/DAVIS"]
     assert config["parameters"]["model.deform_stride"] == {"values": [1, 2, 4]}
@@ -190,12 +188,12 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
     path = write_sweep(
         tmp_path / "s.yaml", name="s", parameters={"distill.tau": {"values": [1.0, 2.0, 3.0, 4.0]}}
     )
-    spec = sweep_cmd.load_sweep(path)
+    spec = sweeps.load_sweep(path)
     sweep_dir = tmp_path / "sweep"
-    trials = sweep_cmd.prepare_trials(spec, sweep_dir, sweep_cmd.expand_trials(spec), [])
+    trials = sweeps.prepare_trials(spec, sweep_dir, sweeps.expand_trials(spec), [])
     calls: list[str] = []
     launcher = fake_launcher({"s-t00": 0.5, "s-t02": 0.7, "s-t03": None}, {"s-t01"}, calls)
-    sweep_cmd.run_trials(spec, trials, sweep_dir, method="grid", seed=0, launcher=launcher)
+    sweeps.run_trials(spec, trials, sweep_dir, method="grid", seed=0, launcher=launcher)
     assert calls == ["s-t00", "s-t01", "s-t02", "s-t03"]  # the sweep went on after t01 crashed
     out = capsys.readouterr().out
     assert "FAILED (exit 1)" in out and "RuntimeError: boom in the middle" in out
@@ -208,7 +206,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
         ("s-t01", "failed", None, None),
     ]
     assert ranking["metric"] == {"name": "val/J&F", "goal": "maximize"}
-    table = sweep_cmd.format_ranking(spec, trials).splitlines()
+    table = sweeps.format_ranking(spec, trials).splitlines()
     assert table[1].split()[:4] == ["1", "s-t02", "finished", "0.7000"]
     assert table[-1].split()[:3] == ["-", "s-t01", "failed"]
 
@@ -218,8 +216,8 @@ def test_a_launcher_error_or_minimize_goal(tmp_path):
         tmp_path / "m.yaml", name="m", metric={"name": "val/J&F", "goal": "minimize"},
         parameters={"distill.tau": {"values": [1.0, 2.0, 3.0]}},
     )  # fmt: skip
-    spec = sweep_cmd.load_sweep(path)
-    trials = sweep_cmd.prepare_trials(spec, tmp_path / "sweep", sweep_cmd.expand_trials(spec), [])
+    spec = sweeps.load_sweep(path)
+    trials = sweeps.prepare_trials(spec, tmp_path / "sweep", sweeps.expand_trials(spec), [])
     good = fake_launcher({"m-t00": 0.5, "m-t02": 0.2}, set(), [])
 
     def launcher(overrides, log_path, verbose):
@@ -227,10 +225,10 @@ def test_a_launcher_error_or_minimize_goal(tmp_path):
             raise OSError("cannot start the process")
         return good(overrides, log_path, verbose)
 
-    sweep_cmd.run_trials(spec, trials, tmp_path / "sweep", method="grid", seed=0, launcher=launcher)
+    sweeps.run_trials(spec, trials, tmp_path / "sweep", method="grid", seed=0, launcher=launcher)
     assert [t.status for t in trials] == ["finished", "failed", "finished"]
     assert "cannot start the process" in trials[1].error
-    assert [t.name for t in sweep_cmd.rank_trials(trials, spec.goal)] == ["m-t02", "m-t00", "m-t01"]
+    assert [t.name for t in sweeps.rank_trials(trials, spec.goal)] == ["m-t02", "m-t00", "m-t01"]
 
 
 def test_offline_sweep_through_the_real_train_command(tmp_path):
@@ -304,12 +302,12 @@ def test_real_sweep_with_a_trial_that_crashes_at_run_time(tmp_path):
 
 def test_sweep_that_only_fails_exits_1(tmp_path, monkeypatch):
     path = write_sweep(tmp_path / "f.yaml", name="f", parameters={"distill.tau": {"values": [1.0]}})
-    monkeypatch.setattr(sweep_cmd, "launch", fake_launcher({}, {"f-t00"}, []))
+    monkeypatch.setattr(sweeps, "launch", fake_launcher({}, {"f-t00"}, []))
     assert main(["sweep", str(path), "--mode", "offline", "--out", str(tmp_path / "out")]) == 1
     assert (tmp_path / "out" / "sweep.yaml").is_file()
     with pytest.raises(DvosError, match="needs a number of trials"):
-        sweep_cmd.expand_trials(
-            sweep_cmd.load_sweep(
+        sweeps.expand_trials(
+            sweeps.load_sweep(
                 write_sweep(
                     tmp_path / "r.yaml", method="random", parameters={"optim.lr": {"min": 0.1, "max": 0.2}}
                 )
@@ -331,7 +329,7 @@ def test_online_mode_creates_the_sweep_and_starts_the_agent(tmp_path, monkeypatc
         return 0
 
     monkeypatch.setattr(wandb, "sweep", fake_sweep)
-    monkeypatch.setattr(sweep_cmd.subprocess, "call", fake_call)
+    monkeypatch.setattr(sweeps.subprocess, "call", fake_call)
     code = main(["sweep", str(SWEEPS / "deformable.yaml"), "--mode", "online", "--count", "2",
                  "logger.project=vos", f"paths.runs_dir={tmp_path}"])  # fmt: skip
     assert code == 0
@@ -344,6 +342,4 @@ def test_online_mode_creates_the_sweep_and_starts_the_agent(tmp_path, monkeypatc
 
     monkeypatch.setattr(wandb, "sweep", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("No API key")))
     with pytest.raises(DvosError, match="could not create the sweep .No API key.*--mode offline"):
-        sweep_cmd.run_online(
-            sweep_cmd.load_sweep(SWEEPS / "deformable.yaml"), [], count=None, cfg=load_config([])
-        )
+        sweeps.run_online(sweeps.load_sweep(SWEEPS / "deformable.yaml"), [], count=None, cfg=load_config([]))

@@ -13,16 +13,9 @@ from torch import nn
 from dvos.config import TeacherConfig
 from dvos.metrics import evaluate_arrays, region_similarity, summarize
 from dvos.models.backbones.resnet import ResNetEncoder, stage_strides
-from dvos.models.teacher import (
-    LabelPropagationTeacher,
-    TeacherAttention,
-    ViTPatchEncoder,
-    build_teacher,
-    cell_colours,
-    masks_to_labels,
-    propagate_labels,
-    split_components,
-)
+from dvos.models.build import ViTPatchEncoder, build_teacher
+from dvos.models.pseudo_objects import cell_colours, split_components
+from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention, masks_to_labels, propagate_labels
 from dvos.utils.errors import ConfigError, DvosError
 
 HEIGHT, WIDTH = 96, 160
@@ -512,7 +505,7 @@ def test_bad_checkpoints_raise_one_line_errors_naming_the_file(tmp_path):
 
 
 def test_build_teacher_random_resnet_warns_and_validates(caplog):
-    with caplog.at_level(logging.WARNING, logger="dvos.models.teacher"):
+    with caplog.at_level(logging.WARNING, logger="dvos.models.build"):
         teacher = build_teacher({"encoder": "resnet", "checkpoint": None, "topk": 3, "radius": 4})
     assert "RANDOM" in caplog.text
     assert isinstance(teacher.encoder, ResNetEncoder) and teacher.topk == 3 and teacher.radius == 4

@@ -17,7 +17,7 @@ import yaml
 from dvos.cli.main import main
 from dvos.cli.pretrain_cmd import teacher_path
 from dvos.config import load_config
-from dvos.models.teacher import load_resnet_encoder
+from dvos.models.teacher_checkpoint import load_resnet_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_STEPS = 3  # not a multiple of the smoke epoch (2 batches): the final step must be exported
@@ -326,7 +326,7 @@ def test_unusable_distill_setting_fails_before_any_run_folder_data_or_teacher(tm
 
 
 def test_summary_table_shows_no_fps_for_the_model_free_baseline():
-    from dvos.cli.train_cmd import format_summary
+    from dvos.inference.evaluate import format_summary
 
     row = {"J&F": 0.5, "J": 0.6, "F": 0.4}
     table = format_summary(
@@ -345,8 +345,7 @@ def test_summary_table_shows_no_fps_for_the_model_free_baseline():
 def test_the_final_table_scores_the_checkpoint_that_eval_final_checkpoint_names(tmp_path, choice, expected):
     from types import SimpleNamespace
 
-    from dvos.callbacks.checkpoints import LastCheckpoint
-    from dvos.cli.train_cmd import final_student_checkpoint
+    from dvos.callbacks.checkpoints import LastCheckpoint, final_student_checkpoint
 
     best = SimpleNamespace(best_model_path=str(tmp_path / "best-step000096-jf0.5000.ckpt"))
     last = LastCheckpoint(tmp_path)

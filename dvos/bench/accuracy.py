@@ -1,7 +1,7 @@
 """J&F against FPS: each model segments a VOS set through the evaluation path of `dvos evaluate`.
 
 The predictions are written as palette PNGs and scored by `dvos.metrics` with the official DAVIS
-toolkit's rules (`dvos.cli.evaluate_cmd.evaluate_segmenter`); the FPS is the same walk's: frames
+toolkit's rules (`dvos.inference.evaluate.evaluate_segmenter`); the FPS is the same walk's: frames
 segmented / seconds spent in the segmenter (reading frames and writing PNGs excluded), at the
 model input size the walk used (`max_size` caps the long side; J&F is always scored at the
 ground truth's size).
@@ -49,7 +49,7 @@ def score_models(
         One row per model: {"model", "J&F", "J", "F", "fps", "frames", "sequences", "description"}
         (J&F fields None when the set has no dense ground truth).
     """
-    from dvos.cli.evaluate_cmd import evaluate_segmenter
+    from dvos.inference.evaluate import evaluate_segmenter
 
     rows = []
     for name, (segmenter, description) in segmenters.items():

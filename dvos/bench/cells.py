@@ -32,7 +32,6 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -100,13 +99,13 @@ def build_student_model(
         (student in eval mode, one line saying where its weights come from).
     """
     from dvos.inference.checkpoints import load_student
-    from dvos.models.student import build_student
+    from dvos.models.build import build_student
 
     if checkpoint is not None:
         student, description = load_student(checkpoint, model_cfg)
         return student.eval(), description
     torch.manual_seed(seed)
-    student, init = build_student(SimpleNamespace(**model_cfg))
+    student, init = build_student(model_cfg)
     return student.eval(), f"randomly initialised student (seed {seed}; {init})"
 
 
@@ -114,7 +113,7 @@ def build_cell_segmenter(spec: CellSpec) -> Any:
     """The segmenter a cell measures, on the spec's device (original frame size: no `max_size`)."""
     device = torch.device(spec.device)
     if spec.model == "teacher":
-        from dvos.models.teacher import build_teacher
+        from dvos.models.build import build_teacher
 
         return TeacherSegmenter(build_teacher(spec.teacher_cfg), device=device)
     if spec.model.startswith("exported-"):

@@ -348,7 +348,7 @@ def run_data_loading(cfg: Any, options: BenchOptions, device: torch.device) -> d
     """Clips/s from mp4 (decord) and frame folders, one process and the configured DataLoader, and
     clips/s consumed by the distillation training step."""
     from dvos.bench.workload import loader_throughput, training_step_throughput
-    from dvos.cli.common import build_clip_datamodule
+    from dvos.data.builders import build_clip_datamodule
     from dvos.lit.distill import DistillationModule
 
     mp4_root, frames_root = _synthetic_roots(cfg)
@@ -413,8 +413,8 @@ def run_data_loading(cfg: Any, options: BenchOptions, device: torch.device) -> d
 
 def _eval_sets(cfg: Any, options: BenchOptions) -> list[tuple[str, Any, list[Any], str | None]]:
     """(name, config, sequences, note) for the configured validation set and the DAVIS-2016 sample."""
-    from dvos.cli.common import build_eval_datamodule, prepare_data
     from dvos.config import load_config
+    from dvos.data.builders import build_eval_datamodule, prepare_data
 
     sets = []
     prepare_data(cfg)
@@ -594,7 +594,7 @@ def new_results(cfg: Any, options: BenchOptions, weights: Weights, device: torch
 def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str, Any]:
     """Run every section not in `options.skip`; returns the results (also in OUT/results.json)."""
     from dvos.bench.plot import draw_results
-    from dvos.models.teacher import build_teacher
+    from dvos.models.build import build_teacher
 
     started = time.perf_counter()
     device = torch.device(options.device)

@@ -3,7 +3,8 @@
 - `LastCheckpoint`: a `ModelCheckpoint` that keeps only `last.ckpt`, written every
   `every_n_train_steps` optimizer steps (`callbacks.checkpoint_every_n_steps`) and once more when
   training ends (Lightning's own `save_last` skips the final step when it was not a multiple of N).
-  The best checkpoint on `val/J&F` is a separate `ModelCheckpoint` (see `dvos.cli.factory`).
+  The best checkpoint on `val/J&F` is a separate `ModelCheckpoint` (the Trainer's
+  `checkpoint_callback`); `final_student_checkpoint` picks the one the final table scores.
 - `AtomicCheckpointIO`: Lightning writes a checkpoint straight into its final name, so a process
   killed while writing leaves a truncated `last.ckpt` that looks complete; this plugin serialises
   the checkpoint in memory (as Lightning does), writes it to a hidden temporary name in the same
@@ -70,3 +71,14 @@ class LastCheckpoint(ModelCheckpoint):
         # the one last saved, so a finished run's last.ckpt always holds its final weights.
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def final_student_checkpoint(cfg: Any, trainer: Any) -> str | None:
+    """The checkpoint the final table scores (`eval.final_checkpoint`): the best on val/J&F, or
+    last.ckpt; None when the run kept no such file (the student in memory, at the end of training)."""
+    if cfg.eval.final_checkpoint == "last":
+        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        path = last.last_model_path if last is not None else ""
+    else:
+        path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    return path or None

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dvos.cli.segment_cmd import add_intermixed_parser, add_model_arguments, positive_int
-
-TIMING_JSON = "timing.json"
+from dvos.inference.evaluate import TIMING_JSON, check_ground_truth, evaluate_segmenter, format_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,185 +63,12 @@ def default_out_dir(cfg: Any, checkpoint: Path | None) -> Path:
     return Path("eval") / f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def sequence_scores(results: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
-    """Per sequence: J, F (means over its objects `<seq>_<k>`) and J&F = (J + F) / 2."""
-    out = {}
-    for name in names:
-        objects = [
-            scores
-            for key, scores in results["objects"].items()
-            if key.rsplit("_", 1)[0] == name and key.rsplit("_", 1)[-1].isdigit()
-        ]
-        if not objects:
-            continue
-        j = sum(o["J-Mean"] for o in objects) / len(objects)
-        f = sum(o["F-Mean"] for o in objects) / len(objects)
-        out[name] = {"J&F": (j + f) / 2, "J": j, "F": f, "objects": len(objects)}
-    return out
-
-
-def check_ground_truth(sequences: list[Any]) -> None:
-    """Check, before anything is segmented, what scoring will read: every scored sequence has at least
-    3 frames and its ground-truth masks (frames 0..T−2) are id masks of the frames' size.
-
-    Only the PNG headers are read (mode and size), so a bad file found here costs no segmenting time.
-
-    Raises:
-        DataError: one line naming the sequence folder or the mask file.
-    """
-    from PIL import Image
-
-    from dvos.utils.errors import DataError
-
-    for sequence in sequences:
-        if not sequence.has_full_gt:
-            continue
-        if len(sequence) < 3:
-            folder = sequence.mask_paths[0].parent
-            raise DataError(
-                f"{folder}: {len(sequence)} ground-truth frame(s); J&F needs at least 3 (the first and last "
-                f"frames are not scored): leave {sequence.name!r} out with data.sequences=[...]"
-            )
-        height, width = sequence.size
-        for path in sequence.mask_paths[:-1]:
-            try:
-                with Image.open(path) as image:
-                    mode, size = image.mode, image.size
-            except Exception as err:  # PIL raises many types for damaged files
-                raise DataError(f"{path}: cannot read mask ({type(err).__name__}: {err})") from err
-            if mode not in ("P", "L", "1"):
-                raise DataError(
-                    f"{path}: mask has mode {mode!r}; expected an indexed (palette, mode 'P') PNG of object ids"
-                )
-            if size != (width, height):
-                raise DataError(
-                    f"{path}: ground-truth mask is {size[0]}×{size[1]} but the frames of {sequence.name} are "
-                    f"{width}×{height} (width×height)"
-                )
-
-
-def format_report(timing: list[dict[str, Any]], scores: dict[str, dict[str, float]] | None) -> str:
-    """One table: per sequence J&F, J, F (when scored), frames, FPS and peak memory."""
-    width = max([len("Sequence"), *(len(row["name"]) for row in timing)])
-    memory_column = "CUDA MB" if any(row["peak_cuda_mb"] is not None for row in timing) else "RSS MB"
-    header = f"{'Sequence':<{width}}"
-    if scores is not None:
-        header += f"  {'J&F':>6}  {'J':>6}  {'F':>6}"
-    header += f"  {'frames':>6}  {'FPS':>7}  {memory_column:>8}"
-    lines = [header]
-    for row in timing:
-        line = f"{row['name']:<{width}}"
-        if scores is not None:
-            score = scores.get(row["name"])
-            if score is None:
-                line += f"  {'-':>6}  {'-':>6}  {'-':>6}"
-            else:
-                line += f"  {score['J&F']:6.3f}  {score['J']:6.3f}  {score['F']:6.3f}"
-        memory = row["peak_cuda_mb"] if row["peak_cuda_mb"] is not None else row["peak_rss_mb"]
-        fps = f"{row['fps']:.2f}" if row["fps"] < 1000 else f"{row['fps']:.0f}"
-        line += f"  {row['frames']:>6d}  {fps:>7}  {memory:8.0f}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def evaluate_segmenter(
-    segmenter: Any,
-    description: str,
-    cfg: Any,
-    sequences: list[Any],
-    out_dir: Path,
-    *,
-    device: Any,
-    checkpoint: Path | None = None,
-    workers: int | None = None,
-    queue: int = 16,
-) -> dict[str, Any]:
-    """Segment `sequences` into `out_dir`, write timing.json (and the J&F files when scorable).
-
-    Returns:
-        `{"timing": [per-sequence stats], "results": J&F results or None, "scores": per-sequence
-        scores or None, "scored": [names], "frames", "fps", "peak_rss_mb", "peak_cuda_mb"}`.
-    """
-    from dvos.cli.common import log
-    from dvos.cli.segment_cmd import format_memory
-    from dvos.config import environment_info, save_config, to_dict
-    from dvos.inference.engine import segment_sequence
-    from dvos.inference.writer import MaskWriter
-    from dvos.metrics.evaluation import clear_results, default_workers, evaluate_davis, write_results
-    from dvos.utils.io import write_json
-
-    split = cfg.data.split
-    clear_results(out_dir, split)  # no stale numbers if this run fails
-    (out_dir / TIMING_JSON).unlink(missing_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    log.info(
-        "evaluating %d sequences of %s (%s) with %s on %s → %s",
-        len(sequences),
-        cfg.data.name,
-        cfg.data.root,
-        description,
-        device,
-        out_dir,
-    )
-    timing = []
-    with MaskWriter(out_dir, maxsize=queue) as writer:
-        for sequence in sequences:
-            stats = segment_sequence(segmenter, sequence, writer=writer)
-            timing.append(stats.as_dict())
-            log.info("%s: %d frames, %.2f FPS, %s", stats.name, stats.frames, stats.fps, format_memory(stats))
-    total_frames = sum(row["frames"] for row in timing)
-    total_seconds = sum(row["seconds"] for row in timing)
-    on_cuda = getattr(device, "type", str(device)) == "cuda"
-    summary = {
-        "frames": total_frames,
-        "seconds": total_seconds,
-        "fps": total_frames / total_seconds if total_seconds > 0 else None,
-        "peak_rss_mb": max(row["peak_rss_mb"] for row in timing),
-        "peak_cuda_mb": max((row["peak_cuda_mb"] or 0.0) for row in timing) if on_cuda else None,
-    }
-    run_info = {
-        "command": "evaluate",
-        "method": description,
-        "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-        "device": str(device),
-        "max_size": getattr(segmenter, "max_size", None),
-        "min_size": getattr(segmenter, "min_size", None),
-        "data": {"name": cfg.data.name, "root": str(cfg.data.root), "split": split},
-        "config": to_dict(cfg),
-        "versions": environment_info(),
-    }
-    write_json(
-        out_dir / TIMING_JSON,
-        {
-            **{k: run_info[k] for k in ("method", "checkpoint", "device", "max_size", "min_size")},
-            **summary,
-            "sequences": timing,
-        },
-    )
-    scored = [s.name for s in sequences if s.has_full_gt] if cfg.data.format == "davis" else []
-    results = scores = None
-    if scored:
-        started = time.perf_counter()
-        results = evaluate_davis(
-            cfg.data.root,
-            out_dir,
-            year=int(cfg.data.year),
-            split=split,
-            sequences=scored,
-            workers=workers or default_workers(len(scored)),
-        )
-        run_info["seconds_jf"] = round(time.perf_counter() - started, 3)
-        run_info["scored_sequences"] = scored
-        write_results(results, out_dir, split, config=run_info)
-        scores = sequence_scores(results, scored)
-    return {"timing": timing, "results": results, "scores": scores, "scored": scored, **summary}
-
-
 def run(args: argparse.Namespace) -> int:
     # Imported here: `dvos --help` should not pay for torch.
-    from dvos.cli.common import build_eval_datamodule, prepare_data, setup_logging
+    from dvos.cli.common import setup_logging
     from dvos.cli.segment_cmd import build_segmenter, config_overrides, resolve_device
     from dvos.config import load_config
+    from dvos.data.builders import build_eval_datamodule, prepare_data
     from dvos.utils.errors import DvosError
     from dvos.utils.io import ensure_writable_dir
 

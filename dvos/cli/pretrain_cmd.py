@@ -66,8 +66,9 @@ def pretrain_teacher(cfg: DictConfig, run_dir: Path, output: Path) -> Path:
     """Run CRW pretraining on `data.train_root` clips and export the encoder to `output`."""
     import lightning.pytorch as pl
 
-    from dvos.cli.common import build_clip_datamodule, log
+    from dvos.cli.common import log
     from dvos.cli.factory import build_trainer, finish_wandb
+    from dvos.data.builders import build_clip_datamodule
     from dvos.lit.pretrain import CRWPretrainModule, export_teacher_encoder
 
     check_pretrain_config(cfg)
@@ -147,9 +148,10 @@ def ensure_teacher(cfg: DictConfig, run_dir: Path, *, force: bool = False) -> No
 
 
 def run(args: argparse.Namespace) -> int:
-    from dvos.cli.common import prepare_data, setup_logging, start_run
+    from dvos.cli.common import setup_logging, start_run
     from dvos.cli.factory import check_trainer
     from dvos.config import load_config
+    from dvos.data.builders import prepare_data
 
     setup_logging()
     cfg = load_config(args.overrides)

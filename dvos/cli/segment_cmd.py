@@ -218,7 +218,7 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
     """
     from dvos.inference.checkpoints import find_latest_checkpoint, load_student
     from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
-    from dvos.models.teacher import build_teacher
+    from dvos.models.build import build_teacher
 
     sizes = {
         "max_size": size_limit_of(args, cfg, "max_size"),
@@ -242,14 +242,6 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
             return StudentSegmenter(student, device=device, **sizes, **reading), description, None
     student, description = load_student(checkpoint, cfg.model, runs_dir=cfg.paths.runs_dir)
     return StudentSegmenter(student, device=device, **sizes, **reading), description, Path(checkpoint)
-
-
-def format_memory(stats: Any) -> str:
-    """Peak memory of a `SequenceStats` in one phrase."""
-    text = f"peak RSS {stats.peak_rss_mb:.0f} MB (process baseline {stats.rss_before_mb:.0f} MB)"
-    if stats.peak_cuda_mb is not None:
-        text += f", peak CUDA {stats.peak_cuda_mb:.0f} MB"
-    return text
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.config import load_config
     from dvos.data.readers import open_video
     from dvos.inference.engine import mask_object_ids, segment_sequence
+    from dvos.inference.evaluate import format_memory
     from dvos.inference.writer import MaskWriter
     from dvos.utils.errors import DataError
     from dvos.utils.io import check_writable_file

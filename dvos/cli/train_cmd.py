@@ -94,117 +94,22 @@ def resumed_config(cfg: Any, overrides: list[str]) -> Any:
     return resumed
 
 
-def count_parameters(module: Any) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
-
-
-def final_student_checkpoint(cfg: Any, trainer: Any) -> str | None:
-    """The checkpoint the final table scores (`eval.final_checkpoint`): the best on val/J&F, or
-    last.ckpt; None when the run kept no such file (the student in memory, at the end of training)."""
-    from dvos.callbacks.checkpoints import LastCheckpoint
-
-    if cfg.eval.final_checkpoint == "last":
-        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
-        path = last.last_model_path if last is not None else ""
-    else:
-        path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    return path or None
-
-
-def final_evaluation(cfg: Any, run_dir: Path, module: Any, student_checkpoint: str | None) -> dict[str, dict]:
-    """Copy baseline, teacher and student on the validation set: J&F, J, F, FPS, parameters.
-    `student_checkpoint`: the student's checkpoint (`final_student_checkpoint`), else the module's."""
-    import torch
-
-    from dvos.cli.common import build_eval_datamodule, log
-    from dvos.cli.evaluate_cmd import evaluate_segmenter
-    from dvos.inference.checkpoints import load_student
-    from dvos.inference.engine import CopySegmenter, StudentSegmenter, TeacherSegmenter, reading_options
-
-    eval_data = build_eval_datamodule(cfg)
-    eval_data.setup("validate")
-    sequences = list(eval_data.dataset)
-    device = torch.device("cpu") if module.device.type == "cpu" else module.device
-    max_size, min_size = cfg.eval.max_size, cfg.eval.min_size
-    if student_checkpoint:
-        student, description = load_student(student_checkpoint, cfg.model)
-    else:
-        student, description = module.eval_student, "the student at the end of training"
-    teacher = module.teacher
-    reading = reading_options(cfg.eval)  # the edge refinement applies to the teacher and the student alike
-    candidates = [
-        ("baseline", CopySegmenter(), "first-frame copy baseline", 0),
-        (
-            "teacher",
-            TeacherSegmenter(
-                teacher, device=device, max_size=max_size, min_size=min_size, refine=reading["refine"]
-            ),
-            f"teacher ({cfg.teacher.encoder}, {cfg.teacher.checkpoint or 'random weights'})",
-            count_parameters(teacher.encoder),
-        ),
-        (
-            "student",
-            StudentSegmenter(
-                student.eval(),
-                device=device,
-                max_size=max_size,
-                min_size=min_size,
-                **reading,
-            ),
-            f"student ({description})",
-            count_parameters(student),
-        ),
-    ]
-    summary = {}
-    for name, segmenter, what, params in candidates:
-        report = evaluate_segmenter(segmenter, what, cfg, sequences, run_dir / "eval" / name, device=device)
-        if report["results"] is None:
-            log.warning("%s: the validation set has no dense ground truth; no J&F", name)
-            continue
-        scores = report["results"]["global"]
-        summary[name] = {
-            "J&F": scores["J&F-Mean"],
-            "J": scores["J-Mean"],
-            "F": scores["F-Mean"],
-            "fps": report["fps"],
-            "params": params,
-            "peak_rss_mb": report["peak_rss_mb"],
-        }
-    return summary
-
-
-def format_summary(summary: dict[str, dict]) -> str:
-    """The table `make train` prints; FPS of a method without a model (the copy baseline, which
-    only hands back its first mask) is shown as "-" (summary.json keeps the measured rate)."""
-    lines = [f"{'':<9} {'J&F':>6} {'J':>6} {'F':>6} {'FPS':>8} {'params':>10}"]
-    for name, row in summary.items():
-        fps = f"{row['fps']:.1f}" if row["fps"] is not None and row["params"] > 0 else "-"
-        lines.append(
-            f"{name:<9} {row['J&F']:6.3f} {row['J']:6.3f} {row['F']:6.3f} {fps:>8} {row['params'] / 1e6:9.2f}M"
-        )
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     # Imported here: `dvos --help` and light commands should not pay for torch / lightning.
     import lightning.pytorch as pl
 
+    from dvos.callbacks.checkpoints import final_student_checkpoint
     from dvos.callbacks.stopping import stopped_by_timer
-    from dvos.cli.common import (
-        build_clip_datamodule,
-        build_eval_datamodule,
-        is_launched_rank,
-        log,
-        prepare_data,
-        setup_logging,
-        start_run,
-    )
+    from dvos.cli.common import is_launched_rank, log, setup_logging, start_run
     from dvos.cli.factory import build_trainer, check_trainer, finish_wandb
     from dvos.cli.pretrain_cmd import ensure_teacher
     from dvos.config import load_config, save_config
+    from dvos.data.builders import build_clip_datamodule, build_eval_datamodule, prepare_data
+    from dvos.inference.evaluate import final_evaluation, format_summary
     from dvos.lit.distill import DistillationModule, check_distill_config
     from dvos.utils.errors import TimeBudgetSpent
     from dvos.utils.io import write_json
+    from dvos.utils.run_summary import publish_run_summary
 
     setup_logging()
     cfg = load_config(args.overrides)
@@ -218,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     prepare_data(cfg)
     ensure_teacher(cfg, run_dir)
     # Seeded after the teacher: pretraining it here draws random numbers that loading it from the
-    # cache does not, and a run must give the same student either way (docs/DESIGN.md).
+    # cache does not, and a run must give the same student either way
+    # (docs/DESIGN.md, "Distillation training").
     pl.seed_everything(int(cfg.seed), workers=True)
     if not is_launched_rank():
         save_config(cfg, run_dir / "config.yaml")  # now with the teacher file it uses
@@ -243,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     summary = final_evaluation(cfg, run_dir, module, final_student_checkpoint(cfg, trainer))
     write_json(run_dir / "summary.json", summary)
-    from dvos.cli.run_summary import publish_run_summary
-
     publish_run_summary(trainer, summary, run_dir)  # the same W&B summary keys in every run (rank 0)
     finish_wandb(trainer)  # now, so that W&B's closing lines come before the table and the folder
     print(format_summary(summary))

@@ -3,7 +3,7 @@
 Every reader gives random access to RGB uint8 frames (`H × W × 3`) by index, batched reads in the
 caller's order, the frame names used to name predictions, the frame size and the frame rate.
 
-decord traps handled here (see docs/DESIGN.md §5): `get_batch` is given sorted, unique indices and
+decord traps handled here (see docs/DESIGN.md, "Data"): `get_batch` is given sorted, unique indices and
 the result is put back in the caller's order; a missing, empty or truncated file raises
 `RuntimeError` while damaged frame data raises `decord._ffi.base.DECORDError`, which is *not* a
 `RuntimeError`, so every decord call is wrapped in `except Exception` and re-raised as a one-line

@@ -5,7 +5,7 @@ appears and the palette of the first mask; frames and masks are read only when a
 (`load_frame(t)`, `load_mask(t)`), so an inference engine can walk a long sequence frame by frame
 with bounded memory. Building the records reads one mask and one image header per sequence.
 
-Layouts (docs/DESIGN.md §3):
+Layouts (docs/DESIGN.md, "Data"; docs/data.md):
 
 - DAVIS: `ROOT/JPEGImages/<res>/<seq>/*.jpg`, `ROOT/Annotations/<res>/<seq>/*.png`,
   `ROOT/ImageSets/<year>/<split>.txt`. Objects are the ids of the first mask (255 = void is not

@@ -20,17 +20,20 @@ none a randomly initialised student with a logged warning: every command runs wi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
+from dvos.config import ModelConfig
+from dvos.models.build import build_student, model_config
 from dvos.models.state import state_dict_problems
-from dvos.models.student import DeformableStudent, build_student
+from dvos.models.student import DeformableStudent
 from dvos.utils.errors import DvosError
 from dvos.utils.runs import is_failed
 
@@ -137,22 +140,6 @@ def student_state_dict(checkpoint: Any, path: Path) -> tuple[dict[str, torch.Ten
     return tensors, "state dict"
 
 
-def _model_options(model_cfg: Any) -> dict[str, Any]:
-    """A model config (DictConfig, dataclass, dict, namespace) as a plain dict."""
-    if model_cfg is None:
-        return {}
-    if isinstance(model_cfg, Mapping):
-        return dict(model_cfg)
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(model_cfg, DictConfig):
-            return dict(OmegaConf.to_container(model_cfg, resolve=True))  # type: ignore[arg-type]
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return {k: v for k, v in vars(model_cfg).items() if not k.startswith("_")}
-
-
 def _load_weights(student: DeformableStudent, state: dict[str, torch.Tensor], path: Path) -> None:
     problems = state_dict_problems(student.state_dict(), state)
     if problems:
@@ -162,7 +149,7 @@ def _load_weights(student: DeformableStudent, state: dict[str, torch.Tensor], pa
 
 def load_student(
     path: str | os.PathLike | None,
-    model_cfg: Any,
+    model_cfg: ModelConfig | DictConfig | Mapping[str, Any],
     *,
     runs_dir: str | os.PathLike = "runs",
 ) -> tuple[DeformableStudent, str]:
@@ -171,17 +158,18 @@ def load_student(
     Args:
         path: a Lightning checkpoint or a plain student state dict; None: the latest
             `<runs_dir>/*/checkpoints/last.ckpt`, else a randomly initialised student (with a warning).
-        model_cfg: the model config (`cfg.model`) used when the checkpoint carries none.
+        model_cfg: the model config (`cfg.model`, `dvos.models.build.model_config`) used when the
+            checkpoint carries none.
         runs_dir: where runs are looked for when `path` is None.
 
     Raises:
         DvosError: the file is missing, unreadable, or its weights do not fit (one line naming it).
     """
-    options = _model_options(model_cfg)
+    cfg = model_config(model_cfg)
     if path is None:
         path = find_latest_checkpoint(runs_dir)
         if path is None:
-            student, init = build_student(SimpleNamespace(**options))
+            student, init = build_student(cfg)
             message = (
                 f"no trained checkpoint found under {Path(runs_dir)}/: using a randomly initialised student; "
                 "predictions will be meaningless"
@@ -194,14 +182,14 @@ def load_student(
     state, source = student_state_dict(checkpoint, path)
     saved = checkpoint.get("dvos_config") if isinstance(checkpoint, Mapping) else None
     if isinstance(saved, Mapping) and isinstance(saved.get("model"), Mapping):
-        options.update(saved["model"])
+        cfg = model_config({**dataclasses.asdict(cfg), **saved["model"]})
         config_source = "the checkpoint's config"
     else:
         config_source = "the given model config"
     # The checkpoint overwrites every weight: no need to read ImageNet weights first.
-    options["pretrained"] = "none"
+    cfg = dataclasses.replace(cfg, pretrained="none")
     try:
-        student, _ = build_student(SimpleNamespace(**options))
+        student, _ = build_student(cfg)
     except (TypeError, ValueError, AttributeError) as err:
         raise DvosError(
             f"checkpoint {path}: cannot build the student from {config_source}: {_one_line(err)}"

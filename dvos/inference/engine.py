@@ -63,9 +63,11 @@ from dvos.config import MIN_MODEL_SIZE
 from dvos.data.readers import FrameReader
 from dvos.data.vos import VOSSequence
 from dvos.inference.writer import MaskWriter
+from dvos.models.grid import upsample_probabilities
+from dvos.models.memory import Memory
 from dvos.models.refine import EdgeRefinement
-from dvos.models.student import DeformableStudent, Memory, labels_to_onehot, reading_problem
-from dvos.models.teacher import LabelPropagationTeacher, upsample_probabilities
+from dvos.models.student import DeformableStudent, labels_to_onehot, reading_problem
+from dvos.models.teacher import LabelPropagationTeacher
 from dvos.utils.errors import ConfigError, DataError
 from dvos.utils.masks import VOID_ID
 

@@ -69,7 +69,8 @@ from torch import nn
 from dvos import __version__
 from dvos.config import MIN_MODEL_SIZE
 from dvos.inference.engine import _TorchSegmenter
-from dvos.models.student import FEATURE_STRIDE, DeformableStudent, Memory
+from dvos.models.memory import Memory
+from dvos.models.student import FEATURE_STRIDE, DeformableStudent
 from dvos.utils.errors import DvosError
 from dvos.utils.io import atomic_path, ensure_writable_dir, write_bytes
 

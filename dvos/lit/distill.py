@@ -45,10 +45,11 @@ from dvos.inference.engine import reading_options
 from dvos.lit.losses import DistillationLoss, objects_to_valid, segmentation_loss, teacher_probabilities
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
+from dvos.models.build import build_student, build_teacher
 from dvos.models.deformable import DeformableAttentionAux
 from dvos.models.refine import bilateral_refine
-from dvos.models.student import DeformableStudent, build_student, labels_to_onehot
-from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention, build_teacher
+from dvos.models.student import DeformableStudent, labels_to_onehot
+from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention
 from dvos.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def reference_reconstruction_loss(
 
     Label-free (the reference objects are the pseudo-objects, or frame 0's annotation): it asks the
     ID embedding and the decoder to give a mask back as sharp as it went in, which the teacher's
-    stride-8 targets of later frames cannot (docs/DESIGN.md, "The default make train").
+    stride-8 targets of later frames cannot (docs/DESIGN.md, "The CPU recipe").
     """
     valid = None
     if num_objects is not None:
@@ -185,8 +186,7 @@ def paste_occluders(
     passes over whatever is there. The teacher and the student see the same pasted clip (the
     pseudo-objects and the targets are made after it): no label is involved. The distillation's
     `occluder_prob`: short clips of slowly moving crops seldom show an object occluded or two
-    objects meeting, where the student loses them at test time (docs/DESIGN.md, "The default make
-    train").
+    objects meeting, where the student loses them at test time (docs/DESIGN.md, "The CPU recipe").
     """
     batch, length, _, height, width = frames.shape
     out = frames.clone()

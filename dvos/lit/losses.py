@@ -1,4 +1,5 @@
-"""Training losses as pure functions: distillation (docs/DESIGN.md §1) and CRW pretraining (§2.1).
+"""Training losses as pure functions: distillation (docs/METHOD.md, "Distillation losses") and CRW
+pretraining (docs/METHOD.md, "Pre-training the teacher (contrastive random walk)").
 
 All arithmetic runs in float32 with autocast disabled, whatever the inputs' dtype.
 
@@ -589,7 +590,7 @@ def pseudo_label_ce(
 # --------------------------------------------------------------------------------------------------
 class DistillationLoss(nn.Module):
     """λ_att·L_att + λ_inter·L_inter + λ_intra·L_intra + λ_ce·L_ce + λ_jaccard·L_jaccard
-    (docs/DESIGN.md §1; the last two to the teacher's hard pseudo-mask, `pseudo_label_ce`).
+    (docs/METHOD.md, "Distillation losses"; the last two to the teacher's hard pseudo-mask, `pseudo_label_ce`).
 
     Terms with λ = 0 are still computed for logging (without gradients). The parts are returned
     unweighted and detached: `{"att", "inter", "intra", "ce", "jaccard"}`.

@@ -12,7 +12,7 @@ Optimisation: AdamW (weight decay on conv/linear weights only, not on BatchNorm 
 warm-up then cosine or polynomial decay, stepped every optimizer step (`WarmupDecay`).
 
 Checkpoints: the encoder is the attribute `encoder` (keys `encoder.*`, what
-`dvos.models.teacher.load_resnet_encoder` picks from a Lightning checkpoint); the head is `head`
+`dvos.models.teacher_checkpoint.load_resnet_encoder` picks from a Lightning checkpoint); the head is `head`
 (keys `head.*`, ignored by it). Hyper-parameters are plain ints, floats and strings, and the
 scheduler's state is a plain dict, so a checkpoint loads with `torch.load(weights_only=True)`.
 `export_teacher_encoder` writes the encoder alone: `{"encoder.<key>": tensor, ...,
@@ -137,7 +137,8 @@ class CRWPretrainModule(pl.LightningModule):
         spatial_jitter: while training, every frame of a clip is cropped to (H − j) × (W − j) at
             its own random offset in [0, j]² pixels (`jitter_frames`). CRW's spatial jitter: a
             dense encoder with zero padding can otherwise return the walk by absolute position
-            (distance to the border) instead of appearance (docs/DESIGN.md, Teacher). 0: off.
+            (distance to the border) instead of appearance
+            (docs/METHOD.md, "Pre-training the teacher (contrastive random walk)"). 0: off.
         lr, weight_decay: AdamW.
         warmup_steps: linear warm-up length (optimizer steps).
         max_steps: schedule length; None takes the trainer's `estimated_stepping_batches`.
@@ -267,7 +268,7 @@ def export_teacher_encoder(ckpt_path: str | os.PathLike, out_path: str | os.Path
     The file holds `{"encoder.<key>": tensor, ...}` (the encoder's state dict, BatchNorm buffers
     included) and `"encoder_config"` (widths, depths, stem_width, output_stride; also
     `"global_step"` and `"source"`); it loads with `torch.load(weights_only=True)` and with
-    `dvos.models.teacher.load_resnet_encoder` (which reads the architecture from the tensor shapes
+    `dvos.models.teacher_checkpoint.load_resnet_encoder` (which reads the architecture from the tensor shapes
     and assumes output stride 8). Written atomically.
 
     Raises:

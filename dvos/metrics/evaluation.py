@@ -1,6 +1,6 @@
 """DAVIS semi-supervised evaluation: read a ground-truth tree and a prediction folder, score J&F.
 
-The rules of the official davis2017-evaluation toolkit (docs/DESIGN.md §3) live in one place,
+The rules of the official davis2017-evaluation toolkit (docs/DESIGN.md, "J&F") live in one place,
 `score_sequence`, used both by the folder evaluation (`evaluate_sequence`, `evaluate_davis`, the
 `dvos eval-masks` command) and by in-memory evaluation (`evaluate_arrays`: training validation and
 `JFMetric`):

@@ -1,7 +1,7 @@
 """Per-frame J (region similarity) and F (boundary accuracy) and their per-object statistics.
 
 Every formula here reproduces the official davis2017-evaluation toolkit bit for bit (see
-docs/DESIGN.md §3): J = |G ∩ P| / |G ∪ P| with J = 1 when both masks are empty; F is the F-measure
+docs/DESIGN.md, "J&F"): J = |G ∩ P| / |G ∪ P| with J = 1 when both masks are empty; F is the F-measure
 of boundary pixels matched within a disk of radius ceil(0.008 · ‖(H, W)‖) pixels, using the
 toolkit's one-sided `seg2bmap` boundary. Only the speed differs, by two exact equivalences: F is
 computed on a crop around the two masks of each frame (see `_crop_box`), not on the full frame, and

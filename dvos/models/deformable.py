@@ -17,7 +17,7 @@ through one `DeformableAttention`:
 Heads are split into groups; the heads of one group use the group's channels and share its sampling
 points (num_groups divides num_heads).
 
-Coordinate conventions (DESIGN.md §2.4), used everywhere in dvos:
+Coordinate conventions (docs/DESIGN.md, "Tensors and images"), used everywhere in dvos:
 
 - pixel coordinates (x, y): x indexes width, y height; pixel i's centre is at i (so a map of width W
   spans [-0.5, W - 0.5]);
@@ -192,8 +192,8 @@ def apply_attention(attention: torch.Tensor, value: torch.Tensor) -> torch.Tenso
 # at a time, each block at most this many elements (8 MB in float32): the whole map of a 600-px frame's
 # self-propagation is 8 × 2546² elements (198 MB, and as much again for its softmax), of a 1080p
 # frame's 8 × 8160² (2 GB). The rows of a softmax are independent, so the result is the same up to
-# float rounding (the embedded evaluation's masks were identical); on the 2-core CPU of
-# docs/DESIGN.md the maps were about twice as fast in blocks (`make bench`, "attention").
+# float rounding (the embedded evaluation's masks were identical), and on a CPU the blocks are faster
+# too (`make bench`, "attention": docs/LOG.md, "2026-12-06 — Attention in row blocks at inference").
 ATTENTION_BLOCK_ELEMENTS = 1 << 21
 
 

@@ -8,7 +8,8 @@ RGB in [0, 1]), repeated `iterations` times. Across a colour edge the weights va
 boundary that sits a few pixels off an edge is pulled onto it; inside a uniform region it only
 smooths. Used for the distillation's reference objects and hard targets
 (`distill.refine_iterations`) and, as `EdgeRefinement`, on the student's output at inference
-(`eval.refine_*`: the mask it returns and the one it keeps as short-term memory; docs/DESIGN.md).
+(`eval.refine_*`: the mask it returns and the one it keeps as short-term memory;
+docs/METHOD.md, "Inference").
 """
 
 from __future__ import annotations

@@ -10,22 +10,9 @@
     decode:    FPN with stride-8 and stride-4 skips → per-object logits, bilinear to the input size,
                ids above the clip's object count masked out
 
-Decisions (where DeAOT, DAT and the paper's summary leave a choice; all are constructor arguments):
+Decisions (where DeAOT, DAT and the paper's summary leave a choice; all are constructor arguments;
+those of the propagation layer in dvos/models/propagation.py):
 
-- Queries of the current frame and keys of memory frames share one projection (AOT's design: the
-  attention is a feature affinity, like the label-propagation teacher's that it is distilled from),
-  computed from LayerNorm(embedding) + position; visual values from LayerNorm(embedding); the ID
-  branch reads the ID embedding itself (already a learned linear map of the one-hot).
-- Memory stores projected keys/values at full memory resolution, once per frame; each query frame
-  reads them at ⌈h/s⌉·⌈w/s⌉ points per group (`deform_stride` s = 2 → a quarter of the tokens).
-- Long-term and short-term attention have their own offset networks (motion relative to the first
-  frame and to the previous frame differ); their outputs are summed per branch, then gated:
-  out = W_o((A_long V_long + A_short V_short) ⊙ SiLU(W_u x)).
-- The ID stream starts at the gated ID read-out (the query frame has no ID input of its own); the
-  self-propagation computes one attention map from the visual stream and applies it to both streams.
-- num_groups = 4 by default with 8 heads: 2 heads share each set of sampling points, so the layer
-  looks at 4 different point sets per memory frame while each group's offset network still sees
-  d/4 = 64 channels (DAT's stage-3 setting is 3–4 heads per group).
 - ID permutation (AOT's random identity assignment): in training mode with `permute_ids=True` every
   sample of a clip draws a random permutation of the object slots 1..max_objects (background stays
   0) when its memory is initialised; masks are embedded through it and the logits are mapped back,
@@ -35,6 +22,10 @@ Decisions (where DeAOT, DAT and the paper's summary leave a choice; all are cons
 - Padding: frames whose sides are not multiples of 16 are padded (replicate, split evenly) before
   the encoder and the logits cropped back (`pad_to_stride`, `unpad`).
 
+Its parts have their own modules: the memory (dvos/models/memory.py), the propagation layer
+(dvos/models/propagation.py), the decoder (dvos/models/decoder.py). `dvos.models.build` builds the
+student from a config.
+
 `forward` is the frame step with explicit tensors in and out (for TorchScript tracing / ONNX export
 at a fixed input size); `step`/`segment_clip` are the convenient forms with a `Memory` object.
 """
@@ -42,22 +33,18 @@ at a fixed input size); `step`/`segment_clip` are the convenient forms with a `M
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvos.models.deformable import (
-    DeformableAttention,
-    DeformableAttentionAux,
-    attend,
-    split_heads,
-)
-from dvos.models.layers import ConvGroupNormReLU, pad_to_stride, sine_position_embedding, unpad
+from dvos.models.decoder import FPNDecoder
+from dvos.models.deformable import DeformableAttentionAux
+from dvos.models.layers import pad_to_stride, sine_position_embedding, unpad
+from dvos.models.memory import Memory
+from dvos.models.propagation import GatedDeformablePropagation
 
 FEATURE_STRIDE = 16  # stride of the propagation map (the encoder's output stride)
 ABSENT_LOGIT = -1e4  # logit of ids above a clip's object count: exp() underflows to 0, fp16-safe
@@ -84,51 +71,6 @@ class FrameFeatures(NamedTuple):
     embedding: torch.Tensor
     position: torch.Tensor
     pad: tuple[int, int, int, int]
-
-
-@dataclass
-class Memory:
-    """Constant-size memory of one clip: the reference frame (long-term) and the previous frame
-    (short-term). Every map is B × d × h × w.
-
-    Attributes:
-        reference_key, reference_value: the propagation layer's keys and visual values of the reference
-            frame.
-        reference_id: ID embedding of the reference masks.
-        previous_key, previous_value, previous_id: the same for the previous frame (its predicted mask).
-        id_permutation: B × (max_objects + 1) long; object id c is embedded in slot id_permutation[:, c]
-            (identity in eval mode; entry 0, the background, is always 0).
-    """
-
-    reference_key: torch.Tensor
-    reference_value: torch.Tensor
-    reference_id: torch.Tensor
-    previous_key: torch.Tensor
-    previous_value: torch.Tensor
-    previous_id: torch.Tensor
-    id_permutation: torch.Tensor
-
-    def replace_short_term(
-        self, key: torch.Tensor, value: torch.Tensor, id_embedding: torch.Tensor
-    ) -> Memory:
-        """A new Memory whose previous frame is (key, value, id_embedding); the long-term part is kept.
-
-        Args:
-            key, value, id_embedding: B × d × h × w each, the same shapes as the ones replaced.
-        """
-        if key.shape != self.previous_key.shape or id_embedding.shape != self.previous_id.shape:
-            raise ValueError(
-                f"short-term memory shapes change: {tuple(key.shape)} vs {tuple(self.previous_key.shape)}"
-            )
-        return dataclasses.replace(self, previous_key=key, previous_value=value, previous_id=id_embedding)
-
-    def detach(self) -> Memory:
-        """A copy cut from the autograd graph (truncated back-propagation through time)."""
-        return Memory(*(tensor.detach() for tensor in self.tensors()))
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """All fields in declaration order (the explicit inputs of `DeformableStudent.forward`)."""
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
 
 
 class StepOutput(NamedTuple):
@@ -177,253 +119,6 @@ def labels_to_onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
 
 
-def _map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """B × C × h × w → B × (h·w) × C (row-major tokens)."""
-    return x.flatten(2).transpose(1, 2)
-
-
-def _tokens_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """B × (h·w) × C → B × C × h × w."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
-
-
-# --------------------------------------------------------------------------------------------------
-# Parts
-# --------------------------------------------------------------------------------------------------
-# silu(x) = 1 at x ≈ 1.2785: a gate bias that lets a signal through unchanged.
-SILU_ONE = 1.2784645427610738
-
-
-class GatedDeformablePropagation(nn.Module):
-    """DeAOT's gated propagation with deformable long-term and short-term attention.
-
-    Args:
-        dim: d.
-        num_heads, num_groups, deform_stride, offset_range, offset_kernel: see `DeformableAttention`.
-        attention_scale, attention_topk: see `DeformableAttention` (`attention_scale`, `topk`).
-        ffn_ratio: hidden width of the feed-forward, in multiples of d.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        num_heads: int = 8,
-        num_groups: int = 4,
-        deform_stride: int = 2,
-        offset_range: float = 4.0,
-        offset_kernel: int = 5,
-        ffn_ratio: float = 2.0,
-        attention_scale: float = 0.0,
-        attention_topk: int = 0,
-    ) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        deform = dict(
-            num_heads=num_heads,
-            num_groups=num_groups,
-            stride=deform_stride,
-            offset_range=offset_range,
-            offset_kernel=offset_kernel,
-            attention_scale=attention_scale,
-            topk=attention_topk,
-        )
-        # Reading the memory (long-term + short-term). The ID stream sums the two reads weighted
-        # w and 2 − w (`long_term_weight`, 1 in training; an inference-time setting, see
-        # `DeformableStudent.reading`), not a parameter: it is not in the state dict.
-        self.long_term_weight = 1.0
-        self.norm_input = nn.LayerNorm(dim)
-        self.to_query_key = nn.Linear(dim, dim)  # shared by the query frame and the memory frames
-        self.to_value = nn.Linear(dim, dim)
-        self.long_term = DeformableAttention(dim, **deform)
-        self.short_term = DeformableAttention(dim, **deform)
-        self.gate_visual = nn.Linear(dim, dim)
-        self.out_visual = nn.Linear(dim, dim)
-        self.gate_id = nn.Linear(dim, dim)
-        self.out_id = nn.Linear(dim, dim)
-        # Self-propagation among the query tokens.
-        self.norm_self_visual = nn.LayerNorm(dim)
-        self.norm_self_id = nn.LayerNorm(dim)
-        self.self_query_key = nn.Linear(dim, 2 * dim)
-        self.self_value_visual = nn.Linear(dim, dim)
-        self.self_value_id = nn.Linear(dim, dim)
-        self.self_gate_visual = nn.Linear(dim, dim)
-        self.self_gate_id = nn.Linear(dim, dim)
-        self.self_out_visual = nn.Linear(dim, dim)
-        self.self_out_id = nn.Linear(dim, dim)
-        # Feed-forward, one per stream.
-        hidden = int(round(ffn_ratio * dim))
-        self.norm_ffn_visual = nn.LayerNorm(dim)
-        self.norm_ffn_id = nn.LayerNorm(dim)
-        self.ffn_visual = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.ffn_id = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        self.norm_out_visual = nn.LayerNorm(dim)
-        self.norm_out_id = nn.LayerNorm(dim)
-
-    @torch.no_grad()
-    def init_for_propagation(self) -> None:
-        """Start as a label propagator: identity q/k projection (attention = feature similarity +
-        position), the ID read passed through unchanged (unit gate, identity output) and the ID
-        stream's residual branches (self-propagation, feed-forward) zero, so that a fresh layer
-        outputs the attention-weighted ID embedding of the memory. Training refines all of it."""
-        nn.init.eye_(self.to_query_key.weight)
-        nn.init.zeros_(self.to_query_key.bias)
-        nn.init.zeros_(self.gate_id.weight)
-        nn.init.constant_(self.gate_id.bias, SILU_ONE)
-        nn.init.eye_(self.out_id.weight)
-        nn.init.zeros_(self.out_id.bias)
-        nn.init.zeros_(self.self_out_id.weight)
-        nn.init.zeros_(self.self_out_id.bias)
-        nn.init.zeros_(self.ffn_id[-1].weight)
-        nn.init.zeros_(self.ffn_id[-1].bias)
-
-    def key_value(self, embedding: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (= queries) and visual values of a frame.
-
-        Args:
-            embedding: B × d × h × w.
-            position: 1 × d × h × w.
-
-        Returns:
-            (key, value): B × d × h × w each.
-        """
-        height, width = embedding.shape[-2:]
-        normed = self.norm_input(_map_to_tokens(embedding))
-        key = self.to_query_key(normed + _map_to_tokens(position))
-        value = self.to_value(normed)
-        return _tokens_to_map(key, height, width), _tokens_to_map(value, height, width)
-
-    def read_memory(
-        self,
-        embedding: torch.Tensor,
-        query: torch.Tensor,
-        memory: Memory,
-        *,
-        return_attention: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, DeformableAttentionAux] | None]:
-        """Gated deformable long-term + short-term read-out.
-
-        Args:
-            embedding: B × d × h × w, the query frame's embedding (the residual stream).
-            query: B × d × h × w, its projected queries (`key_value`'s key).
-            memory: the clip's memory.
-
-        Returns:
-            (visual, identity, aux): visual and ID streams B × N × d (N = h·w); aux or None.
-        """
-        long_visual_id, long_aux = self.long_term(
-            query,
-            memory.reference_key,
-            (memory.reference_value, memory.reference_id),
-            return_aux=return_attention,
-        )
-        short_visual_id, short_aux = self.short_term(
-            query,
-            memory.previous_key,
-            (memory.previous_value, memory.previous_id),
-            return_aux=return_attention,
-        )
-        tokens = _map_to_tokens(embedding)
-        normed = self.norm_input(tokens)
-        visual_read = long_visual_id[0] + short_visual_id[0]
-        weight = float(self.long_term_weight)  # 1: the trained sum, exactly (× 1.0 is exact)
-        id_read = weight * long_visual_id[1] + (2.0 - weight) * short_visual_id[1]
-        visual = tokens + self.out_visual(visual_read * F.silu(self.gate_visual(normed)))
-        identity = self.out_id(id_read * F.silu(self.gate_id(normed)))
-        aux = None
-        if return_attention:
-            aux = {"long_term": long_aux, "short_term": short_aux}
-        return visual, identity, aux
-
-    def self_propagate(
-        self, visual: torch.Tensor, identity: torch.Tensor, position: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gated self-attention among the query tokens; the map comes from the visual stream.
-
-        Args:
-            visual, identity: B × N × d.
-            position: 1 × d × h × w.
-
-        Returns:
-            (visual, identity): B × N × d each, with residuals.
-        """
-        normed_visual = self.norm_self_visual(visual)
-        normed_id = self.norm_self_id(identity)
-        query, key = self.self_query_key(normed_visual + _map_to_tokens(position)).chunk(2, dim=-1)
-        values = [self.self_value_visual(normed_visual), self.self_value_id(normed_id)]
-        visual_read, id_read = attend(
-            split_heads(query, self.num_heads),
-            split_heads(key, self.num_heads),
-            [split_heads(value, self.num_heads) for value in values],
-            need_weights=False,
-        )[0]
-        visual = visual + self.self_out_visual(visual_read * F.silu(self.self_gate_visual(normed_visual)))
-        identity = identity + self.self_out_id(id_read * F.silu(self.self_gate_id(normed_id)))
-        return visual, identity
-
-    def forward(
-        self,
-        embedding: torch.Tensor,
-        position: torch.Tensor,
-        memory: Memory,
-        *,
-        return_attention: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, DeformableAttentionAux] | None]:
-        """Propagate the memory to one query frame.
-
-        Args:
-            embedding: B × d × h × w, the query frame's embedding.
-            position: 1 × d × h × w.
-            memory: the clip's memory (maps of the same h × w).
-
-        Returns:
-            (propagated, key, value, aux): propagated B × 2d × h × w (channels [0, d) the visual stream,
-            [d, 2d) the ID stream); the query frame's key and visual value B × d × h × w (what it
-            contributes to the memory); aux or None.
-        """
-        height, width = embedding.shape[-2:]
-        key, value = self.key_value(embedding, position)
-        visual, identity, aux = self.read_memory(embedding, key, memory, return_attention=return_attention)
-        visual, identity = self.self_propagate(visual, identity, position)
-        visual = visual + self.ffn_visual(self.norm_ffn_visual(visual))
-        identity = identity + self.ffn_id(self.norm_ffn_id(identity))
-        propagated = torch.cat((self.norm_out_visual(visual), self.norm_out_id(identity)), dim=-1)
-        return _tokens_to_map(propagated, height, width), key, value, aux
-
-
-class FPNDecoder(nn.Module):
-    """Propagated stride-16 map + stride-8 and stride-4 encoder skips → stride-4 logits.
-
-    Args:
-        in_channels: channels of the propagated map (2d).
-        skip_channels: (C4, C8) of the stride-4 and stride-8 encoder maps.
-        num_outputs: max_objects + 1.
-        hidden: width at stride 16 (halved at strides 8 and 4).
-    """
-
-    def __init__(
-        self, in_channels: int, skip_channels: Sequence[int], num_outputs: int, *, hidden: int = 256
-    ) -> None:
-        super().__init__()
-        half = hidden // 2
-        self.input_proj = ConvGroupNormReLU(in_channels, hidden, 1)
-        self.conv16 = ConvGroupNormReLU(hidden, hidden, 3)
-        self.skip8 = nn.Conv2d(skip_channels[1], hidden, 1)
-        self.conv8 = ConvGroupNormReLU(hidden, half, 3)
-        self.skip4 = nn.Conv2d(skip_channels[0], half, 1)
-        self.conv4 = ConvGroupNormReLU(half, half, 3)
-        self.head = nn.Conv2d(half, num_outputs, 1)
-
-    def forward(self, propagated: torch.Tensor, stride8: torch.Tensor, stride4: torch.Tensor) -> torch.Tensor:
-        """propagated: B × 2d × h × w, stride8: B × C8 × 2h × 2w, stride4: B × C4 × 4h × 4w → B × K+1 × 4h × 4w."""
-        x = self.conv16(self.input_proj(propagated))
-        x = F.interpolate(x, size=stride8.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.conv8(x + self.skip8(stride8))
-        x = F.interpolate(x, size=stride4.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.conv4(x + self.skip4(stride4))
-        return self.head(x)
-
-
 # --------------------------------------------------------------------------------------------------
 # The student
 # --------------------------------------------------------------------------------------------------
@@ -444,8 +139,8 @@ class DeformableStudent(nn.Module):
 
     Args:
         encoder: image encoder, `encoder(B × 3 × H × W in [0, 1]) -> (stride4, stride8, stride16)`;
-            default: `MobileNetV2Encoder()` at output stride 16 with random weights (see `build_student`
-            for ImageNet weights).
+            default: `MobileNetV2Encoder()` at output stride 16 with random weights (ImageNet weights:
+            `dvos.models.build.build_student`).
         encoder_channels: (C4, C8, C16); default: the encoder's `encoder_channels` or `out_channels`.
         d_model: d, channels of the propagation layer (divisible by 4 and by num_heads).
         num_heads: attention heads.
@@ -525,7 +220,7 @@ class DeformableStudent(nn.Module):
         """A fresh student that already propagates labels (see `GatedDeformablePropagation.
         init_for_propagation`): the ID embedding starts as the share of each id in the 17 × 17 patch
         of a cell (channel c = slot c), so the ID stream carries soft labels from the first step and
-        the decoder only has to learn to read them (measured effect: docs/DESIGN.md, Student)."""
+        the decoder only has to learn to read them (docs/METHOD.md, "Identity embedding")."""
         slots = self.max_objects + 1
         if slots > self.d_model:
             raise ValueError(f"propagation_init needs d_model ≥ max_objects + 1, got {self.d_model}")
@@ -887,38 +582,3 @@ class DeformableStudent(nn.Module):
             all_logits.append(output.logits)
             all_aux.append(output.aux)
         return all_logits, all_aux
-
-
-def build_student(model_cfg: Any, *, encoder: nn.Module | None = None) -> tuple[DeformableStudent, str]:
-    """The student from a `ModelConfig` (`cfg.model`), with ImageNet encoder weights as configured.
-
-    Args:
-        model_cfg: has d_model, num_heads, deform_stride, offset_range, offset_kernel, max_objects,
-            pretrained; optional num_groups, decoder_dim, ffn_ratio, permute_ids, permute_slots.
-        encoder: inject an encoder (tests); its weights are left alone.
-
-    Returns:
-        (student, init): init says, in one line, how the encoder was initialised (for the run's log).
-    """
-    student = DeformableStudent(
-        encoder,
-        d_model=model_cfg.d_model,
-        num_heads=model_cfg.num_heads,
-        num_groups=getattr(model_cfg, "num_groups", 4),
-        deform_stride=model_cfg.deform_stride,
-        offset_range=model_cfg.offset_range,
-        offset_kernel=model_cfg.offset_kernel,
-        max_objects=model_cfg.max_objects,
-        decoder_dim=getattr(model_cfg, "decoder_dim", 256),
-        ffn_ratio=getattr(model_cfg, "ffn_ratio", 2.0),
-        permute_ids=getattr(model_cfg, "permute_ids", True),
-        permute_slots=getattr(model_cfg, "permute_slots", None),
-        attention_scale=float(getattr(model_cfg, "attention_scale", 30.0)),
-        attention_topk=int(getattr(model_cfg, "attention_topk", 0)),
-        propagation_init=bool(getattr(model_cfg, "propagation_init", True)),
-    )
-    if encoder is not None:
-        return student, "encoder: injected module"
-    from dvos.models.backbones.weights import load_imagenet_mobilenet_v2
-
-    return student, load_imagenet_mobilenet_v2(student.encoder, model_cfg.pretrained)

@@ -1,4 +1,4 @@
-"""The frozen label-propagation teacher (docs/DESIGN.md §2.1): DINO's and CRW's video label propagation.
+"""The frozen label-propagation teacher (docs/METHOD.md, "Teacher"): DINO's and CRW's video label propagation.
 
 A frozen encoder (a `ResNetEncoder` of stride 8 trained by `dvos pretrain`, a random one, or a DINO
 ViT) maps every frame to a feature map; features are L2-normalised per location. The labels of a
@@ -48,37 +48,27 @@ ResNetEncoder (C = 256, 60 × 107 cells, n_recent = 7), whatever the video's len
 Objects that appear later (YouTube-VOS): `add_objects(frame_index, masks)` after that frame's `step`
 merges the given masks into that frame's soft labels (see the method); later frames propagate them.
 
-Pseudo-objects without labels (DESIGN §2.2): `cluster_reference` — k-means of the reference
-frame's features plus a small weight on position (and optionally on the frame's colours: a weak
-teacher's features need that, docs/DESIGN.md); the segment touching the image border most is the
-background (id 0).
+Pseudo-objects without labels: `cluster_reference` (dvos/models/pseudo_objects.py). Built from a
+config by `dvos.models.build.build_teacher`; its encoder read from a file by
+`dvos.models.teacher_checkpoint`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvos.models.backbones.mobilenet_v2 import imagenet_normalize
-from dvos.models.backbones.resnet import ResNetEncoder
-from dvos.models.state import state_dict_problems
-from dvos.utils.errors import ConfigError, DvosError
-
-logger = logging.getLogger(__name__)
+from dvos.models.grid import cell_means, upsample_probabilities
+from dvos.models.pseudo_objects import cluster_reference
+from dvos.utils.errors import ConfigError
 
 PROBABILITY_FLOOR = 1e-6  # logits = log(max(p, floor)), so they lie in [log 1e-6 ≈ −13.8, 0]
-TEACHER_ENCODERS = ("resnet", "vit_small", "vit_base")
-# Checkpoint prefixes under which a Lightning checkpoint holds the teacher's encoder, tried in order.
-ENCODER_PREFIXES = ("teacher.encoder.", "encoder.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,19 +237,6 @@ def labels_to_logits(labels: torch.Tensor) -> torch.Tensor:
     return labels.clamp_min(PROBABILITY_FLOOR).log()
 
 
-def cell_means(maps: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
-    """B × C × H × W → B × C × h × w float32: the mean of each feature cell's pixels. Cell (i, j)
-    covers pixels [s·i, s·i + s) × [s·j, s·j + s) clipped to the image; pixels past the grid are
-    dropped, cells past the image average the pixels they have."""
-    maps = maps.float()
-    height, width = token_shape[0] * stride, token_shape[1] * stride
-    maps = maps[..., :height, :width]
-    pad = (0, width - maps.shape[-1], 0, height - maps.shape[-2])
-    sums = F.avg_pool2d(F.pad(maps, pad), stride)
-    counts = F.avg_pool2d(F.pad(torch.ones_like(maps[:, :1]), pad), stride)
-    return sums / counts.clamp_min(1e-12)
-
-
 def masks_to_labels(masks: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
     """Image-size masks to soft labels on the feature grid: the mean of each cell's pixels.
 
@@ -285,223 +262,6 @@ def masks_to_labels(masks: torch.Tensor, token_shape: tuple[int, int], stride: i
     labels = labels / total.clamp_min(1e-12)
     labels[:, :1] += (total <= 0).float()
     return labels
-
-
-def upsample_probabilities(probabilities: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
-    """Feature-grid probabilities B × L × h × w → image size B × L × H × W (bilinear).
-
-    Cell (i, j) stands for pixels [s·i, s·i + s) × [s·j, s·j + s): the map is interpolated to
-    (h·s, w·s) with `align_corners=False`, then cropped to H × W, or padded by replicating its
-    last row / column (an encoder that drops the remainder pixels, as a ViT does).
-    """
-    height, width = int(size[0]), int(size[1])
-    grid_h, grid_w = probabilities.shape[-2] * stride, probabilities.shape[-1] * stride
-    out = F.interpolate(probabilities.float(), size=(grid_h, grid_w), mode="bilinear", align_corners=False)
-    out = out[..., :height, :width]
-    if out.shape[-2:] != (height, width):
-        out = F.pad(out, (0, width - out.shape[-1], 0, height - out.shape[-2]), mode="replicate")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Pseudo-objects: k-means of the reference frame's features
-# --------------------------------------------------------------------------------------------
-
-
-def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: N × D points → k × D centres (CPU, reproducible with `generator`)."""
-    first = torch.randint(points.shape[0], (1,), generator=generator)
-    centres = [points[first[0]]]
-    nearest = ((points - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        if float(nearest.sum()) <= 0:  # fewer distinct points than k: repeat one
-            choice = torch.randint(points.shape[0], (1,), generator=generator)
-        else:
-            choice = torch.multinomial(nearest, 1, generator=generator)
-        centres.append(points[choice[0]])
-        nearest = torch.minimum(nearest, ((points - centres[-1]) ** 2).sum(1))
-    return torch.stack(centres)
-
-
-def _lloyd(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple[torch.Tensor, float]:
-    """Lloyd iterations: returns (assignment N int64, inertia = Σ squared distances)."""
-    k = centres.shape[0]
-    for _ in range(iterations):
-        assignment = torch.cdist(points, centres).argmin(1)
-        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
-        counts = torch.bincount(assignment, minlength=k).unsqueeze(1)
-        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)  # empty: keep
-    distances = torch.cdist(points, centres)
-    assignment = distances.argmin(1)
-    return assignment, float((distances.gather(1, assignment[:, None]) ** 2).sum())
-
-
-def order_segments(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Relabel an h × w segment map: the background first (id 0), then by decreasing area.
-
-    The background is the segment holding the most cells of the map's outer ring (border), ties
-    broken by the larger area. The other segments get ids 1, 2, ... by decreasing area (ties by
-    their old id), so empty segments take the last ids and never appear.
-    """
-    height, width = segments.shape
-    flat = segments.reshape(-1)
-    areas = torch.bincount(flat, minlength=num_segments)
-    ring = (
-        torch.cat([segments[0], segments[-1], segments[1:-1, 0], segments[1:-1, -1]]) if height > 1 else flat
-    )
-    border = torch.bincount(ring.reshape(-1), minlength=num_segments)
-    background = int(torch.argmax(border * (flat.numel() + 1) + areas))
-    others = sorted((s for s in range(num_segments) if s != background), key=lambda s: (-int(areas[s]), s))
-    mapping = torch.empty(num_segments, dtype=torch.long)
-    mapping[background] = 0
-    for new_id, old_id in enumerate(others, start=1):
-        mapping[old_id] = new_id
-    return mapping.to(segments.device)[segments]
-
-
-def split_components(
-    segments: torch.Tensor,
-    num_segments: int,
-    *,
-    min_cells: int = 4,
-    max_share: float = 0.25,
-    min_width: int = 1,
-    colours: torch.Tensor | None = None,
-    min_contrast: float = 0.0,
-) -> torch.Tensor:
-    """Pseudo-objects as connected pieces: B × h × w segment ids (0 = background) → B × h × w ids
-    where every 4-connected component of a non-background segment with at least `min_cells` cells,
-    at most `max_share` of the map and a `min_width` × `min_width` block of its own cells somewhere
-    is its own object, numbered 1, 2, ... by decreasing area, at most `num_segments` − 1 of them;
-    the other cells (specks, thin pieces such as one stripe of a striped texture, pieces as large
-    as a background, pieces past the count) become background.
-
-    With `colours` (B × 3 × h × w, e.g. `cell_colours`) and `min_contrast` > 0, a piece must also
-    differ from its surroundings: the distance between its mean colour and the mean colour of the
-    cells within two cells around it at least `min_contrast` (a k-means segment that only the
-    position term cut out of a uniform texture is no object).
-
-    A k-means segment is often several separate regions of one colour or texture (two objects
-    alike, an object and a patch of background); as objects they would be asked to move as one.
-    """
-    import cv2
-    import numpy as np
-
-    if min_width < 1:
-        raise ValueError(f"min_width must be >= 1, got {min_width}")
-    segment_maps = segments.cpu().numpy()
-    out = np.zeros_like(segment_maps)
-    block = np.ones((min_width, min_width), np.uint8)
-    ring_kernel = np.ones((5, 5), np.uint8)
-    colour_maps = None
-    if min_contrast > 0:
-        if colours is None:
-            raise ValueError("min_contrast > 0 needs the cells' colours")
-        colour_maps = colours.detach().float().cpu().permute(0, 2, 3, 1).numpy()
-    for index, ids in enumerate(segment_maps):
-        pieces = []
-        for segment in np.unique(ids):
-            if segment == 0:
-                continue
-            count, labels, stats, _ = cv2.connectedComponentsWithStats(
-                (ids == segment).astype(np.uint8), connectivity=4
-            )
-            for label in range(1, count):
-                area = int(stats[label, cv2.CC_STAT_AREA])
-                if not min_cells <= area <= max_share * ids.size:
-                    continue
-                piece = labels == label
-                cells = piece.astype(np.uint8)
-                # a w × w block of the piece survives erosion by it (outside the map counts as not
-                # the piece, so the border does not widen a thin piece)
-                if (
-                    min_width > 1
-                    and not cv2.erode(cells, block, borderType=cv2.BORDER_CONSTANT, borderValue=0).any()
-                ):
-                    continue
-                if colour_maps is not None:
-                    ring = cv2.dilate(cells, ring_kernel).astype(bool) & ~piece
-                    if ring.any():
-                        inside = colour_maps[index][piece].mean(0)
-                        around = colour_maps[index][ring].mean(0)
-                        if float(np.linalg.norm(inside - around)) < min_contrast:
-                            continue
-                pieces.append((-area, int(segment), label, piece))
-        pieces.sort(key=lambda piece: piece[:3])
-        for new_id, (_, _, _, mask) in enumerate(pieces[: num_segments - 1], start=1):
-            out[index][mask] = new_id
-    return torch.from_numpy(out).to(segments.device)
-
-
-def cell_colours(image: torch.Tensor, token_shape: tuple[int, int], stride: int) -> torch.Tensor:
-    """The colour of each feature cell's neighbourhood, centred per image: B × 3 × H × W in [0, 1]
-    → B × 3 × h × w.
-
-    The mean colour of each cell (`cell_means`), then a 3 × 3-cell box blur (replicated borders),
-    so that a fine texture (stripes, checks) averages to one colour, minus the image's mean colour.
-    """
-    colours = cell_means(image, token_shape, stride)
-    colours = F.avg_pool2d(F.pad(colours, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    return colours - colours.mean(dim=(2, 3), keepdim=True)
-
-
-def kmeans_segments(
-    features: torch.Tensor,
-    num_segments: int,
-    *,
-    position_weight: float = 0.3,
-    colours: torch.Tensor | None = None,
-    colour_weight: float = 0.0,
-    feature_weight: float = 1.0,
-    iterations: int = 10,
-    restarts: int = 3,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Cluster each feature map into `num_segments` compact segments (k-means, deterministic).
-
-    Points are `feature_weight` · the L2-normalised features (distance between two points ≤ 2),
-    concatenated with `colour_weight` · `colours` (e.g. `cell_colours`, RGB in [0, 1] centred) and
-    `position_weight` · (y, x) / (max(h, w) − 1), so that a segment prefers compact regions. k-means++
-    seeding from a CPU generator seeded with `seed`, `restarts` runs of `iterations` Lloyd steps,
-    the lowest inertia kept; then `order_segments` (background = most border cells = id 0).
-
-    Args:
-        features: B × C × h × w.
-        num_segments: k, segments including the background (k ≥ 1).
-        colours: B × 3 × h × w (needed when colour_weight > 0).
-
-    Returns:
-        B × h × w int64 ids in 0..k−1 (on the device of `features`).
-    """
-    if num_segments < 1:
-        raise ValueError(f"num_segments must be ≥ 1, got {num_segments}")
-    batch, channels, height, width = features.shape
-    k = min(int(num_segments), height * width)
-    if colour_weight < 0 or feature_weight < 0 or position_weight < 0:
-        raise ValueError(
-            f"clustering weights must be ≥ 0, got feature {feature_weight}, colour {colour_weight}, "
-            f"position {position_weight}"
-        )
-    points = F.normalize(features.detach().float().cpu(), dim=1) * float(feature_weight)
-    if colour_weight > 0:
-        if colours is None or colours.shape[-2:] != features.shape[-2:]:
-            raise ValueError("colour_weight > 0 needs colours B × 3 × h × w on the features' grid")
-        points = torch.cat([points, float(colour_weight) * colours.detach().float().cpu()], 1)
-    channels = points.shape[1]
-    points = points.permute(0, 2, 3, 1).reshape(batch, -1, channels)
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    position = torch.stack([ys, xs], -1).reshape(-1, 2).float() / max(max(height, width) - 1, 1)
-    out = []
-    for index in range(batch):
-        cloud = torch.cat([points[index], position_weight * position], 1)
-        generator = torch.Generator().manual_seed(int(seed))
-        best: tuple[torch.Tensor, float] | None = None
-        for _ in range(max(1, restarts)):
-            assignment, inertia = _lloyd(cloud, _kmeans_plus_plus(cloud, k, generator), iterations)
-            if best is None or inertia < best[1]:
-                best = (assignment, inertia)
-        out.append(order_segments(best[0].view(height, width), k))
-    return torch.stack(out).to(features.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -886,68 +646,13 @@ class LabelPropagationTeacher(nn.Module):
 
     # ---- pseudo-objects -----------------------------------------------------------------------
 
-    @torch.no_grad()
     def cluster_reference(
-        self,
-        features: torch.Tensor,
-        k: int,
-        *,
-        image_size: tuple[int, int] | None = None,
-        position_weight: float = 0.3,
-        image: torch.Tensor | None = None,
-        colour_weight: float = 0.0,
-        feature_weight: float = 1.0,
-        components: bool = False,
-        min_width: int = 1,
-        min_contrast: float = 0.0,
-        iterations: int = 10,
-        seed: int = 0,
+        self, features: torch.Tensor, k: int, **options: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pseudo-objects without labels: k-means segments of the reference frame's features
-        (optionally with its colours).
-
-        See `kmeans_segments` (`feature_weight` · features + `colour_weight` · `cell_colours` +
-        `position_weight` · position, deterministic seed) and `order_segments`: the segment with
-        the most cells on the map's border is the background (id 0, ties → larger area), the
-        others are 1..k−1 by decreasing area.
-
-        Args:
-            features: B × C × h × w (e.g. `encode(reference_frame)`).
-            k: segments, background included.
-            image_size: (H, W) of the image-resolution ids; default (h·s, w·s).
-            image: B × 3 × H × W in [0, 1], the reference frame (needed when colour_weight > 0).
-            components: make every connected piece of a segment its own object (`split_components`).
-            min_width: with `components`, pieces without a min_width × min_width block of cells are
-                background (`split_components`).
-            min_contrast: with `components`, pieces whose colour differs from their surroundings'
-                by less are background (`split_components`; needs `image`).
-
-        Returns:
-            ids at feature resolution B × h × w and at image resolution B × H × W (int64; the
-            image ids are the argmax of the bilinearly upsampled one-hot segments).
-        """
-        colours = None
-        contrast = components and min_contrast > 0  # the pieces are compared with their surroundings
-        if colour_weight > 0 or contrast:
-            if image is None:
-                what = "colour_weight > 0" if colour_weight > 0 else "min_contrast > 0"
-                raise ValueError(f"{what} needs the reference image")
-            colours = cell_colours(image.to(features.device), tuple(features.shape[-2:]), self.stride)
-        ids = kmeans_segments(
-            features,
-            k,
-            position_weight=position_weight,
-            colours=colours,
-            colour_weight=colour_weight,
-            feature_weight=feature_weight,
-            iterations=iterations,
-            seed=seed,
-        )
-        if components:
-            ids = split_components(ids, k, min_width=min_width, colours=colours, min_contrast=min_contrast)
-        size = image_size or (features.shape[-2] * self.stride, features.shape[-1] * self.stride)
-        one_hot = F.one_hot(ids, k).permute(0, 3, 1, 2).float()
-        return ids, upsample_probabilities(one_hot, size, self.stride).argmax(1)
+        """Pseudo-objects of the reference frame on this teacher's grid: `features` B × C × h × w
+        (`encode(reference_frame)`) → ids B × h × w and B × H × W (`pseudo_objects.cluster_reference`,
+        whose keyword options it takes)."""
+        return cluster_reference(features, k, stride=self.stride, **options)
 
     # ---- outputs at image size --------------------------------------------------------------
 
@@ -958,173 +663,3 @@ class LabelPropagationTeacher(nn.Module):
     def predict_ids(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """logits B × L × h × w → object ids B × H × W int64 (argmax at image size)."""
         return upsample_probabilities(logits.exp(), size, self.stride).argmax(1)
-
-
-# --------------------------------------------------------------------------------------------
-# Construction and checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-class ViTPatchEncoder(nn.Module):
-    """A DINO ViT as a teacher encoder: frames in [0, 1] → normed last-layer patch tokens.
-
-    The ViT sees ImageNet-normalised frames; the grid is ⌊H/p⌋ × ⌊W/p⌋ (remainder pixels dropped).
-    """
-
-    def __init__(self, vit: nn.Module) -> None:
-        super().__init__()
-        self.vit = vit
-        self.stride = int(vit.patch_size)
-        self.out_channels = int(vit.embed_dim)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image: B × 3 × H × W in [0, 1] → B × D × ⌊H/p⌋ × ⌊W/p⌋."""
-        return self.vit.patch_features(imagenet_normalize(image))
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _read_checkpoint(path: Path) -> Any:
-    """torch.load a checkpoint on CPU: tensors only first; a Lightning checkpoint whose
-    hyper-parameters hold objects is then unpickled in full, as Lightning itself does (load only
-    files you trust)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if "Unsupported global" not in str(err):  # not a pickle of known objects: a bad file
-            raise DvosError(f"cannot read teacher checkpoint {path}: {_one_line(err)}") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise DvosError(f"cannot read teacher checkpoint {path}: {_one_line(err)}") from err
-
-
-def encoder_state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The encoder's tensors from a state dict or a Lightning checkpoint (`state_dict` entry).
-
-    Keys lose a `module.` prefix; then the first of `teacher.encoder.` and `encoder.` that some key
-    has is stripped and only those keys are kept; a plain ResNetEncoder state dict is used as is.
-    """
-    if not isinstance(checkpoint, Mapping):
-        raise DvosError(f"teacher checkpoint {path} is a {type(checkpoint).__name__}, not a state dict")
-    state = checkpoint["state_dict"] if isinstance(checkpoint.get("state_dict"), Mapping) else checkpoint
-    state = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    for prefix in ENCODER_PREFIXES:
-        picked = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if picked:
-            return picked
-    return state
-
-
-def load_resnet_encoder(path: str | os.PathLike) -> ResNetEncoder:
-    """A ResNetEncoder built from, and strictly loaded with, a checkpoint file.
-
-    Widths, depths and stem width are read from the tensor shapes (`ResNetEncoder.config_from_state_dict`);
-    the output stride is 8.
-
-    Raises:
-        DvosError: one line naming the file, when it is missing, unreadable, holds no ResNet
-            encoder, or its keys / shapes do not fit.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DvosError(f"teacher checkpoint not found: {path}")
-    state = encoder_state_dict(_read_checkpoint(path), path)
-    try:
-        config = ResNetEncoder.config_from_state_dict(state)
-        encoder = ResNetEncoder(**config)
-    except (KeyError, ValueError, IndexError) as err:
-        sample = ", ".join(list(state)[:3]) or "no tensors"
-        raise DvosError(
-            f"teacher checkpoint {path} holds no ResNet encoder ({_one_line(err)}; keys: {sample})"
-        ) from err
-    problems = state_dict_problems(encoder.state_dict(), state)
-    if problems:
-        raise DvosError(
-            f"teacher checkpoint {path} does not fit ResNetEncoder{config}: " + "; ".join(problems)
-        )
-    encoder.load_state_dict(state, strict=True)
-    logger.info("teacher encoder: ResNetEncoder %s from %s", config, path)
-    return encoder
-
-
-def build_teacher_encoder(
-    name: str = "resnet", *, patch_size: int = 16, checkpoint: str | os.PathLike | None = None
-) -> nn.Module:
-    """The teacher's encoder (an `nn.Module` with `stride`), loaded from `checkpoint` when given.
-
-    Args:
-        name: "resnet" (ResNetEncoder; no checkpoint → random weights, with a warning),
-            "vit_small" or "vit_base" (DINO ViT/`patch_size`; a checkpoint is required).
-        patch_size: ViT patch size (8 or 16); ignored for resnet.
-        checkpoint: a file; never downloaded.
-
-    Raises:
-        ConfigError: unknown name, or a ViT without checkpoint.
-        DvosError: the checkpoint cannot be loaded (one line naming the file).
-    """
-    if name == "resnet":
-        if checkpoint is None:
-            logger.warning("teacher encoder: ResNetEncoder with RANDOM weights (no teacher.checkpoint given)")
-            return ResNetEncoder()
-        return load_resnet_encoder(checkpoint)
-    if name in ("vit_small", "vit_base"):
-        from dvos.models.backbones import vit  # lazy: the ViT module is optional for a resnet teacher
-
-        if checkpoint is None:
-            raise ConfigError(
-                f"teacher.encoder={name} needs teacher.checkpoint (a DINO .pth file); nothing is downloaded"
-            )
-        model = getattr(vit, name)(patch_size=int(patch_size))
-        vit.load_dino_checkpoint(model, Path(checkpoint).expanduser())
-        return ViTPatchEncoder(model)
-    raise ConfigError(f"teacher.encoder must be one of {', '.join(TEACHER_ENCODERS)}, got {name!r}")
-
-
-_BUILD_DEFAULTS = {
-    "encoder": "resnet",
-    "patch_size": 16,
-    "checkpoint": None,
-    "topk": 5,
-    "radius": 12,
-    "temperature": 0.07,
-    "n_recent": 7,
-    "chunk_size": 16,
-}
-
-
-def build_teacher(cfg: Any = None, **overrides: Any) -> LabelPropagationTeacher:
-    """A frozen LabelPropagationTeacher from a teacher config (`TeacherConfig`, DictConfig, dict).
-
-    Reads `encoder`, `patch_size`, `checkpoint`, `topk`, `radius`, `temperature`, `n_recent`
-    (and `chunk_size` when present) from `cfg` (attributes or keys; missing ones take the defaults
-    of `TeacherConfig`), then `overrides`. Never downloads anything.
-
-    Raises:
-        ConfigError: an unknown override key or encoder name, or a bad value.
-        DvosError: a checkpoint that cannot be loaded (one line naming the file).
-    """
-    unknown = sorted(set(overrides) - set(_BUILD_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown teacher option(s): {', '.join(unknown)}")
-    options = dict(_BUILD_DEFAULTS)
-    for key in _BUILD_DEFAULTS:
-        if isinstance(cfg, Mapping) and key in cfg:
-            options[key] = cfg[key]
-        elif cfg is not None and not isinstance(cfg, Mapping) and hasattr(cfg, key):
-            options[key] = getattr(cfg, key)
-    options.update(overrides)
-    encoder = build_teacher_encoder(
-        str(options["encoder"]), patch_size=int(options["patch_size"]), checkpoint=options["checkpoint"]
-    )
-    return LabelPropagationTeacher(
-        encoder,
-        topk=options["topk"],
-        radius=options["radius"],
-        temperature=options["temperature"],
-        n_recent=options["n_recent"],
-        chunk_size=options["chunk_size"],
-    )

@@ -145,6 +145,23 @@ def test_a_bad_value_fails_in_one_line_before_any_run_folder_or_data(tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_resumed_run_that_fails_keeps_its_files_and_is_marked_failed(smoke, tmp_path, capsys):
+    copy = copy_run(smoke, tmp_path)
+    hpc = copy / "hpc_ckpt_1.ckpt"  # what Lightning saves on SLURM's signal; no last.ckpt yet
+    (copy / "checkpoints" / "last.ckpt").rename(hpc)
+    before = snapshot(copy)
+    code = main(["train", *smoke["args"], f"ckpt_path={hpc}", f"run_dir={copy}",
+                 f"data.train_root={tmp_path / 'nowhere'}"])  # fmt: skip
+    line = one_line(capsys, code, 2)
+    assert (
+        line
+        == f"dvos: error: {tmp_path / 'nowhere'}: video folder not found; run folder {copy} marked FAILED"
+    )
+    after = snapshot(copy)
+    resumed = {"config.yaml", "environment.json"}  # a resume writes these anew
+    assert all(after[name] == data for name, data in before.items() if name not in resumed)
+
+
 # ------------------------------------------------------------------------------------ signals
 def wait_for(path: Path, alive, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout

@@ -67,13 +67,14 @@ def start_run(cfg: DictConfig, *, resume: str | None = None) -> Path:
         return Path(inherited)
     continuing = resume is not None and bool(cfg.run_dir) and _continues(cfg, resume)
     existed = bool(cfg.run_dir) and Path(cfg.run_dir).is_dir()
+    fresh = not existed or not any(Path(cfg.run_dir).iterdir())
     run_dir = make_run_dir(
         cfg.paths.runs_dir, cfg.name, run_dir=cfg.run_dir, resume=continuing or is_launched_rank()
     )
     cfg.run_dir = str(run_dir)
     if is_launched_rank():  # torchrun / srun rank ≥ 1 (with run_dir=...): rank 0 writes the files
         return run_dir
-    STARTED_RUNS.append(StartedRun(run_dir, created=not existed))
+    STARTED_RUNS.append(StartedRun(run_dir, created=not existed, fresh=fresh))
     if continuing:
         (run_dir / FAILED_MARKER).unlink(missing_ok=True)
         for folder in (run_dir, run_dir / "checkpoints"):

@@ -66,11 +66,13 @@ def is_failed(run_dir: str | os.PathLike) -> bool:
 class StartedRun:
     """A run folder this process started (rank 0), until its command ends.
 
-    path: the folder; created: this job made it (else it existed: a resumed run, an empty folder).
+    path: the folder; created: this job made it; fresh: it was new or empty, so that everything in
+    it is this job's (a resumed run's folder is not).
     """
 
     path: Path
     created: bool
+    fresh: bool
 
 
 STARTED_RUNS: list[StartedRun] = []
@@ -83,9 +85,10 @@ def has_checkpoint(run_dir: Path) -> bool:
 def settle_unfinished_runs(failure: str | None) -> str:
     """Leave nothing that looks like a usable run behind a command that did not finish.
 
-    Each run folder the command started: without a checkpoint, it is deleted (or emptied, when it
-    existed before); with one, it is marked failed (`FAILED` holds `failure`, the error line), or,
-    when the job was stopped on request (`failure` None), kept as it is, to be resumed.
+    Each run folder the command started: a fresh one (new or empty at the start) without a
+    checkpoint is deleted (emptied, when it existed before); any other is marked failed (`FAILED`
+    holds `failure`, the error line), or, when the job was stopped on request (`failure` None), kept
+    as it is, to be resumed. A resumed run's files are never deleted.
 
     Returns:
         what the user should know, as the end of the error line ("" when nothing was started).
@@ -95,17 +98,18 @@ def settle_unfinished_runs(failure: str | None) -> str:
         run = STARTED_RUNS.pop()
         if not run.path.is_dir():
             continue
-        if not has_checkpoint(run.path):
+        if run.fresh and not has_checkpoint(run.path):
             _discard(run)
             notes.append(f"no checkpoint yet: run folder {run.path} removed")
             continue
         resume = f"dvos train ckpt_path=last run_dir={shlex.quote(str(run.path))}"
         if failure is None:
-            notes.append(f"resume with: {resume}")
+            notes.append(f"resume with: {resume}" if has_checkpoint(run.path) else "")
             continue
         with contextlib.suppress(OSError):  # best effort: the failure may be a full disk
             (run.path / FAILED_MARKER).write_text(f"{failure}\ncontinue it with: {resume}\n")
         notes.append(f"run folder {run.path} marked {FAILED_MARKER}")
+    notes = [note for note in notes if note]
     return "; " + "; ".join(notes) if notes else ""
 
 

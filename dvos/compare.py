@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dvos.utils.errors import DvosError
+from dvos.utils.runs import is_failed
 
 # (summary field, label, unit, higher is better, format)
 METRICS = (
@@ -80,8 +81,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def is_run_folder(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (
-        (path / "run_summary.json").is_file() or (path / "summary.json").is_file()
+    """A finished run with results (a run marked failed is none: `dvos.utils.runs.is_failed`)."""
+    return (
+        (path / "config.yaml").is_file()
+        and ((path / "run_summary.json").is_file() or (path / "summary.json").is_file())
+        and not is_failed(path)
     )
 
 

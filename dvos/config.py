@@ -18,9 +18,13 @@ one line naming the key (and the nearest valid ones), instead of being silently 
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import platform
+import re
 import sys
+import types
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -279,13 +283,17 @@ class PretrainConfig:
 
 @dataclass
 class TrainerConfig:
-    """Arguments passed to `lightning.Trainer` (see Lightning's documentation for each)."""
+    """Arguments passed to `lightning.Trainer` (see Lightning's documentation for each). Any other
+    argument of its signature may be added (`trainer.max_time=00:12:00:00`, `trainer.profiler=simple`);
+    each is checked against that signature when the config loads (docs/DESIGN.md, "Configuration")."""
 
     accelerator: str = "auto"
     devices: Any = 1  # int, list of ids or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | ddp_spawn | ...
-    precision: str = "32-true"  # never bf16 on a CPU (0.3 GFLOP/s on an AMD EPYC)
+    # auto: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32-true on a CPU (where
+    # bf16 is emulated and slow); resolved when the Trainer is built
+    precision: str = "auto"
     max_epochs: int = 10
     max_steps: int = -1
     val_check_interval: Any = 1.0
@@ -466,6 +474,25 @@ def _experiment_chain(conf_dir: Path, name: str) -> list[tuple[Path, DictConfig]
     return chain
 
 
+def schema() -> DictConfig:
+    """The dataclass defaults as a structured config; `trainer` also takes keys beyond its fields
+    (any `lightning.Trainer` argument: `check_config` checks them against the Trainer's signature)."""
+    cfg: DictConfig = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg.trainer, False)
+    return cfg
+
+
+def _quote_durations(dotlist: list[str]) -> list[str]:
+    """`trainer.max_time=1:00:00:00` stays the text DD:HH:MM:SS: YAML would read numbers joined by
+    colons as one base-60 number (60 hours here, not a day)."""
+    quoted = []
+    for item in dotlist:
+        key, value = item.split("=", 1)
+        duration = key == "trainer.max_time" and re.fullmatch(r"[0-9]+(:[0-9]+)+", value)
+        quoted.append(f"{key}='{value}'" if duration else item)
+    return quoted
+
+
 def load_config(
     overrides: list[str] | None = None, *, conf_dir: str | os.PathLike | None = None
 ) -> DictConfig:
@@ -476,7 +503,7 @@ def load_config(
     conf_dir = Path(conf_dir) if conf_dir else DEFAULT_CONF_DIR
     choices_cli, dotlist = split_overrides(list(overrides or []))
 
-    cfg: DictConfig = OmegaConf.structured(Config)
+    cfg = schema()
     root = _load_yaml(conf_dir / "config.yaml")
     defaults = dict(root.pop("defaults", None) or {})
     cfg = _merge(cfg, root, str(conf_dir / "config.yaml"))
@@ -499,11 +526,12 @@ def load_config(
         cfg.experiment = str(experiment_name)
     if dotlist:
         try:
-            cli = OmegaConf.from_dotlist(dotlist)
+            cli = OmegaConf.from_dotlist(_quote_durations(dotlist))
         except OmegaConfBaseException as err:
             raise ConfigError(f"cannot parse command-line overrides {dotlist}: {err}") from err
         cfg = _merge(cfg, cli, "the command line")
     check_resolvable(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -523,6 +551,394 @@ def check_resolvable(cfg: DictConfig) -> None:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         raise _explain(err, "the resolved config") from err
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks when the config loads: choices, ranges, Trainer arguments (docs/DESIGN.md, "Configuration")
+# --------------------------------------------------------------------------------------------------
+# Lightning's precision names (lightning.fabric.connector._PRECISION_INPUT) and dvos's `auto`.
+PRECISIONS = (
+    *("auto", "bf16-mixed", "16-mixed", "32-true", "64-true", "bf16-true", "16-true"),
+    *("transformer-engine", "transformer-engine-float16", "bf16", "16", "32", "64"),
+)
+# Keys that take one of a few values.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.format": ("davis", "youtubevos"),
+    "model.name": ("deaot_t_deform",),
+    "teacher.name": ("label_propagation",),
+    "teacher.encoder": ("resnet", "vit_small", "vit_base"),
+    "teacher.patch_size": (8, 16),
+    "distill.ref_masks": ("pseudo", "annotation"),
+    "distill.att_branches": ("long", "short", "both"),
+    "eval.final_checkpoint": ("best", "last"),
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+    "trainer.precision": PRECISIONS,
+    "trainer.profiler": (None, "simple", "advanced", "pytorch", "xla"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+}
+DAVIS_CHOICES: dict[str, tuple[Any, ...]] = {
+    "data.year": (2016, 2017),
+    "data.resolution": ("480p", "Full-Resolution"),
+}
+# lightning.Trainer arguments that dvos sets from other keys: where to set them instead.
+TRAINER_OWNED = {
+    "default_root_dir": "run_dir",
+    "logger": "logger.*",
+    "callbacks": "callbacks.*",
+    "plugins": "callbacks.checkpoint",
+    "enable_checkpointing": "callbacks.checkpoint",
+    "enable_progress_bar": "callbacks.progress_bar",
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: bounds (open or closed), null or not; `text` says it in words
+    where the bounds alone would not."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    null: bool = False
+    text: str = ""
+
+    def holds(self, value: Any) -> bool:
+        if value is None:
+            return self.null
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def words(self) -> str:
+        if self.text:
+            return self.text
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            words = f"in {left}{self.low:g}, {self.high:g}{right}"
+        elif self.low is not None:
+            words = f"{'>' if self.open_low else '≥'} {self.low:g}"
+        else:
+            words = f"{'<' if self.open_high else '≤'} {self.high:g}"
+        return words + (" (or null)" if self.null else "")
+
+
+def _at_least(low: float, **kwargs: Any) -> Range:
+    return Range(low=low, **kwargs)
+
+
+_POSITIVE = Range(low=0, open_low=True)
+_SHARE = Range(low=0, high=1)  # a probability or a ratio
+_STEPS = Range(low=-1, text="≥ -1 (-1: no limit)")
+_PIXELS = Range(low=MIN_MODEL_SIZE, null=True, text=f"at least {MIN_MODEL_SIZE} pixels (or null)")
+
+RANGES: dict[str, Range] = {
+    "seed": Range(low=0, high=2**32 - 1, text="in [0, 2³² − 1]"),
+    **{f"data.{key}": _at_least(1) for key in ("max_gap", "clips_per_video", "batch_size")},
+    "data.clip_len": _at_least(2),
+    "data.reference_gap": _at_least(1, null=True),
+    **{f"data.{key}": _SHARE for key in ("reverse_prob", "hflip_p", "photometric_p")},
+    "data.num_workers": _at_least(0),
+    "data.decord_threads": _at_least(0, text="≥ 0 (0: decord's default)"),
+    **{f"data.synth.{key}": _at_least(1) for key in ("num_train", "num_val", "train_frames", "val_frames")},
+    **{f"data.synth.{key}": _at_least(MIN_MODEL_SIZE) for key in ("height", "width")},
+    **{f"model.{key}": _at_least(1) for key in ("d_model", "max_objects", "num_heads", "num_groups")},
+    **{f"model.{key}": _at_least(1) for key in ("deform_stride", "offset_kernel", "decoder_dim")},
+    "model.offset_range": _POSITIVE,
+    "model.ffn_ratio": _POSITIVE,
+    "model.permute_slots": _at_least(1, null=True, text="≥ 1 (null: all model.max_objects slots)"),
+    "model.attention_scale": _at_least(0, text="≥ 0 (0: q·k/√d)"),
+    "model.attention_topk": _at_least(0, text="≥ 0 (0: all points)"),
+    "teacher.topk": _at_least(1),
+    "teacher.radius": _at_least(0),
+    "teacher.temperature": _POSITIVE,
+    "teacher.n_recent": _at_least(0),
+    "distill.num_segments": _at_least(2),
+    "distill.min_width": _at_least(1, text="≥ 1 (1: any piece)"),
+    "distill.tau": _POSITIVE,
+    "distill.ce_hard_ratio": Range(low=0, high=1, open_low=True),
+    "distill.teacher_scale": _at_least(1),
+    **{f"distill.{key}": _SHARE for key in ("memory_swap_prob", "occluder_prob")},
+    **{
+        f"distill.{key}": _at_least(0)
+        for key in (
+            *("position_weight", "feature_weight", "colour_weight", "min_contrast", "refine_iterations"),
+            *("lambda_att", "lambda_inter", "lambda_intra", "lambda_ce", "lambda_jaccard", "lambda_ref"),
+        )
+    },
+    "optim.lr": _POSITIVE,
+    **{f"optim.{key}": _at_least(0) for key in ("encoder_lr_ratio", "weight_decay", "warmup_steps")},
+    "optim.poly_power": _at_least(0),
+    "optim.min_lr_ratio": _SHARE,
+    "optim.ema_decay": Range(low=0, high=1, open_high=True),
+    "optim.max_non_finite": _at_least(1),
+    **{f"eval.{key}": _PIXELS for key in ("max_size", "min_size", "val_max_size", "val_min_size")},
+    "eval.attention_topk": _at_least(0, null=True, text="≥ 0 (0: all points) or null"),
+    "eval.long_term_weight": Range(low=0, high=2, null=True, text="in [0, 2] (1: as trained) or null"),
+    **{f"pretrain.{key}": _at_least(1) for key in ("stem_width", "head_dim", "max_steps", "batch_size")},
+    "pretrain.clip_len": _at_least(2),
+    "pretrain.temperature": _POSITIVE,
+    "pretrain.edge_dropout": Range(low=0, high=1, open_high=True),
+    "pretrain.lr": _POSITIVE,
+    **{f"pretrain.{key}": _at_least(0) for key in ("weight_decay", "warmup_steps")},
+    "trainer.num_nodes": _at_least(1),
+    "trainer.max_epochs": _STEPS,
+    "trainer.max_steps": _STEPS,
+    "trainer.min_epochs": _at_least(0, null=True),
+    "trainer.min_steps": _at_least(0, null=True),
+    "trainer.check_val_every_n_epoch": _at_least(1, null=True),
+    "trainer.log_every_n_steps": _at_least(1),
+    "trainer.gradient_clip_val": _at_least(0, null=True),
+    "trainer.accumulate_grad_batches": _at_least(1),
+    "trainer.num_sanity_val_steps": Range(low=-1, text="≥ -1 (-1: all)"),
+    "trainer.reload_dataloaders_every_n_epochs": _at_least(0),
+    "callbacks.checkpoint_every_n_steps": _at_least(0, text="≥ 0 (0: only at the end)"),
+    "callbacks.attention_every_n_steps": _at_least(1),
+    "callbacks.num_overlays": _at_least(0),
+}
+
+_MISSING = object()
+
+
+def _lookup(values: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return _MISSING
+        values = values[part]
+    return values
+
+
+def _show(value: Any) -> str:
+    """A config value as the user wrote it: 3 rather than 3.0 for a float key."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _listing(choices: tuple[Any, ...]) -> str:
+    return ", ".join("null" if choice is None else str(choice) for choice in choices)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every value in its range, every choice among its values, every `trainer.*` an argument of
+    `lightning.Trainer`: the first problem as a one-line `ConfigError` naming the key."""
+    values = to_dict(cfg)
+    choices = dict(CHOICES)
+    if _lookup(values, "data.format") == "davis":
+        choices.update(DAVIS_CHOICES)
+    for key, allowed in choices.items():
+        value = _lookup(values, key)
+        if value is not _MISSING and value not in allowed:
+            raise ConfigError(f"{key} must be one of {_listing(allowed)}, got {value!r}")
+    for key, rule in RANGES.items():
+        value = _lookup(values, key)
+        if value is not _MISSING and not rule.holds(value):
+            raise ConfigError(f"{key} must be {rule.words()}, got {_show(value)}")
+    for check in (_check_sizes, _check_model, _check_pretrain, _check_trainer_values, _check_trainer_keys):
+        problem = check(values)
+        if problem:
+            raise ConfigError(problem)
+
+
+def _is_size(value: Any, low: float = MIN_MODEL_SIZE) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(Range(low=low).holds(side) for side in value)
+
+
+def _check_sizes(values: dict) -> str | None:
+    """data.crop_size, data.scale, pretrain.crop_size and the jitter inside it."""
+    crop, scale = values["data"]["crop_size"], values["data"]["scale"]
+    if not _is_size(crop):
+        return f"data.crop_size must be [height, width] of at least {MIN_MODEL_SIZE} pixels each, got {crop}"
+    if not (_is_size(scale, 0) and 0.0 < scale[0] <= scale[1] <= 1.0):
+        return f"data.scale must be [low, high] with 0 < low <= high <= 1 of a frame's area, got {scale}"
+    pretrain = values["pretrain"]
+    if not _is_size(pretrain["crop_size"]):
+        return (
+            f"pretrain.crop_size must be [height, width] of at least {MIN_MODEL_SIZE} pixels each, "
+            f"got {pretrain['crop_size']}"
+        )
+    smallest = min(pretrain["crop_size"])
+    if not 0 <= pretrain["spatial_jitter"] <= smallest - 8:
+        return (
+            f"pretrain.spatial_jitter must be in [0, {smallest - 8}] pixels (crops of {smallest} px keep "
+            f"at least 8), got {pretrain['spatial_jitter']}"
+        )
+    return None
+
+
+def _check_model(values: dict) -> str | None:
+    """The student's sizes that depend on each other, and the pseudo-objects it can hold."""
+    model = values["model"]
+    if model["d_model"] % model["num_heads"]:
+        return (
+            f"model.d_model ({model['d_model']}) must be divisible by model.num_heads ({model['num_heads']})"
+        )
+    if model["num_heads"] % model["num_groups"]:
+        return (
+            f"model.num_heads ({model['num_heads']}) must be divisible by model.num_groups "
+            f"({model['num_groups']})"
+        )
+    if model["offset_kernel"] % 2 == 0:
+        return f"model.offset_kernel must be odd, got {model['offset_kernel']}"
+    labels = model["max_objects"] + 1
+    if model["propagation_init"] and model["d_model"] < labels:
+        return (
+            f"model.d_model must be ≥ model.max_objects + 1 = {labels} with model.propagation_init, "
+            f"got {model['d_model']}"
+        )
+    segments = values["distill"]["num_segments"]
+    if segments > labels:
+        return f"distill.num_segments must be in [2, model.max_objects + 1 = {labels}], got {segments}"
+    return None
+
+
+def _check_pretrain(values: dict) -> str | None:
+    """The teacher ResNet's stages: one width and one depth each, all ≥ 1."""
+    widths, depths = values["pretrain"]["widths"], values["pretrain"]["depths"]
+    if not widths or len(widths) != len(depths) or min(widths + depths) < 1:
+        return f"pretrain.widths and pretrain.depths must be lists of the same length of values ≥ 1, got {widths} and {depths}"
+    return None
+
+
+def _check_trainer_values(values: dict) -> str | None:
+    """The `trainer.*` keys that take several kinds of value."""
+    trainer = values["trainer"]
+    if not _devices_ok(trainer.get("devices")):
+        return (
+            "trainer.devices must be a count ≥ 1, -1 (all), auto, or a list of device ids, "
+            f"got {trainer.get('devices')!r}"
+        )
+    interval = trainer.get("val_check_interval")
+    number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
+    if number and not (interval >= 1 if isinstance(interval, int) else 0 < interval <= 1):
+        return (
+            "trainer.val_check_interval must be a share of an epoch in (0, 1], a number of steps ≥ 1, "
+            f"or null, got {interval}"
+        )
+    dev_run = trainer.get("fast_dev_run")
+    if not isinstance(dev_run, bool) and not (isinstance(dev_run, int) and dev_run >= 0):
+        return f"trainer.fast_dev_run must be true, false or a number of batches ≥ 0, got {dev_run!r}"
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches"):
+        limit = trainer.get(key)
+        if limit is None:
+            continue
+        if isinstance(limit, bool) or not (
+            (isinstance(limit, int) and limit >= 0) or (isinstance(limit, float) and 0 <= limit <= 1)
+        ):
+            return f"trainer.{key} must be a share in [0.0, 1.0], a number of batches ≥ 0, or null, got {limit!r}"
+    return _max_time_problem(trainer.get("max_time"))
+
+
+def _devices_ok(devices: Any) -> bool:
+    """Lightning's forms of `devices`: a count, -1, "auto", ids as a list or as "0,1"."""
+    if devices == "auto":
+        return True
+    if isinstance(devices, str):
+        parts = [part.strip() for part in devices.split(",") if part.strip()]
+        if not parts or not all(part.lstrip("-").isdigit() for part in parts):
+            return False
+        devices = [int(part) for part in parts] if "," in devices else int(parts[0])
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    return (
+        isinstance(devices, list)
+        and bool(devices)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    )
+
+
+def _max_time_problem(max_time: Any) -> str | None:
+    """trainer.max_time: DD:HH:MM:SS, a number of seconds (YAML reads 1:00:00 as 3600), or a mapping
+    of timedelta arguments (days, hours, minutes, seconds)."""
+    if max_time is None:
+        return None
+    if isinstance(max_time, int) and not isinstance(max_time, bool) and max_time > 0:
+        return None
+    if isinstance(max_time, str):
+        parts = max_time.strip().split(":")
+        if len(parts) == 4 and all(part.isdigit() for part in parts) and any(int(part) for part in parts):
+            return None
+    if isinstance(max_time, dict) and max_time:
+        allowed = {"days", "hours", "minutes", "seconds", "weeks", "milliseconds", "microseconds"}
+        if set(max_time) <= allowed and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in max_time.values()
+        ):
+            return None
+    return f"trainer.max_time must be DD:HH:MM:SS (e.g. 00:12:00:00), seconds or {{hours: N, ...}}, got {max_time!r}"
+
+
+def _check_trainer_keys(values: dict) -> str | None:
+    """Keys beyond the schema's must be arguments of `lightning.Trainer`, of a type it takes."""
+    extra = {key: value for key, value in values["trainer"].items() if key not in _SCHEMA_TRAINER_KEYS}
+    if not extra:
+        return None  # the schema's keys are typed by the schema: no need to import Lightning
+    import lightning.pytorch as pl
+
+    parameters = {
+        name: parameter.annotation
+        for name, parameter in inspect.signature(pl.Trainer.__init__).parameters.items()
+        if name != "self"
+    }
+    for key, value in extra.items():
+        if key in TRAINER_OWNED:
+            return f"trainer.{key} is set by dvos: use {TRAINER_OWNED[key]} instead"
+        if key not in parameters:
+            close = difflib.get_close_matches(key, list(parameters), n=3, cutoff=0.6)
+            hint = f"; did you mean: {', '.join(f'trainer.{name}' for name in close)}?" if close else ""
+            return f"unknown config key 'trainer.{key}': not an argument of lightning.Trainer{hint}"
+        if key != "max_time" and not _fits(value, parameters[key]):
+            return f"trainer.{key} must be {_describe(parameters[key])}, got {value!r}"
+    return None
+
+
+_SCHEMA_TRAINER_KEYS = {f.name for f in fields(TrainerConfig)}
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a config value (None, bool, int, float, str, list, dict) is of a type annotation."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value) if args else True
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    """A type annotation in words: `Optional[int]` → "int or null"."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(arg) for arg in args)
+    if annotation is type(None):
+        return "null"
+    if annotation is bool:
+        return "true or false"
+    if origin is list:
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def to_dict(cfg: DictConfig | ListConfig) -> dict:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from dvos.utils.errors import DataError
+from dvos.utils.runs import FAILED_MARKER, is_failed
 
 CANDIDATES = {"baseline": "first-frame copy", "teacher": "teacher", "student": "student"}
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
@@ -84,6 +85,8 @@ def read_run(path: str | Path) -> RunRecord:
     config_path = path / "config.yaml"
     if not config_path.is_file():
         raise DataError(f"{config_path}: not found (is {path} a `dvos train` run folder?)")
+    if is_failed(path):
+        raise DataError(f"{path}: the run is marked failed ({path / FAILED_MARKER}): no results to report")
     try:
         config = yaml.safe_load(config_path.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:

@@ -217,3 +217,49 @@ def test_ranks_started_by_srun_or_torchrun_write_nothing_into_the_run_folder(tmp
     monkeypatch.setenv(variable, "0")
     start_run(load_config([f"run_dir={run_dir}"]))
     assert (run_dir / "config.yaml").is_file() and (run_dir / "environment.json").is_file()
+
+
+def fake_command(folder: Path, name: str, body: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(f"#!/bin/bash\n{body}\n")
+    (folder / name).chmod(0o755)
+
+
+def max_time_of(overrides: list[str]) -> int | None:
+    """trainer.max_time=DD:HH:MM:SS as seconds (None when the script set none)."""
+    words = [word for word in overrides if word.startswith("trainer.max_time=")]
+    if not words:
+        return None
+    days, hours, minutes, seconds = (int(part) for part in words[0].split("=", 1)[1].strip("'").split(":"))
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def test_sbatch_stops_training_before_the_time_limit_and_requeues_to_continue(tmp_path):
+    fake_bin = tmp_path / "bin"
+    # The job ends in an hour: training gets that minus TIME_MARGIN (default 600 s).
+    overrides = dvos_overrides(run_sbatch(tmp_path, *DATA, SLURM_JOB_END_TIME=str(int(time.time()) + 3600)))
+    assert 3000 - 5 <= max_time_of(overrides) <= 3000
+    assert load_config(overrides).trainer.max_time == overrides[-len(DATA) - 1].split("=", 1)[1].strip("'")
+    # Without SLURM_JOB_END_TIME, squeue's time left ([D-][HH:]MM:SS); none known: no max_time.
+    fake_command(fake_bin, "squeue", 'echo "12-02:03:04"')
+    overrides = dvos_overrides(run_sbatch(tmp_path, *DATA, TIME_MARGIN="4"))
+    assert max_time_of(overrides) == 12 * 86400 + 7384 - 4
+    assert load_config(overrides).trainer.max_time == "12:02:03:00"  # a string, not YAML's base-60 number
+    fake_command(fake_bin, "squeue", 'echo "UNLIMITED"')
+    assert max_time_of(dvos_overrides(run_sbatch(tmp_path, *DATA))) is None
+    # the user's own trainer.max_time comes after the script's: it wins
+    overrides = dvos_overrides(run_sbatch(tmp_path, *DATA, "trainer.max_time=00:01:00:00", TIME_MARGIN="4"))
+    assert load_config(overrides).trainer.max_time == "00:01:00:00"
+
+    # `dvos train` exits 75 when the budget is spent: the job requeues itself and ends well.
+    fake_command(fake_bin, "srun", "exit 75")
+    fake_command(fake_bin, "scontrol", f'echo "$@" > "{fake_bin}/scontrol.args"')
+    result = subprocess.run(["bash", str(SBATCH), *DATA], env=slurm_env(tmp_path, fake_bin),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (fake_bin / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    fake_command(fake_bin, "srun", "exit 2")  # a failure is not requeued
+    (fake_bin / "scontrol.args").unlink()
+    result = subprocess.run(["bash", str(SBATCH), *DATA], env=slurm_env(tmp_path, fake_bin),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and not (fake_bin / "scontrol.args").exists()

@@ -13,7 +13,7 @@ def test_defaults_pick_the_embedded_data():
     assert cfg.data.synth.generate is True
     assert cfg.data.root == "data/synthetic/val"
     assert cfg.data.train_root == "data/synthetic/train"
-    assert cfg.trainer.precision == "32-true"
+    assert cfg.trainer.precision == "auto"  # resolved when the Trainer is built: 32-true on a CPU
 
 
 def test_group_choice_and_dotlist_override():
@@ -99,3 +99,93 @@ def test_saved_config_is_resolved_and_reloads(tmp_path):
     reloaded = OmegaConf.load(path)
     assert reloaded.data.root == "data/synthetic-smoke/val"
     assert reloaded.logger.enabled is False
+
+
+# ------------------------------------------------------------------ checks when the config loads
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.devices=0", "trainer.devices must be a count ≥ 1, -1 (all), auto, or a list of device ids, got 0"),
+        ("data.batch_size=0", "data.batch_size must be ≥ 1, got 0"),
+        ("data.num_workers=-1", "data.num_workers must be ≥ 0, got -1"),
+        ("optim.lr=-1", "optim.lr must be > 0, got -1"),
+        ("optim.ema_decay=1", "optim.ema_decay must be in [0, 1), got 1"),
+        ("data.hflip_p=1.5", "data.hflip_p must be in [0, 1], got 1.5"),
+        ("model.d_model=30", "model.d_model (30) must be divisible by model.num_heads (8)"),
+        ("model.offset_kernel=4", "model.offset_kernel must be odd, got 4"),
+        ("teacher.temperature=0", "teacher.temperature must be > 0, got 0"),
+        ("trainer.max_steps=-2", "trainer.max_steps must be ≥ -1 (-1: no limit), got -2"),
+        ("trainer.val_check_interval=0",
+         "trainer.val_check_interval must be a share of an epoch in (0, 1], a number of steps ≥ 1, or null, got 0"),
+        ("trainer.max_time=12h", "trainer.max_time must be DD:HH:MM:SS (e.g. 00:12:00:00), seconds or "
+         "{hours: N, ...}, got '12h'"),
+    ],
+)  # fmt: skip
+def test_every_value_is_range_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("logger.mode=onlin", "logger.mode must be one of auto, online, offline, disabled, got 'onlin'"),
+        ("teacher.encoder=vit", "teacher.encoder must be one of resnet, vit_small, vit_base, got 'vit'"),
+        ("distill.att_branches=all", "distill.att_branches must be one of long, short, both, got 'all'"),
+        ("data.format=coco", "data.format must be one of davis, youtubevos, got 'coco'"),
+        ("trainer.accelerator=gpus", "trainer.accelerator must be one of auto, cpu, gpu, cuda, mps, tpu, got 'gpus'"),
+        ("trainer.profiler=simpel", "trainer.profiler must be one of null, simple, advanced, pytorch, xla, got 'simpel'"),
+        ("trainer.precision=bogus", "trainer.precision must be one of auto, bf16-mixed, 16-mixed, 32-true, 64-true, "
+         "bf16-true, 16-true, transformer-engine, transformer-engine-float16, bf16, 16, 32, 64, got 'bogus'"),
+    ],
+)  # fmt: skip
+def test_every_choice_is_checked_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config([override])
+    assert str(info.value) == message
+
+
+def test_any_lightning_trainer_argument_is_taken_and_checked_against_its_signature(tmp_path):
+    from datetime import timedelta
+
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from dvos.callbacks.stopping import ProcessTimer
+    from dvos.cli.factory import build_trainer
+
+    extra = ["trainer.max_time=00:00:01:30", "trainer.sync_batchnorm=true", "trainer.profiler=simple",
+             "trainer.detect_anomaly=true"]  # fmt: skip
+    cfg = load_config(["experiment=smoke", *extra])
+    assert cfg.trainer.max_time == "00:00:01:30" and cfg.trainer.detect_anomaly is True
+    trainer = build_trainer(cfg, tmp_path, job_type="distill")
+    assert isinstance(trainer.profiler, SimpleProfiler) and trainer._detect_anomaly
+    assert trainer._accelerator_connector._layer_sync is not None  # sync_batchnorm
+    timers = [c for c in trainer.callbacks if isinstance(c, ProcessTimer)]
+    assert len(timers) == 1 and timers[0]._duration == timedelta(minutes=1, seconds=30).total_seconds()
+    assert trainer.precision == "32-true"  # precision=auto on a CPU: fp32, as before
+
+    for override, message in (
+        ("trainer.max_tme=1", "unknown config key 'trainer.max_tme': not an argument of lightning.Trainer; "
+         "did you mean: trainer.max_time, trainer.max_steps?"),
+        ("trainer.sync_batchnorm=maybe", "trainer.sync_batchnorm must be true or false, got 'maybe'"),
+        ("trainer.logger=false", "trainer.logger is set by dvos: use logger.* instead"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            load_config([override])
+        assert str(info.value) == message
+
+
+def test_precision_auto_is_bf16_mixed_on_gpus_that_support_it_else_16_mixed_and_fp32_on_cpu(monkeypatch):
+    import torch
+
+    from dvos.cli.factory import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto", "auto") == resolve_precision("auto", "cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision("auto", "cpu") == "32-true"
+    for supported, expected in ((True, "bf16-mixed"), (False, "16-mixed")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
+        assert resolve_precision("auto", "auto") == resolve_precision("auto", "gpu") == expected
+    assert resolve_precision("16-mixed", "gpu") == "16-mixed"  # an explicit choice stands

@@ -14,7 +14,6 @@ import pytest
 import torch
 from helpers_data import square_and_disc_clip
 from helpers_models import tiny_student_and_teacher
-from lightning.fabric.plugins.io import torch_io
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -778,12 +777,28 @@ def test_last_checkpoint_holds_the_final_step_and_is_written_atomically(tmp_path
     # a process killed half-way through writing leaves the previous file whole
     before = path.read_bytes()
 
-    def killed_while_writing(checkpoint, filepath):
-        with open(filepath, "wb") as handle:
-            handle.write(b"half a checkpoint")
-        raise KeyboardInterrupt
+    import builtins
 
-    monkeypatch.setattr(torch_io, "_atomic_save", killed_while_writing)
+    import dvos.utils.io as io_module
+
+    class KilledWhileWriting:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def open_then_get_killed(*args, **kwargs):
+        return KilledWhileWriting(builtins.open(*args, **kwargs))  # noqa: SIM115 (closed by __exit__)
+
+    monkeypatch.setattr(io_module, "open", open_then_get_killed, raising=False)
     with pytest.raises(KeyboardInterrupt):
         AtomicCheckpointIO().save_checkpoint({"global_step": 4}, path)
     assert path.read_bytes() == before

@@ -290,3 +290,55 @@ def test_unwritable_output_folder_is_one_line_naming_it(scene, tmp_path, capsys,
     line = dvos_error(capsys, *args)
     assert str(out) in line
     assert blocker.read_text() == "a file where a folder should be"
+
+
+# --------------------------------------------------------------------------------------------
+# `dvos segment`: an --out with older masks, a checkpoint that fails, an overlay that cannot be written
+# --------------------------------------------------------------------------------------------
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files_under(folder)}
+
+
+def older_masks(scene, out: Path) -> dict[str, bytes]:
+    """An --out holding an earlier run's masks (and a note), as a snapshot."""
+    out.mkdir()
+    write_mask(out / "00000.png", scene["ids"])
+    write_mask(out / "00099.png", scene["ids"])  # a frame this video does not have
+    (out / "notes.txt").write_text("an earlier run")
+    return snapshot(out)
+
+
+def test_segment_refuses_an_out_folder_with_older_masks_unless_overwrite(scene, tmp_path, capsys):
+    out = tmp_path / "out"
+    before = older_masks(scene, out)
+    line = dvos_error(capsys, *segment(scene, scene["video"], out))
+    assert line == (
+        f"dvos: error: --out {out} is not empty (3 entries): give a new or empty folder, or --overwrite "
+        "to delete its contents first"
+    )
+    assert snapshot(out) == before
+    assert main([str(a) for a in segment(scene, scene["video"], out, "--overwrite")]) == 0
+    assert [path.name for path in files_under(out)] == [f"{index:05d}.png" for index in range(6)]
+
+
+def test_segment_with_a_bad_checkpoint_changes_no_output_folder(scene, tmp_path, capsys):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    out = tmp_path / "out"
+    before = older_masks(scene, out)
+    line = dvos_error(capsys, *segment(scene, scene["video"], out, "--overwrite", "--ckpt", garbage))
+    assert line.startswith(f"dvos: error: cannot read checkpoint {garbage}: ")
+    assert snapshot(out) == before  # --overwrite empties the folder only once the model has loaded
+    fresh = tmp_path / "fresh"
+    dvos_error(capsys, *segment(scene, scene["video"], fresh, "--ckpt", garbage))
+    assert not fresh.exists()  # no empty --out left behind
+
+
+def test_segment_checks_the_overlay_can_be_written_before_segmenting(scene, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file where a folder should be")
+    overlay = blocker / "overlay.mp4"
+    out = tmp_path / "out"
+    line = dvos_error(capsys, *segment(scene, scene["video"], out, "--overlay", overlay))
+    assert line == f"dvos: error: cannot write --overlay {overlay}: {blocker} is not a folder"
+    assert not out.exists() and blocker.read_text() == "a file where a folder should be"

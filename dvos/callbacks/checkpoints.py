@@ -6,20 +6,26 @@
   The best checkpoint on `val/J&F` is a separate `ModelCheckpoint` (the Trainer's
   `checkpoint_callback`); `final_student_checkpoint` picks the one the final table scores.
 - `AtomicCheckpointIO`: Lightning writes a checkpoint straight into its final name, so a process
-  killed while writing leaves a truncated `last.ckpt` that looks complete; this plugin writes to a
-  temporary name in the same folder and renames it into place (`dvos.utils.io.atomic_path`).
+  killed while writing leaves a truncated `last.ckpt` that looks complete; this plugin serialises
+  the checkpoint in memory (as Lightning does), writes it to a hidden temporary name in the same
+  folder and renames it into place (`dvos.utils.io.atomic_write`). A full disk is a one-line
+  `DvosError` naming the file, and the earlier checkpoint stays as it was.
+  What a process killed while writing leaves (`.last.ckpt.<random>.tmp`) is removed when the run
+  is resumed (`dvos.utils.io.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dvos.utils.io import atomic_path
+from dvos.utils.io import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,8 +34,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
-        with atomic_path(Path(path)) as temporary:
-            super().save_checkpoint(checkpoint, temporary, storage_options)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        with atomic_write(Path(path), "wb") as handle:
+            handle.write(buffer.getbuffer())
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -49,7 +57,14 @@ class LastCheckpoint(ModelCheckpoint):
             save_last=True,
             every_n_train_steps=int(every_n_train_steps) or None,
             every_n_epochs=None if int(every_n_train_steps) else 0,
+            # Always last.ckpt, replaced atomically: never a last-v1.ckpt beside an older one (Lightning
+            # versions the name when a run folder was moved and its last_model_path is not restored).
+            enable_version_counter=False,
         )
+
+    def save_now(self, trainer: pl.Trainer) -> None:
+        """Write last.ckpt now (at the end of a training step: a signal stops the run there)."""
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not only when nothing was saved yet (ModelCheckpoint's rule): whenever the final step is not

@@ -7,8 +7,10 @@ The graph (`dvos.inference.export.FrameStep`) is encoder + deformable propagatio
 embedding with the memory as explicit inputs and outputs, at a fixed frame size; its input and
 output names and shapes are listed in `dvos/inference/export.py` and the README. The file is written
 to a temporary name and renamed into place. Unless `--no-verify`, the exported file is loaded back and
-compared with PyTorch on random inputs (ONNX: needs onnxruntime); the largest difference is printed,
-and a file that differs by more than 1e-4 is removed again (a one-line error).
+compared with PyTorch on random inputs (ONNX: needs onnxruntime) before it is renamed into place; the
+largest difference is printed, and a file that differs by more than 1e-4 is not written (a one-line
+error). On any failure (a full disk included) the temporary file is removed and an earlier file at
+the output path is left as it was.
 """
 
 from __future__ import annotations
@@ -88,6 +90,19 @@ def run(args: argparse.Namespace) -> int:
             f"note: the exported graph has no edge refinement (eval.refine_iterations={refine.iterations} "
             "runs in the Python engine only): it matches `dvos evaluate ... eval.refine_iterations=0`"
         )
+    verified: dict[str, float] = {}
+
+    def compare_with_pytorch(written: Path) -> None:
+        """Before the file takes its name: it must compute what the student computes."""
+        if args.no_verify or (fmt == "onnx" and not onnxruntime_installed()):
+            return
+        verified.update(verify_export(student, load_exported(written, fmt)))
+        worst = max(value for name, value in verified.items() if name != "labels")
+        if worst > TOLERANCE:
+            raise DvosError(
+                f"exported {out} differs from PyTorch by {worst:.2e} (> {TOLERANCE:.0e}); not written"
+            )
+
     path = export_student(
         student,
         fmt,
@@ -95,28 +110,26 @@ def run(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         max_objects=args.max_objects,
+        check=compare_with_pytorch,
         **reading,
     )
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({fmt}, {args.height}×{args.width} frames, {size:.1f} MB)")
     if args.no_verify:
         return 0
-    if fmt == "onnx":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            print("not verified: onnxruntime is not installed (pip install 'dvos[export]')")
-            return 0
-    differences = verify_export(student, load_exported(path, fmt))
-    worst = max(value for name, value in differences.items() if name != "labels")
+    if not verified:
+        print("not verified: onnxruntime is not installed (pip install 'dvos[export]')")
+        return 0
+    worst = max(value for name, value in verified.items() if name != "labels")
     print(
         f"verified against PyTorch: largest difference {worst:.2e} "
-        f"({', '.join(f'{name} {value:.1e}' for name, value in differences.items() if name != 'labels')}; "
-        f"labels differ at {differences['labels']:.2%} of pixels)"
+        f"({', '.join(f'{name} {value:.1e}' for name, value in verified.items() if name != 'labels')}; "
+        f"labels differ at {verified['labels']:.2%} of pixels)"
     )
-    if worst > TOLERANCE:
-        path.unlink()  # a file that does not compute what the student computes is no output
-        raise DvosError(
-            f"exported {path} differs from PyTorch by {worst:.2e} (> {TOLERANCE:.0e}); removed it"
-        )
     return 0
+
+
+def onnxruntime_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None

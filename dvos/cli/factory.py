@@ -7,12 +7,14 @@ run id is kept in `<run folder>/wandb-id.txt`, so the resumed job continues the 
 
 from __future__ import annotations
 
+import logging
 import secrets
 import string
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
 from dvos.config import environment_info, to_dict
@@ -122,6 +124,81 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
     return callbacks
 
 
+def resolve_precision(precision: Any, accelerator: Any) -> Any:
+    """`trainer.precision=auto`: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs,
+    32-true elsewhere (a CPU emulates bf16 slowly; the CPU result stays bit for bit fp32)."""
+    if str(precision) != "auto":
+        return precision
+    import torch
+
+    on_gpu = str(accelerator) in ("gpu", "cuda") or (str(accelerator) == "auto" and torch.cuda.is_available())
+    if not on_gpu or not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def time_budget(max_time: Any) -> Any:
+    """`trainer.max_time` as `Timer` takes it (YAML reads 1:00:00 as 3600 seconds)."""
+    import datetime
+
+    if isinstance(max_time, int) and not isinstance(max_time, bool):
+        return datetime.timedelta(seconds=max_time)
+    return max_time
+
+
+def trainer_options(cfg: DictConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`cfg.trainer` (and `overrides`) as `lightning.Trainer` keyword arguments."""
+    options = to_dict(cfg.trainer)
+    options.update(overrides or {})
+    if options.get("devices") == "auto" or options.get("devices") is None:
+        options["devices"] = "auto"
+    options["precision"] = resolve_precision(options.get("precision", "auto"), options.get("accelerator"))
+    return options
+
+
+def _trainer(**kwargs: Any) -> pl.Trainer:
+    """`pl.Trainer(**kwargs)`; what Lightning refuses (no GPU for accelerator=gpu, an unknown
+    strategy, more devices than the machine has, ...) as a one-line ConfigError."""
+    from dvos.utils.errors import ConfigError
+
+    try:
+        return pl.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ConfigError(f"trainer: {lines[0] if lines else type(err).__name__}") from err
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Build, and drop, a bare Trainer from `cfg.trainer`: what only Lightning knows (this
+    machine's devices, strategies, precision support) fails before any run folder or data."""
+    import warnings
+
+    import torch
+
+    from dvos.utils.errors import ConfigError
+
+    accelerator = str(cfg.trainer.accelerator)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}: this machine has no CUDA GPU (use trainer.accelerator=cpu or auto)"
+        )
+    options = trainer_options(cfg)
+    options.pop("max_time", None)
+    quiet = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            options.update(logger=False, callbacks=[], enable_checkpointing=False, enable_progress_bar=False)
+            options.setdefault("enable_model_summary", False)
+            _trainer(**options)
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+
+
 def build_trainer(
     cfg: DictConfig,
     run_dir: Path,
@@ -133,20 +210,28 @@ def build_trainer(
     """A `lightning.Trainer` from `cfg.trainer`, logging and checkpointing into `run_dir`.
 
     `resume`: the job continues a run from its checkpoint (the same W&B run is continued).
+    Distillation stops cleanly on SIGTERM / SIGINT (`StopOnSignal`) and at `trainer.max_time`
+    (`ProcessTimer`: this process's training time); teacher pretraining ignores `max_time` (it
+    cannot be resumed, and a teacher cut short would fill the cache).
     """
-    from dvos.callbacks.checkpoints import AtomicCheckpointIO
+    from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
+    from dvos.callbacks.stopping import ProcessTimer, StopOnSignal
 
-    options = to_dict(cfg.trainer)
-    options.update(overrides or {})
-    if options.get("devices") == "auto" or options.get("devices") is None:
-        options["devices"] = "auto"
-    return pl.Trainer(
+    options = trainer_options(cfg, overrides)
+    max_time = options.pop("max_time", None)
+    callbacks = build_callbacks(cfg, run_dir, job_type=job_type)
+    if job_type == "distill":
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        callbacks.append(StopOnSignal(last))
+        if max_time is not None:
+            callbacks.append(ProcessTimer(duration=time_budget(max_time), interval="step"))
+    options.setdefault("enable_model_summary", False)
+    return _trainer(
         default_root_dir=str(run_dir),
         logger=build_logger(cfg, run_dir, job_type=job_type, resume=resume),
-        callbacks=build_callbacks(cfg, run_dir, job_type=job_type),
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=bool(cfg.callbacks.progress_bar),
         enable_checkpointing=bool(cfg.callbacks.checkpoint),
-        enable_model_summary=False,
         **options,
     )

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="group choices and dot-key overrides")
     parser.add_argument("--force", action="store_true", help="retrain even when the teacher file exists")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, stop_signals=True)
 
 
 def teacher_path(cfg: DictConfig) -> Path:
@@ -149,19 +149,22 @@ def ensure_teacher(cfg: DictConfig, run_dir: Path, *, force: bool = False) -> No
 
 def run(args: argparse.Namespace) -> int:
     from dvos.cli.common import setup_logging, start_run
+    from dvos.cli.factory import check_trainer
     from dvos.config import load_config
     from dvos.data.builders import prepare_data, require_train_root
 
     setup_logging()
     cfg = load_config(args.overrides)
-    require_train_root(cfg)
-    run_dir = start_run(cfg)
-    prepare_data(cfg)
     if cfg.teacher.encoder != "resnet":
         print(
             f"dvos pretrain: teacher.encoder={cfg.teacher.encoder} is loaded from a file; nothing to pretrain"
         )
         return 1
+    check_pretrain_config(cfg)
+    require_train_root(cfg)
+    check_trainer(cfg)
+    run_dir = start_run(cfg)
+    prepare_data(cfg)
     cfg.teacher.checkpoint = None
     # fast_dev_run checks the pretraining itself: it runs even when a cached teacher exists.
     ensure_teacher(cfg, run_dir, force=args.force or bool(cfg.trainer.fast_dev_run))

@@ -1,10 +1,12 @@
 """`dvos segment`: segment one video (mp4 or frame folder) from the mask of its first frame.
 
-    dvos segment --video clip.mp4 --mask 00000.png --out masks/ [--ckpt C | --teacher CFG]
+    dvos segment --video clip.mp4 --mask 00000.png --out masks/ [--overwrite] [--ckpt C | --teacher CFG]
                  [--overlay overlay.mp4] [--max-size N] [--max-frames N] [--device auto] [key=value ...]
 
 Predictions are palette PNGs written flat into OUT (`OUT/<frame name>.png`: `00000.png`, ... for a
 video file, the frame files' stems for a folder), with the first mask's palette, at the video's size.
+OUT must be new or empty (`--overwrite` empties it, once the model has loaded): masks of two runs
+never mix in one folder.
 The model: `--ckpt` (a run checkpoint or a student state dict), `--teacher` (a teacher config name
 from conf/teacher or a YAML path; `teacher.checkpoint=...` among the overrides), or by default the
 newest `runs/*/checkpoints/last.ckpt`, else a random student (with a warning).
@@ -153,7 +155,16 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="palette PNG of the first frame (ids 1..K; an RGB PNG in DAVIS palette colours is converted)",
     )
     parser.add_argument(
-        "--out", required=True, type=Path, metavar="DIR", help="folder for the predicted PNGs"
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder for the predicted PNGs: new or empty (see --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out may hold files: everything in it is deleted first (once the model has loaded)",
     )
     parser.add_argument("--overlay", type=Path, metavar="MP4", help="also write an overlay video (H.264 mp4)")
     parser.add_argument(
@@ -245,6 +256,33 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
 # --------------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------------
+def check_out_folder(out: Path, *, overwrite: bool) -> int:
+    """The number of entries `out` holds (0: new or empty). Without `overwrite` a folder with
+    entries is refused: new masks beside older ones would mix two runs in one folder."""
+    from dvos.utils.errors import DvosError
+
+    if out.exists() and not out.is_dir():
+        raise DvosError(f"--out {out} is a file, not a folder")
+    held = sum(1 for _ in out.iterdir()) if out.is_dir() else 0
+    if held and not overwrite:
+        raise DvosError(
+            f"--out {out} is not empty ({held} entries): give a new or empty folder, or --overwrite to "
+            "delete its contents first"
+        )
+    return held
+
+
+def empty_folder(folder: Path) -> None:
+    """Delete everything inside `folder` (the folder itself stays)."""
+    import shutil
+
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _overlay(args: argparse.Namespace, reader: Any, frames: int, palette: list[int] | None) -> int:
     """Second pass: frames from the video, masks read back from OUT (memory: one frame)."""
     from dvos.inference.overlay import write_overlay_video
@@ -270,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.inference.evaluate import format_memory
     from dvos.inference.writer import MaskWriter
     from dvos.utils.errors import DataError
+    from dvos.utils.io import check_writable_file
     from dvos.utils.masks import read_mask
 
     setup_logging()
@@ -285,10 +324,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if not mask_object_ids(mask):
         raise DataError(f"first mask {args.mask} holds no object (only background / void)")
+    held = check_out_folder(args.out, overwrite=args.overwrite)
+    if args.overlay is not None:
+        check_writable_file(args.overlay, what="--overlay")
     device = resolve_device(args.device)
+    # The model before the output folder: a bad checkpoint leaves no folder and no file changed.
+    segmenter, description, _ = build_segmenter(args, cfg, device)
+    if held:
+        empty_folder(args.out)
+        log.info("--overwrite: deleted %d entries of %s", held, args.out)
     with MaskWriter(args.out, maxsize=args.queue) as writer:
         writer.open_sequence(None, palette)
-        segmenter, description, _ = build_segmenter(args, cfg, device)
         log.info("segmenting %s with %s on %s", args.video, description, device)
         stats = segment_sequence(
             segmenter, reader, mask, writer=writer, flat=True, max_frames=args.max_frames, palette=palette

@@ -32,12 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "overrides", nargs="*", help="group choices (data=davis2016) and dot-key overrides (a.b=c)"
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, stop_signals=True)
 
 
 def resolve_resume(cfg: Any) -> str | None:
     """`ckpt_path=last`: the last.ckpt of `run_dir`, or of the newest run; the run folder is reused."""
-    from dvos.inference.checkpoints import find_latest_checkpoint
+    from dvos.inference.checkpoints import check_training_checkpoint, find_latest_checkpoint
     from dvos.utils.errors import ConfigError
 
     if cfg.ckpt_path is None:
@@ -46,16 +46,19 @@ def resolve_resume(cfg: Any) -> str | None:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise ConfigError(f"ckpt_path: no checkpoint file at {path}")
-        return str(path)
-    if cfg.run_dir:
+    elif cfg.run_dir:
         path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise ConfigError(f"ckpt_path=last: {path} does not exist")
     else:
         path = find_latest_checkpoint(cfg.paths.runs_dir)
         if path is None:
-            raise ConfigError(f"ckpt_path=last: no run under {cfg.paths.runs_dir}/ has checkpoints/last.ckpt")
+            raise ConfigError(
+                f"ckpt_path=last: no run under {cfg.paths.runs_dir}/ has checkpoints/last.ckpt "
+                "(runs marked FAILED are skipped: name one with run_dir=...)"
+            )
         cfg.run_dir = str(path.parent.parent)
+    check_training_checkpoint(path, key="ckpt_path")  # a teacher file, a truncated one: one line
     return str(path)
 
 
@@ -69,7 +72,7 @@ def resumed_config(cfg: Any, overrides: list[str]) -> Any:
     from omegaconf import OmegaConf
 
     from dvos.cli.common import log
-    from dvos.config import Config, _merge, check_resolvable, split_overrides
+    from dvos.config import _merge, check_config, check_resolvable, schema, split_overrides
 
     saved = Path(cfg.run_dir) / "config.yaml"
     if not saved.is_file():
@@ -82,12 +85,13 @@ def resumed_config(cfg: Any, overrides: list[str]) -> Any:
             cfg.run_dir,
             " ".join(f"{key}={value}" for key, value in choices.items()),
         )
-    resumed = _merge(OmegaConf.structured(Config), OmegaConf.load(saved), str(saved))
+    resumed = _merge(schema(), OmegaConf.load(saved), str(saved))
     if dotlist:
         resumed = _merge(resumed, OmegaConf.from_dotlist(dotlist), "the command line")
     resumed.ckpt_path = cfg.ckpt_path
     resumed.run_dir = cfg.run_dir
     check_resolvable(resumed)
+    check_config(resumed)
     return resumed
 
 
@@ -96,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
 
     from dvos.callbacks.checkpoints import final_student_checkpoint
+    from dvos.callbacks.stopping import stopped_by_timer
     from dvos.cli.common import is_launched_rank, log, setup_logging, start_run
-    from dvos.cli.factory import build_trainer, finish_wandb
+    from dvos.cli.factory import build_trainer, check_trainer, finish_wandb
     from dvos.cli.pretrain_cmd import ensure_teacher
     from dvos.config import load_config, save_config, with_data
     from dvos.data.builders import (
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from dvos.inference.evaluate import final_evaluation, format_summary
     from dvos.lit.distill import DistillationModule, check_distill_config
+    from dvos.utils.errors import TimeBudgetSpent
     from dvos.utils.io import write_json
     from dvos.utils.run_summary import publish_run_summary
 
@@ -121,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     # Before any folder, data or teacher pretraining: a bad setting must not cost minutes first.
     check_distill_config(cfg, max_objects=int(cfg.model.max_objects))
     require_train_root(cfg)
-    run_dir = start_run(cfg)
+    check_trainer(cfg)
+    run_dir = start_run(cfg, resume=resume)
     prepare_data(cfg)
     eval_data = build_eval_datamodule(cfg)
     eval_data.setup("validate")
@@ -141,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if resume:
         log.info("resuming from %s", resume)
     trainer.fit(module, datamodule=clips, ckpt_path=resume)
+    if stopped_by_timer(trainer):  # an unfinished run: no table; the job script may requeue it
+        raise TimeBudgetSpent(f"trainer.max_time spent at step {trainer.global_step}")
 
     if not trainer.is_global_zero:
         return 0

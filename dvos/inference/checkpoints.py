@@ -35,6 +35,7 @@ from dvos.models.build import build_student, model_config
 from dvos.models.state import state_dict_problems
 from dvos.models.student import DeformableStudent
 from dvos.utils.errors import DvosError
+from dvos.utils.runs import is_failed
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,16 @@ STUDENT_PREFIXES = ("student_ema.", "student.")  # tried in this order
 
 
 def find_latest_checkpoint(runs_dir: str | os.PathLike = "runs") -> Path | None:
-    """The newest `<runs_dir>/*/checkpoints/last.ckpt` by modification time, or None."""
+    """The newest `<runs_dir>/*/checkpoints/last.ckpt` by modification time, or None. Runs marked
+    failed (`dvos.utils.runs.FAILED_MARKER`) are skipped."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return None
-    candidates = [path for path in runs_dir.glob("*/checkpoints/last.ckpt") if path.is_file()]
+    candidates = [
+        path
+        for path in runs_dir.glob("*/checkpoints/last.ckpt")
+        if path.is_file() and not is_failed(path.parent.parent)
+    ]
     if not candidates:
         return None
     return max(candidates, key=lambda path: (path.stat().st_mtime, str(path)))
@@ -78,6 +84,32 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise DvosError(f"cannot read checkpoint {path}: {_one_line(err)}") from err
+
+
+def check_training_checkpoint(path: str | os.PathLike, *, key: str = "ckpt_path") -> None:
+    """A one-line DvosError, naming `key` and the file, unless `path` is a dvos distillation
+    checkpoint that training can continue from: readable in full (not truncated), with
+    Lightning's training state and the student's weights. Tensors are memory-mapped, not read."""
+    path = Path(path).expanduser()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        if "Unsupported global" not in str(err) and "weights_only" not in str(err):
+            raise DvosError(f"{key}: cannot read {path} (truncated or damaged? {_one_line(err)})") from err
+        checkpoint = read_checkpoint(path)  # hyper-parameters with pickled objects
+    if not isinstance(checkpoint, Mapping) or "loops" not in checkpoint or "state_dict" not in checkpoint:
+        what = (
+            "a teacher file (give it as teacher.checkpoint=...)"
+            if isinstance(checkpoint, Mapping) and "encoder_config" in checkpoint
+            else "no Lightning training state"
+        )
+        raise DvosError(f"{key}: {path} is not a dvos training checkpoint: {what}")
+    state = checkpoint["state_dict"]
+    if not any(str(name).startswith("student.") for name in state):
+        raise DvosError(
+            f"{key}: {path} is not a distillation checkpoint: no student weights "
+            "(a teacher pretraining checkpoint?)"
+        )
 
 
 def student_state_dict(checkpoint: Any, path: Path) -> tuple[dict[str, torch.Tensor], str]:

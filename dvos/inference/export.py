@@ -59,7 +59,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ from dvos.inference.engine import _TorchSegmenter
 from dvos.models.memory import Memory
 from dvos.models.student import FEATURE_STRIDE, DeformableStudent
 from dvos.utils.errors import DvosError
-from dvos.utils.io import atomic_path, ensure_writable_dir
+from dvos.utils.io import atomic_path, ensure_writable_dir, write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,11 @@ def _one_line(err: BaseException) -> str:
 def _export_torchscript(step: FrameStep, inputs: tuple[torch.Tensor, ...], tmp: Path, spec: dict) -> None:
     with _quiet_export(), torch.no_grad():
         traced = torch.jit.trace(step, inputs, check_trace=False)
-        torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_EXTRA: json.dumps(spec)})
+        # Into memory, then written by Python: torch.jit.save's own writer aborts the interpreter
+        # (a C++ c10::Error) when the disk is full; a Python write raises an OSError instead.
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={TORCHSCRIPT_EXTRA: json.dumps(spec)})
+    write_bytes(tmp, buffer.getbuffer())
 
 
 def _export_onnx(step: FrameStep, inputs: tuple[torch.Tensor, ...], tmp: Path, spec: dict) -> None:
@@ -307,7 +311,7 @@ def _export_onnx(step: FrameStep, inputs: tuple[torch.Tensor, ...], tmp: Path, s
         )
     program.model.metadata_props[METADATA_KEY] = json.dumps(spec)
     # One self-contained file (the weights inside, not beside it): it can be renamed into place.
-    program.save(str(tmp), external_data=False)
+    write_bytes(tmp, program.model_proto.SerializeToString())
 
 
 def _importable(name: str) -> bool:
@@ -327,6 +331,7 @@ def export_student(
     soft_memory: bool = True,
     attention_topk: int | None = None,
     long_term_weight: float | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Export the student's frame step (`FrameStep`) for frames of `height` × `width`.
 
@@ -339,6 +344,8 @@ def export_student(
         soft_memory, attention_topk, long_term_weight: the memory reading (`StudentSegmenter`'s
             arguments of those names, `eval.soft_memory` / `eval.attention_topk` /
             `eval.long_term_weight`).
+        check: called with the written temporary file before it is renamed to `path` (e.g. a
+            comparison with PyTorch): when it raises, `path` is left as it was.
 
     Returns:
         The written file.
@@ -367,8 +374,14 @@ def export_student(
     inputs = example_inputs(student.d_model, height, width, step.max_objects)
     exporter = _export_onnx if fmt == "onnx" else _export_torchscript
     try:
-        with atomic_path(path) as tmp, reading_of(student, spec):
-            exporter(step, inputs, tmp, spec)
+        with atomic_path(path) as tmp:
+            with reading_of(student, spec):
+                exporter(step, inputs, tmp, spec)
+            if check is not None:
+                try:
+                    check(tmp)
+                except DvosError as err:  # named after the file the user asked for, not the temporary
+                    raise DvosError(str(err).replace(str(tmp), str(path))) from err
     except DvosError:
         raise
     except OSError as err:

@@ -7,6 +7,7 @@ complete new one is there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -15,6 +16,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from dvos.utils.errors import DvosError
+
+# A write that fails for want of room: the disk, the user's quota, the largest file allowed.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_room(err: BaseException) -> bool:
+    """True for an OSError that says the disk (or quota) is full."""
+    return isinstance(err, OSError) and err.errno in NO_ROOM
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -26,6 +35,22 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         raise DvosError(f"cannot create output folder {path}: {err.strerror or err}") from err
     if not os.access(path, os.W_OK | os.X_OK):
         raise DvosError(f"output folder {path} is not writable")
+    return path
+
+
+def check_writable_file(path: str | os.PathLike, *, what: str = "output") -> Path:
+    """Check, creating nothing, that the file `path` can be written: it is not a folder, and its
+    folder exists and is writable or can be created. A one-line DvosError naming `what` otherwise."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise DvosError(f"{what} {path} is a folder; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DvosError(f"cannot write {what} {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DvosError(f"cannot write {what} {path}: folder {folder} is not writable")
     return path
 
 
@@ -45,6 +70,13 @@ def _make_temporary(path: Path, suffix: str) -> str:
     return tmp_name
 
 
+def _temporary_or_error(path: Path, suffix: str) -> str:
+    try:
+        return _make_temporary(path, suffix)
+    except OSError as err:
+        raise DvosError(f"cannot write {path}: {err.strerror or err}") from err
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside `path`; on success rename it to `path`, on error delete it.
@@ -55,16 +87,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    tmp_name = _make_temporary(path, ".tmp")
+    tmp_name = _temporary_or_error(path, ".tmp")
     try:
         with open(tmp_name, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if no_room(err):
+            raise DvosError(f"cannot write {path}: {err.strerror}") from err  # type: ignore[union-attr]
         raise
 
 
@@ -77,14 +111,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    tmp_name = _make_temporary(path, f".tmp{path.suffix}")
+    tmp_name = _temporary_or_error(path, f".tmp{path.suffix}")
     try:
         yield Path(tmp_name)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if no_room(err):
+            raise DvosError(f"cannot write {path}: {err.strerror}") from err  # type: ignore[union-attr]
         raise
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the hidden temporaries (`.<name>.<random>.tmp*`) of atomic writes that a killed
+    process left in `folder`; return them. Only for a folder no other process is writing to."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp*"):
+        if path.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` (a temporary of `atomic_path`, say) through Python's file object and
+    to the disk (fsync): a full disk is an OSError here, whoever serialised the bytes."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 1) -> None:

@@ -1,11 +1,16 @@
-"""Run folders and the W&B mode: every run gets its own folder; W&B never prompts or blocks."""
+"""Run folders and the W&B mode: every run gets its own folder, a run that ends early leaves no
+folder that looks finished; W&B never prompts or blocks."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import netrc
 import os
 import re
+import shlex
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from dvos.utils.errors import ConfigError
@@ -14,13 +19,24 @@ from dvos.utils.io import ensure_writable_dir
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
-def make_run_dir(runs_dir: str | os.PathLike, name: str, *, run_dir: str | None = None) -> Path:
+def make_run_dir(
+    runs_dir: str | os.PathLike, name: str, *, run_dir: str | None = None, resume: bool = False
+) -> Path:
     """Create `runs_dir/<YYYYmmdd>-<HHMMSS>-<name>/` (or `run_dir` when given) and return it.
 
     A second run started in the same second gets a `-2`, `-3`, ... suffix instead of sharing a folder.
+    A given `run_dir` must be new or empty unless the job continues that run (`resume`): a new run
+    never writes into another run's folder.
     """
     if run_dir:
-        return ensure_writable_dir(run_dir)
+        path = Path(run_dir)
+        if not resume and path.is_dir() and any(path.iterdir()):
+            what = "a run" if (path / "config.yaml").is_file() else "files"
+            raise ConfigError(
+                f"run_dir {path} already holds {what}: a new run needs a new or empty folder "
+                f"(to continue that run: dvos train ckpt_path=last run_dir={shlex.quote(str(path))})"
+            )
+        return ensure_writable_dir(path)
     safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(runs_dir) / f"{stamp}-{safe_name}"
@@ -33,6 +49,81 @@ def make_run_dir(runs_dir: str | os.PathLike, name: str, *, run_dir: str | None 
         except FileExistsError:
             counter += 1
             candidate = base.with_name(f"{base.name}-{counter}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs that end early (docs/DESIGN.md, "Bad input")
+# --------------------------------------------------------------------------------------------------
+FAILED_MARKER = "FAILED"  # in a run folder: the run failed after its first checkpoint (the error inside)
+
+
+def is_failed(run_dir: str | os.PathLike) -> bool:
+    """True for a run folder marked failed: `ckpt_path=last`, segment, evaluate and compare skip it."""
+    return (Path(run_dir) / FAILED_MARKER).is_file()
+
+
+@dataclass
+class StartedRun:
+    """A run folder this process started (rank 0), until its command ends.
+
+    path: the folder; created: this job made it; fresh: it was new or empty, so that everything in
+    it is this job's (a resumed run's folder is not).
+    """
+
+    path: Path
+    created: bool
+    fresh: bool
+
+
+STARTED_RUNS: list[StartedRun] = []
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def settle_unfinished_runs(failure: str | None) -> str:
+    """Leave nothing that looks like a usable run behind a command that did not finish.
+
+    Each run folder the command started: a fresh one (new or empty at the start) without a
+    checkpoint is deleted (emptied, when it existed before); any other is marked failed (`FAILED`
+    holds `failure`, the error line), or, when the job was stopped on request (`failure` None), kept
+    as it is, to be resumed. A resumed run's files are never deleted.
+
+    Returns:
+        what the user should know, as the end of the error line ("" when nothing was started).
+    """
+    notes = []
+    while STARTED_RUNS:
+        run = STARTED_RUNS.pop()
+        if not run.path.is_dir():
+            continue
+        if run.fresh and not has_checkpoint(run.path):
+            _discard(run)
+            notes.append(f"no checkpoint yet: run folder {run.path} removed")
+            continue
+        resume = f"dvos train ckpt_path=last run_dir={shlex.quote(str(run.path))}"
+        if failure is None:
+            notes.append(f"resume with: {resume}" if has_checkpoint(run.path) else "")
+            continue
+        with contextlib.suppress(OSError):  # best effort: the failure may be a full disk
+            (run.path / FAILED_MARKER).write_text(f"{failure}\ncontinue it with: {resume}\n")
+        notes.append(f"run folder {run.path} marked {FAILED_MARKER}")
+    notes = [note for note in notes if note]
+    return "; " + "; ".join(notes) if notes else ""
+
+
+def _discard(run: StartedRun) -> None:
+    """Delete a run folder this job made (empty it, when it existed before)."""
+    if run.created:
+        shutil.rmtree(run.path, ignore_errors=True)
+        return
+    for entry in run.path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
 
 
 def has_wandb_credentials() -> bool:

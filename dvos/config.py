@@ -532,13 +532,18 @@ def load_config(
         cfg = _merge(cfg, cli, "the command line")
     check_resolvable(cfg)
     check_config(cfg)
+    for name in cfg.eval.extra_sets:  # a misspelled set fails now, not after the training
+        with_data(cfg, str(name), conf_dir=conf_dir)
     return cfg
 
 
 def with_data(cfg: DictConfig, choice: str, *, conf_dir: str | os.PathLike | None = None) -> DictConfig:
     """A copy of `cfg` whose `data` section is the data group file `choice` over the schema's defaults
     (an extra evaluation set of `eval.extra_sets`)."""
-    path = _group_file(Path(conf_dir) if conf_dir else DEFAULT_CONF_DIR, "data", choice)
+    try:
+        path = _group_file(Path(conf_dir) if conf_dir else DEFAULT_CONF_DIR, "data", choice)
+    except ConfigError as err:
+        raise ConfigError(f"eval.extra_sets: {err}") from err
     other = cfg.copy()
     other.data = _merge(OmegaConf.structured(DataConfig), _load_yaml(path), str(path))
     check_resolvable(other)

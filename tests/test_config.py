@@ -20,8 +20,10 @@ def test_group_choice_and_dotlist_override():
     cfg = load_config(["data=davis2016", "data.root=/datasets/DAVIS", "trainer.max_epochs=2"])
     assert cfg.data.year == 2016
     assert cfg.data.root == "/datasets/DAVIS"
-    assert cfg.data.train_root == "/datasets/DAVIS/JPEGImages/480p"  # interpolation follows the override
+    assert cfg.data.train_root is None  # never DAVIS's own frames: `dvos train` asks for videos
     assert cfg.trainer.max_epochs == 2
+    youtube = load_config(["data=youtubevos", "data.root=/datasets/YTVOS"])
+    assert youtube.data.train_root == "/datasets/YTVOS/train/JPEGImages"  # interpolation follows the override
 
 
 def test_merge_order_experiment_then_command_line(tmp_path):
@@ -189,3 +191,10 @@ def test_precision_auto_is_bf16_mixed_on_gpus_that_support_it_else_16_mixed_and_
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)
         assert resolve_precision("auto", "auto") == resolve_precision("auto", "gpu") == expected
     assert resolve_precision("16-mixed", "gpu") == "16-mixed"  # an explicit choice stands
+
+
+def test_extra_evaluation_sets_are_checked_when_the_config_loads():
+    cfg = load_config(["eval.extra_sets=[synthetic_small]"])
+    assert list(cfg.eval.extra_sets) == ["synthetic_small"]
+    with pytest.raises(ConfigError, match="eval.extra_sets: no data config named 'synthetic_smal'"):
+        load_config(["eval.extra_sets=[synthetic_smal]"])

@@ -22,7 +22,7 @@ import platform
 import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
@@ -92,7 +92,10 @@ class DataConfig:
     per_frame_photometric: bool = True
     batch_size: int = 4  # per device; global batch = batch_size × devices × num_nodes × accumulate
     num_workers: int = 2
-    decord_threads: int = 1
+    decord_threads: int = 1  # decoding threads per video reader (either backend)
+    # video decoder: auto (decord when it imports and opens the file, else PyAV) | decord | pyav
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    pin_memory: bool | None = None  # DataLoader pin_memory; null: on when training on CUDA
     synth: SynthConfig = field(default_factory=SynthConfig)
 
 

@@ -65,7 +65,7 @@ def check_palette_pngs(folder: Path, count: int, size: tuple[int, int], palette:
 # dvos segment
 # --------------------------------------------------------------------------------------------
 def test_segment_random_student_through_the_cli_with_overlay(blackswan, tmp_path):
-    import decord
+    from dvos.data.readers import open_video
 
     video, mask = blackswan
     out, overlay = tmp_path / "masks", tmp_path / "overlay.mp4"
@@ -87,8 +87,8 @@ def test_segment_random_student_through_the_cli_with_overlay(blackswan, tmp_path
     assert "FPS" in result.stdout and "peak RSS" in result.stdout
     _, palette = read_mask(mask)
     check_palette_pngs(out, 10, (480, 854), palette)
-    reader = decord.VideoReader(str(overlay))
-    assert len(reader) == 10 and reader[0].shape == (480, 854, 3)
+    with open_video(overlay) as reader:
+        assert len(reader) == 10 and reader[0].shape == (480, 854, 3)
 
 
 def test_segment_with_the_teacher(blackswan, tmp_path, monkeypatch, capsys):

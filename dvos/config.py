@@ -298,7 +298,9 @@ class CallbacksConfig:
     checkpoint: bool = True  # best on val/J&F + last.ckpt in <run>/checkpoints
     checkpoint_every_n_steps: int = 100  # also write last.ckpt every N optimizer steps (0: only at the end)
     lr_monitor: bool = True
-    progress_bar: bool = True  # rich progress bar
+    progress_bar: bool = True  # rich progress bar (on a terminal)
+    # where stdout is not a terminal (a log file): a line every N optimizer steps instead (0: none)
+    progress_every_n_steps: int = 50
     skipped_videos: bool = True  # report corrupt videos skipped during the epoch
     attention_pictures: bool = True  # student/teacher attention and offsets to W&B and <run>/pictures
     attention_every_n_steps: int = 100

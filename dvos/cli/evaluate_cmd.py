@@ -163,6 +163,7 @@ def evaluate_segmenter(
         `{"timing": [per-sequence stats], "results": J&F results or None, "scores": per-sequence
         scores or None, "scored": [names], "frames", "fps", "peak_rss_mb", "peak_cuda_mb"}`.
     """
+    from dvos.callbacks.progress import EvaluationProgress, output_is_terminal
     from dvos.cli.common import log
     from dvos.cli.segment_cmd import format_memory
     from dvos.config import environment_info, save_config, to_dict
@@ -185,11 +186,16 @@ def evaluate_segmenter(
         out_dir,
     )
     timing = []
+    # redirected output (a log file) gets a line every tenth of the sequences, with an ETA
+    progress = EvaluationProgress(
+        f"evaluate {out_dir.name}", len(sequences), enabled=not output_is_terminal()
+    )
     with MaskWriter(out_dir, maxsize=queue) as writer:
         for sequence in sequences:
             stats = segment_sequence(segmenter, sequence, writer=writer)
             timing.append(stats.as_dict())
             log.info("%s: %d frames, %.2f FPS, %s", stats.name, stats.frames, stats.fps, format_memory(stats))
+            progress.update()
     total_frames = sum(row["frames"] for row in timing)
     total_seconds = sum(row["seconds"] for row in timing)
     on_cuda = getattr(device, "type", str(device)) == "cuda"

@@ -129,6 +129,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
     from dvos.callbacks.checkpoints import LastCheckpoint
+    from dvos.callbacks.progress import LogProgress, output_is_terminal
     from dvos.data.datamodules import SkippedVideoReport
 
     flags = cfg.callbacks
@@ -150,8 +151,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
         callbacks.append(LastCheckpoint(checkpoints, every_n_train_steps=flags.checkpoint_every_n_steps))
     if flags.lr_monitor and cfg.logger.enabled:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if flags.progress_bar:
+    if flags.progress_bar and output_is_terminal():
         callbacks.append(RichProgressBar())
+    elif flags.progress_every_n_steps > 0 and not output_is_terminal():  # redirected: plain lines
+        callbacks.append(LogProgress(flags.progress_every_n_steps, label=job_type))
     if flags.skipped_videos:
         callbacks.append(SkippedVideoReport())
     if job_type == "distill":
@@ -177,18 +180,22 @@ def build_trainer(
 
     `resume`: the job continues a run from its checkpoint (the same W&B run is continued).
     """
+    from lightning.pytorch.callbacks import ProgressBar
+
     from dvos.callbacks.checkpoints import AtomicCheckpointIO
 
     options = to_dict(cfg.trainer)
     options.update(overrides or {})
     if options.get("devices") == "auto" or options.get("devices") is None:
         options["devices"] = "auto"
+    callbacks = build_callbacks(cfg, run_dir, job_type=job_type)
     return pl.Trainer(
         default_root_dir=str(run_dir),
         logger=build_logger(cfg, run_dir, job_type=job_type, resume=resume),
-        callbacks=build_callbacks(cfg, run_dir, job_type=job_type),
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=bool(cfg.callbacks.progress_bar),
+        # off without our bar (no terminal): Lightning would add its tqdm bar, a carriage-return mess in a log
+        enable_progress_bar=any(isinstance(callback, ProgressBar) for callback in callbacks),
         enable_checkpointing=bool(cfg.callbacks.checkpoint),
         enable_model_summary=False,
         **options,

@@ -4,6 +4,7 @@ Video tests run with both decoding backends (decord, PyAV); the two are compared
 array for array, on mp4s the tests write and on the shared DAVIS mp4s.
 """
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -301,3 +302,22 @@ def test_auto_backend_prefers_decord_and_unknown_backend_is_refused(tiny_mp4, ne
         open_video(tiny_mp4, backend="ffmpeg")
     with pytest.raises(ValueError, match="got 'ffmpeg'"):
         VideoClipDataset([tiny_mp4], clip_len=3, backend="ffmpeg")
+
+
+def test_pyav_clips_in_forked_dataloader_workers(tmp_path, tiny_mp4):
+    """PyAV's `frame.to_ndarray` keeps one converter per thread whose scaler threads do not exist in a
+    forked DataLoader worker; the reader must not use it (a worker that did hung for good). Run in a
+    child process, so that a hang fails the test instead of stopping the suite."""
+    script = f"""
+import av, torch
+from dvos.data.clips import VideoClipDataset, collate_clips
+with av.open({str(tiny_mp4)!r}) as container:  # the parent converts a frame the usual way first
+    next(container.decode(video=0)).to_ndarray(format="rgb24")
+clips = VideoClipDataset([{str(tiny_mp4)!r}] * 2, clip_len=3, max_gap=2, clips_per_video=2, backend="pyav")
+clips[0]
+loader = torch.utils.data.DataLoader(clips, batch_size=2, num_workers=2, collate_fn=collate_clips)
+print(sum(batch["frames"].shape[0] for batch in loader))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "4"

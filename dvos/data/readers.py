@@ -360,6 +360,7 @@ class PyAVVideoReader(VideoFileReader):
         self._frames: Any = None  # the decoder's frame iterator since the last seek
         self._next: int | None = None  # index of the frame that iterator yields next
         self._graph: Any = None
+        self._reformatter: Any = None
         try:
             self._container = av.open(str(self.path))
             if not self._container.streams.video:
@@ -430,13 +431,20 @@ class PyAVVideoReader(VideoFileReader):
         self._next = keyframe
 
     def _to_rgb(self, frame: Any) -> np.ndarray:
-        if self._decode_size is None:
-            return frame.to_ndarray(format="rgb24")
-        if self._graph is None:
-            import av
+        import av
 
+        if self._decode_size is None:
+            # This reader's own converter, on its decoding threads: `frame.to_ndarray` reuses one per
+            # thread whose scaler threads, once started in a parent, do not exist in a DataLoader
+            # worker forked from it (the worker hangs).
+            if self._reformatter is None:
+                self._reformatter = av.video.reformatter.VideoReformatter()
+            rgb = self._reformatter.reformat(frame, format="rgb24", threads=max(self._num_threads, 1))
+            return rgb.to_ndarray()
+        if self._graph is None:
             height, width = self._decode_size
             self._graph = av.filter.Graph()
+            self._graph.threads = max(self._num_threads, 1)
             source = self._graph.add_buffer(template=self._stream)
             scale = self._graph.add("scale", f"{width}:{height}:flags=bilinear")
             rgb = self._graph.add("format", "rgb24")
@@ -454,7 +462,7 @@ class PyAVVideoReader(VideoFileReader):
 
     def close(self) -> None:
         container, self._container = getattr(self, "_container", None), None
-        self._frames = self._graph = None
+        self._frames = self._graph = self._reformatter = None
         if container is not None:
             container.close()
 

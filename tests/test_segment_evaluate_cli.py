@@ -223,7 +223,7 @@ def test_evaluate_copy_baseline_matches_eval_masks(tmp_path, synthetic_val, monk
     assert "J&F" in printed and "FPS" in printed
     for name in ("global_results-val.csv", "per-sequence_results-val.csv", "results.json", "timing.json"):
         assert (out / name).is_file(), name
-    sequences = sorted(p.name for p in out.iterdir() if p.is_dir())
+    sequences = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(sequences) == 2
     timing = json.loads((out / "timing.json").read_text())
     assert [row["name"] for row in timing["sequences"]] == sequences
@@ -297,6 +297,17 @@ def test_evaluate_uses_the_latest_run_checkpoint_and_its_run_folder(
     out = run_dir / "eval-synthetic"
     assert (out / "results.json").is_file() and (out / "timing.json").is_file()
     assert "last.ckpt" in json.loads((out / "timing.json").read_text())["method"]
+    # its W&B run (offline here): job type evaluate, in the training run's group, the scores under final/
+    from helpers_wandb import offline_runs
+
+    (run,) = offline_runs(out / ".wandb")
+    assert (run.job_type, run.group, run.name) == ("evaluate", run_dir.name, f"{run_dir.name}-evaluate")
+    with open(out / "global_results-val.csv") as handle:  # the toolkit's file: J&F-Mean,J-Mean,...
+        row = next(csv.DictReader(handle))
+    assert run.summary["final/student/J&F"] == pytest.approx(float(row["J&F-Mean"]), abs=1e-6)
+    assert run.summary["final/student/J"] == pytest.approx(float(row["J-Mean"]), abs=1e-6)
+    assert run.summary["final/table/nrows"] == 1 and run.summary["final/student/params"] > 0
+    assert run.run_id == (out / "wandb-id.txt").read_text().strip()
 
 
 def test_evaluate_youtubevos_writes_predictions_only(tmp_path, monkeypatch, capsys):

@@ -244,9 +244,33 @@ def evaluate_segmenter(
     return {"timing": timing, "results": results, "scores": scores, "scored": scored, **summary}
 
 
+def method_of(args: argparse.Namespace) -> str:
+    """The final table's name of what `dvos evaluate` scores: baseline, teacher or student."""
+    if getattr(args, "baseline", None):
+        return "baseline"
+    return "teacher" if getattr(args, "teacher", None) else "student"
+
+
+def evaluation_row(report: dict[str, Any], segmenter: Any) -> dict[str, Any]:
+    """The final table's fields (J&F, J, F, fps, params, peak_rss_mb) of an evaluation report."""
+    model = getattr(segmenter, "student", None)
+    if model is None and getattr(segmenter, "teacher", None) is not None:
+        model = segmenter.teacher.encoder  # as the final table counts it: the frozen encoder
+    scores = (report["results"] or {}).get("global", {})
+    return {
+        "J&F": scores.get("J&F-Mean"),
+        "J": scores.get("J-Mean"),
+        "F": scores.get("F-Mean"),
+        "fps": report["fps"],
+        "params": sum(p.numel() for p in model.parameters()) if model is not None else 0,
+        "peak_rss_mb": report["peak_rss_mb"],
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here: `dvos --help` should not pay for torch.
     from dvos.cli.common import build_eval_datamodule, prepare_data, setup_logging
+    from dvos.cli.run_summary import publish_evaluation
     from dvos.cli.segment_cmd import build_segmenter, config_overrides, resolve_device
     from dvos.config import load_config
     from dvos.utils.errors import DvosError
@@ -282,6 +306,9 @@ def run(args: argparse.Namespace) -> int:
         queue=args.queue,
     )
     timing, results, scored = report["timing"], report["results"], report["scored"]
+    publish_evaluation(
+        cfg, out_dir, method_of(args), evaluation_row(report, segmenter), checkpoint=checkpoint
+    )
     print(format_report(timing, report["scores"]))
     print()
     fps = report["fps"] if report["fps"] is not None else float("inf")

@@ -7,7 +7,8 @@ run id is kept in `<run folder>/wandb-id.txt`, so the resumed job continues the 
 W&B (docs/DESIGN.md, "W&B"): one run per job, in the group named after the run folder
 (`logger.group` overrides it; an online sweep's trials share the sweep's id, an offline sweep's the
 sweep folder's name), named `<run folder>` (distillation) or `<run folder>-pretrain`, with
-`job_type` pretrain | distill, tagged with the experiment and the data, the resolved config logged
+`job_type` pretrain | distill (`dvos evaluate`: evaluate, `<run folder>-evaluate`, in the group of
+its checkpoint's run folder), tagged with the experiment and the data, the resolved config logged
 once (nested). Inside a `wandb agent`, wandb gives every run of the process the agent's id (an
 explicit id is ignored), so there only the distillation is a W&B run: a trial's teacher
 pretraining logs to its run folder and output, not to W&B.

@@ -20,6 +20,7 @@ workspace compares runs and plots J&F against FPS without editing.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,11 @@ def table_rows(summary: dict[str, dict[str, Any]]) -> list[list[Any]]:
     without a model (the copy baseline only hands back its first mask)."""
     rows = []
     for name, row in summary.items():
-        params = _number(row.get("params")) or 0
-        fps = _number(row.get("fps")) if params > 0 else None
+        params = _number(row.get("params"))
+        fps = _number(row.get("fps")) if params is None or params > 0 else None
         scores = [_number(row.get(key)) for key in ("J&F", "J", "F")]
-        rows.append([name, *scores, fps, _number(row.get("peak_rss_mb")), params / 1e6])
+        millions = None if params is None else params / 1e6
+        rows.append([name, *scores, fps, _number(row.get("peak_rss_mb")), millions])
     return rows
 
 
@@ -131,3 +133,25 @@ def log_final_table(run: Any, summary: dict[str, dict[str, Any]]) -> None:
     table = wandb.Table(columns=list(TABLE_COLUMNS), data=table_rows(summary))
     scatter = wandb.plot.scatter(table, "FPS", "J&F", title="J&F against FPS (final table)")
     run.log({"final/table": table, "final/J&F vs FPS": scatter})
+
+
+def publish_evaluation(cfg: Any, out_dir: Path, method: str, row: dict[str, Any], *, checkpoint: Any) -> None:
+    """`dvos evaluate`'s W&B run (job type evaluate): its row of the table (`final/table`, the scatter
+    plot) and `final/<method>/...` in the summary. In the group of the checkpoint's run folder (the
+    training's runs), named `<run folder>-evaluate`; without a checkpoint, after the output folder.
+    Its files go into `<out_dir>/.wandb` (hidden: the folder's subfolders are the predicted sequences).
+    """
+    from dvos.cli.factory import build_logger
+    from dvos.inference.checkpoints import run_dir_of
+
+    job = copy.deepcopy(cfg)
+    job.run_dir = str(run_dir_of(checkpoint) if checkpoint is not None else out_dir)
+    if not job.logger.enabled or job.logger.name == "none":
+        return
+    (Path(out_dir) / ".wandb").mkdir(exist_ok=True)  # wandb writes into `.wandb` where one exists
+    logger = build_logger(job, Path(out_dir), job_type="evaluate")
+    if not logger:
+        return
+    log_final_table(logger.experiment, {method: row})
+    logger.experiment.summary.update(wandb_summary(flat_summary({method: row})))
+    logger.experiment.finish()

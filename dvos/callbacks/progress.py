@@ -114,7 +114,7 @@ class LogProgress(pl.Callback):
         self.every_n_steps = int(every_n_steps)
         self.label = label
         self.stream = stream
-        self._losses: list[float] = []
+        self._losses: list[Any] = []  # detached loss tensors: read (a GPU sync) only when printing
         self._last_step = 0
         self._last_time = 0.0
         self._validation: EvaluationProgress | None = None
@@ -138,17 +138,20 @@ class LogProgress(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not trainer.is_global_zero:
+            return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and hasattr(loss, "item"):
-            self._losses.append(float(loss.detach().float().item()))
+            self._losses.append(loss.detach())
         step = trainer.global_step
         last = self._total is not None and step >= self._total
         crossed = step // self.every_n_steps > self._last_step // self.every_n_steps
-        if not trainer.is_global_zero or step == self._last_step or not (crossed or last):
+        if step == self._last_step or not (crossed or last):
             return
         now = time.perf_counter()
         rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
-        mean = f"loss {sum(self._losses) / len(self._losses):.4f}" if self._losses else "loss -"
+        losses = [float(loss.float().item()) for loss in self._losses]
+        mean = f"loss {sum(losses) / len(losses):.4f}" if losses else "loss -"
         line = progress_line(self.label, "step", step, self._total, rate, "steps")
         # the loss goes after the position: `[distill] step 150/400 (38%)  loss 0.8123  2.41 steps/s ...`
         head, tail = line.split("  ", 1)

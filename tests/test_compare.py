@@ -178,7 +178,9 @@ def test_online_compare_reads_the_wandb_api(tmp_path, monkeypatch, capsys):
 
     def fake_run(name, tau, jf):
         config = {"distill": {"tau": tau}, "run_dir": f"/x/{name}", "_wandb": {"internal": 1}}
-        summary = {f"final/student/{k}": v for k, v in summary_table(jf, 20.0)["student"].items()} | {"_step": 3}
+        summary = {f"final/student/{k}": v for k, v in summary_table(jf, 20.0)["student"].items()} | {
+            "_step": 3
+        }
         return SimpleNamespace(name=name, url=f"https://wandb.ai/e/p/runs/{name}", summary=summary,
                                config=config, group="g")  # fmt: skip
 

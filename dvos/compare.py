@@ -58,7 +58,8 @@ class RunRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def metric(self, model: str, key: str) -> float | None:
-        value = self.summary.get(f"{model}/{key}")
+        # run_summary.json: `student/J&F`; a W&B run's summary: `final/student/J&F`
+        value = self.summary.get(f"{model}/{key}", self.summary.get(f"final/{model}/{key}"))
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return None
         return float(value) / 1e6 if key == "params" else float(value)

@@ -27,7 +27,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
@@ -109,7 +109,10 @@ class DataConfig:
     per_frame_photometric: bool = True
     batch_size: int = 4  # per device; global batch = batch_size × devices × num_nodes × accumulate
     num_workers: int = 2
-    decord_threads: int = 1
+    decord_threads: int = 1  # decoding threads per video reader (either backend)
+    # video decoder: auto (decord when it imports and opens the file, else PyAV) | decord | pyav
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    pin_memory: bool | None = None  # DataLoader pin_memory; null: on when training on CUDA
     synth: SynthConfig = field(default_factory=SynthConfig)
     real: RealDataConfig = field(default_factory=RealDataConfig)
     # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
@@ -329,7 +332,9 @@ class CallbacksConfig:
     checkpoint: bool = True  # best on val/J&F + last.ckpt in <run>/checkpoints
     checkpoint_every_n_steps: int = 100  # also write last.ckpt every N optimizer steps (0: only at the end)
     lr_monitor: bool = True
-    progress_bar: bool = True  # rich progress bar
+    progress_bar: bool = True  # rich progress bar (on a terminal)
+    # where stdout is not a terminal (a log file): a line every N optimizer steps instead (0: none)
+    progress_every_n_steps: int = 50
     skipped_videos: bool = True  # report corrupt videos skipped during the epoch
     attention_pictures: bool = True  # student/teacher attention and offsets to W&B and <run>/pictures
     attention_every_n_steps: int = 100

@@ -11,7 +11,7 @@ both paths:
   random search, with a warning), checks every trial's config before the first one starts, then runs
   the trials one after another. Each trial is a separate `dvos train` process with its own run
   folder `<sweep folder>/<name>-tNN/` and its own offline W&B run in the group named after the sweep
-  (`logger.group`). A trial that crashes is recorded as failed and the sweep goes on. After every
+  folder (`logger.group`: one group per sweep run). A trial that crashes is recorded as failed and the sweep goes on. After every
   trial `ranking.json` is rewritten (atomically), so a killed sweep leaves what it has; at the end the
   ranking by the sweep's metric is printed.
 
@@ -52,7 +52,7 @@ class SweepSpec:
 
     Attributes:
         path: the file.
-        name: the sweep's name (`name:` in the file, else the file's stem); the W&B group of its runs.
+        name: the sweep's name (`name:` in the file, else the file's stem); its trials are `<name>-tNN`.
         method: grid | random | bayes.
         metric: name of the metric to rank by (`val/J&F`).
         goal: maximize | minimize.
@@ -499,7 +499,8 @@ def prepare_trials(
         overrides = train_overrides(
             spec,
             parameters,
-            [f"run_dir={run_dir}", f"name={name}", f"logger.group={spec.name}", *extra],
+            # one W&B group per sweep run (its folder's name): two sweeps of one file stay apart
+            [f"run_dir={run_dir}", f"name={name}", f"logger.group={sweep_dir.name}", *extra],
         )
         try:
             load_config(overrides)
@@ -539,7 +540,8 @@ def run_trials(
             trial.error = f"{type(err).__name__}: {err}"
         trial.seconds = time.perf_counter() - started
         trial.summary = read_trial_summary(trial.run_dir)
-        value = trial.summary.get(spec.metric)
+        # the W&B summary's name of a final-table key (`final/student/J&F`) reads the same number
+        value = trial.summary.get(spec.metric, trial.summary.get(spec.metric.removeprefix("final/")))
         trial.metric = float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
         if trial.returncode == 0:
             trial.status = "finished"

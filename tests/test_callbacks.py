@@ -2,9 +2,12 @@
 and teacher inside a Lightning fit, the validation table and overlays, and failures that only warn."""
 
 import dataclasses
+import io
 import json
 import math
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -497,3 +500,114 @@ def test_write_example_picture():
     out = Path(os.environ["DVOS_KEEP_PICTURES"])
     render.save_png(out / "attention-example.png", rendering.grid)
     render.save_png(out / "attention-offsets-example.png", rendering.offsets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress lines where output is not a terminal
+# --------------------------------------------------------------------------------------------------
+class KnownLoss(pl.LightningModule):
+    """Batch i has loss i + 1 (a parameter is multiplied by 0 so the loss has a gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return batch[0].float().sum() + 1 + 0 * self.weight
+
+    def validation_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+LINE = r"\[{job}\] step {step}/{total} \({share}%\)  loss {loss}  [0-9.]+ steps/s  ETA \d+s"
+
+
+def test_progress_lines_every_n_steps_with_loss_rate_and_eta(tmp_path):
+    from dvos.callbacks.progress import LogProgress
+
+    stream = io.StringIO()
+    batches = torch.utils.data.DataLoader(torch.arange(7).view(7, 1), batch_size=1)
+    sequences = torch.utils.data.DataLoader(torch.arange(25).view(25, 1), batch_size=1)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=7,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=1,
+        callbacks=[LogProgress(3, label="distill", stream=stream)],
+    )
+    trainer.fit(KnownLoss(), train_dataloaders=batches, val_dataloaders=sequences)
+    lines = stream.getvalue().splitlines()
+    training = [line for line in lines if " step " in line]
+    # steps 3 and 6, then the last one; the loss is the mean over the batches since the line before
+    expected = [(3, 43, "2.0000"), (6, 86, "5.0000"), (7, 100, "7.0000")]
+    assert len(training) == 3
+    for line, (step, share, loss) in zip(training, expected):
+        assert re.fullmatch(LINE.format(job="distill", step=step, total=7, share=share, loss=loss), line), (
+            line
+        )
+    validation = [line for line in lines if "validation" in line]  # every 3rd of 25 sequences, and the 25th
+    done = [int(re.match(r"\[distill\] validation (\d+)/25 ", line).group(1)) for line in validation]
+    assert done == [3, 6, 9, 12, 15, 18, 21, 24, 25]
+    assert all(re.search(r"sequences/s  ETA \d+s$", line) for line in validation)
+
+
+def test_evaluation_progress_and_durations():
+    from dvos.callbacks.progress import EvaluationProgress, format_duration
+
+    stream = io.StringIO()
+    progress = EvaluationProgress("evaluate student", 4, stream=stream)
+    for _ in range(4):
+        progress.update()
+    lines = stream.getvalue().splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        f"[evaluate student] sequences {done}/4 ({100 * done // 4}%)" for done in (1, 2, 3, 4)
+    ]
+    quiet = io.StringIO()
+    silent = EvaluationProgress("x", 3, stream=quiet, enabled=False)
+    silent.update(3)
+    assert quiet.getvalue() == ""
+    assert [format_duration(s) for s in (0.4, 42, 185, 7620, float("inf"))] == [
+        "0s",
+        "42s",
+        "3m05s",
+        "2h07m",
+        "?",
+    ]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_on_a_terminal_lines_elsewhere(tmp_path, monkeypatch, terminal):
+    from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+
+    from dvos.callbacks.progress import LogProgress
+    from dvos.cli.factory import build_trainer
+    from dvos.config import load_config
+
+    class Stdout:
+        def isatty(self) -> bool:
+            return terminal
+
+        def write(self, text: str) -> int:
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Stdout())
+    cfg = load_config(["logger=none", "callbacks.progress_every_n_steps=20", f"paths.runs_dir={tmp_path}"])
+    trainer = build_trainer(cfg, tmp_path, job_type="pretrain")
+    bars = [callback for callback in trainer.callbacks if isinstance(callback, ProgressBar)]
+    lines = [callback for callback in trainer.callbacks if isinstance(callback, LogProgress)]
+    if terminal:
+        assert len(bars) == 1 and isinstance(bars[0], RichProgressBar) and not lines
+    else:  # no bar at all (not even Lightning's tqdm one): one line every 20 steps
+        assert not bars and len(lines) == 1
+        assert (lines[0].every_n_steps, lines[0].label) == (20, "pretrain")

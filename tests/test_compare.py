@@ -136,7 +136,8 @@ def test_publish_run_summary_updates_wandb_summary_on_rank_zero_only(tmp_path):
 
         def __init__(self):
             super().__init__(project="test", mode="disabled")
-            self.run = SimpleNamespace(summary={})
+            self.logged = []
+            self.run = SimpleNamespace(summary={}, log=self.logged.append)
 
         @property
         def experiment(self):
@@ -152,9 +153,17 @@ def test_publish_run_summary_updates_wandb_summary_on_rank_zero_only(tmp_path):
         loggers=[logger],
     )
     flat = publish_run_summary(trainer, summary_table(0.66, 30.0), tmp_path)
-    assert logger.run.summary == flat and flat["val/J&F"] == pytest.approx(0.7)
+    assert flat["val/J&F"] == pytest.approx(0.7)
     assert flat["val/J&F_last"] == pytest.approx(0.65) and flat["student/J&F"] == 0.66
     assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == flat
+    # W&B: the same numbers, the final table's under final/; the table itself logged once
+    renamed = {
+        ("final/" + key if key.split("/")[0] in ("student", "teacher", "baseline") else key) for key in flat
+    }
+    assert set(logger.run.summary) == renamed and logger.run.summary["final/student/J&F"] == 0.66
+    assert logger.run.summary["val/J&F"] == flat["val/J&F"]
+    (logged,) = logger.logged
+    assert set(logged) == {"final/table", "final/J&F vs FPS"}
 
     other = tmp_path / "rank1"
     other.mkdir()
@@ -169,7 +178,9 @@ def test_online_compare_reads_the_wandb_api(tmp_path, monkeypatch, capsys):
 
     def fake_run(name, tau, jf):
         config = {"distill": {"tau": tau}, "run_dir": f"/x/{name}", "_wandb": {"internal": 1}}
-        summary = {f"student/{k}": v for k, v in summary_table(jf, 20.0)["student"].items()} | {"_step": 3}
+        summary = {f"final/student/{k}": v for k, v in summary_table(jf, 20.0)["student"].items()} | {
+            "_step": 3
+        }
         return SimpleNamespace(name=name, url=f"https://wandb.ai/e/p/runs/{name}", summary=summary,
                                config=config, group="g")  # fmt: skip
 

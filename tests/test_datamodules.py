@@ -244,3 +244,40 @@ def test_data_reference_gap_reaches_the_clip_sampler(video_root):
     pretraining = build_clip_datamodule(cfg, reference_gap=None)
     pretraining.setup("fit")
     assert pretraining.train_dataset.sampler.reference_gap is None
+
+
+def test_pinned_memory_on_cuda_and_persistent_workers(video_root):
+    """pin_memory follows the trainer's device (None, the default) unless given; worker processes
+    stay alive between epochs whenever there are any."""
+    from types import SimpleNamespace
+
+    def loader(device: str | None, **options):
+        datamodule = _module(video_root, **options)
+        if device is not None:  # what Lightning sets while fitting
+            datamodule.trainer = SimpleNamespace(
+                strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0
+            )
+        return datamodule.train_dataloader()
+
+    assert loader("cuda").pin_memory and not loader("cpu").pin_memory
+    assert loader(None).pin_memory == torch.cuda.is_available()  # no trainer: the machine decides
+    assert not loader("cuda", pin_memory=False).pin_memory and loader("cpu", pin_memory=True).pin_memory
+    assert loader("cpu", num_workers=2).persistent_workers and not loader("cpu").persistent_workers
+
+
+def test_data_backend_and_pin_memory_reach_the_clips(video_root):
+    from dvos.data.builders import build_clip_datamodule
+    from dvos.config import load_config
+    from dvos.data.readers import PyAVVideoReader, open_video
+    from dvos.utils.errors import ConfigError
+
+    cfg = load_config([f"data.train_root={video_root}", "data.backend=pyav", "data.pin_memory=false"])
+    datamodule = build_clip_datamodule(cfg)
+    datamodule.setup("fit")
+    assert datamodule.train_dataset.backend == "pyav" and datamodule.pin_memory is False
+    assert datamodule.train_dataset[0]["frames"].shape[0] == cfg.data.clip_len
+    with open_video(datamodule.train_dataset.videos[0], backend=datamodule.train_dataset.backend) as reader:
+        assert isinstance(reader, PyAVVideoReader)
+    assert load_config([]).data.backend == "auto" and load_config([]).data.pin_memory is None
+    with pytest.raises(ConfigError, match=r"data\.backend.*'ffmpeg'"):
+        load_config(["data.backend=ffmpeg"])

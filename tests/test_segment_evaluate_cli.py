@@ -65,7 +65,7 @@ def check_palette_pngs(folder: Path, count: int, size: tuple[int, int], palette:
 # dvos segment
 # --------------------------------------------------------------------------------------------
 def test_segment_random_student_through_the_cli_with_overlay(blackswan, tmp_path):
-    import decord
+    from dvos.data.readers import open_video
 
     video, mask = blackswan
     out, overlay = tmp_path / "masks", tmp_path / "overlay.mp4"
@@ -87,8 +87,8 @@ def test_segment_random_student_through_the_cli_with_overlay(blackswan, tmp_path
     assert "FPS" in result.stdout and "peak RSS" in result.stdout
     _, palette = read_mask(mask)
     check_palette_pngs(out, 10, (480, 854), palette)
-    reader = decord.VideoReader(str(overlay))
-    assert len(reader) == 10 and reader[0].shape == (480, 854, 3)
+    with open_video(overlay) as reader:
+        assert len(reader) == 10 and reader[0].shape == (480, 854, 3)
 
 
 def test_segment_with_the_teacher(blackswan, tmp_path, monkeypatch, capsys):
@@ -225,7 +225,7 @@ def test_evaluate_copy_baseline_matches_eval_masks(tmp_path, synthetic_val, monk
     assert "J&F" in printed and "FPS" in printed
     for name in ("global_results-val.csv", "per-sequence_results-val.csv", "results.json", "timing.json"):
         assert (out / name).is_file(), name
-    sequences = sorted(p.name for p in out.iterdir() if p.is_dir())
+    sequences = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(sequences) == 2
     timing = json.loads((out / "timing.json").read_text())
     assert [row["name"] for row in timing["sequences"]] == sequences
@@ -297,6 +297,17 @@ def test_evaluate_uses_the_latest_run_checkpoint_and_its_run_folder(
     out = run_dir / "eval-synthetic"
     assert (out / "results.json").is_file() and (out / "timing.json").is_file()
     assert "last.ckpt" in json.loads((out / "timing.json").read_text())["method"]
+    # its W&B run (offline here): job type evaluate, in the training run's group, the scores under final/
+    from helpers_wandb import offline_runs
+
+    (run,) = offline_runs(out / ".wandb")
+    assert (run.job_type, run.group, run.name) == ("evaluate", run_dir.name, f"{run_dir.name}-evaluate")
+    with open(out / "global_results-val.csv") as handle:  # the toolkit's file: J&F-Mean,J-Mean,...
+        row = next(csv.DictReader(handle))
+    assert run.summary["final/student/J&F"] == pytest.approx(float(row["J&F-Mean"]), abs=1e-6)
+    assert run.summary["final/student/J"] == pytest.approx(float(row["J-Mean"]), abs=1e-6)
+    assert run.summary["final/table/nrows"] == 1 and run.summary["final/student/params"] > 0
+    assert run.run_id == (out / "wandb-id.txt").read_text().strip()
 
 
 def test_evaluate_youtubevos_writes_predictions_only(tmp_path, monkeypatch, capsys):

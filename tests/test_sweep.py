@@ -1,9 +1,10 @@
 """`dvos sweep`: W&B sweep files expanded offline (grid, seeded random, bayes → random), dot-key
 overrides reaching the config, a crashed trial recorded while the sweep goes on, and a real offline
-sweep of `dvos train` trials (each its own W&B run in the sweep's group) ranked by val/J&F."""
+sweep of `dvos train` trials (each its own W&B run in the group of its sweep run) ranked by val/J&F."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,9 +116,11 @@ def test_dot_key_overrides_reach_the_config_and_command_line_words_win(tmp_path)
         for key in spec.swept_keys:
             section, name = key.split(".")
             assert cfg[section][name] == pytest.approx(trial.parameters[key])
-        assert cfg.logger.group == "distill-losses"
+        assert cfg.logger.group == "sweep"  # the sweep folder's name: one W&B group per sweep run
         assert cfg.run_dir == str(tmp_path / "sweep" / trial.name) and cfg.name == trial.name
         assert cfg.trainer.max_steps == 3  # the extra word comes last
+    again = sweeps.prepare_trials(spec, tmp_path / "sweep-2", parameters, [])  # the same file again
+    assert {load_config(trial.overrides).logger.group for trial in again} == {"sweep-2"}
 
 
 def test_bad_sweep_files_fail_in_one_line(tmp_path, capsys):
@@ -152,7 +155,8 @@ def test_bayes_falls_back_to_random_offline_with_a_warning(tmp_path, capsys):
     assert "bayes search needs the W&B sweep server" in err and "random search" in err
     commands = [line for line in out.splitlines() if line.startswith("dvos train ")]
     assert len(commands) == 3 and all(
-        "optim.lr=" in line and "logger.group=learning-rate" in line for line in commands
+        "optim.lr=" in line and re.search(r"logger\.group=\d{8}-\d{6}-learning-rate ", line)
+        for line in commands
     )
     assert not (tmp_path / "sweeps").exists()  # a dry run creates nothing
 
@@ -232,8 +236,11 @@ def test_a_launcher_error_or_minimize_goal(tmp_path):
 
 
 def test_offline_sweep_through_the_real_train_command(tmp_path):
-    """Two real `dvos train` trials (tiny configs), each its own offline W&B run in the sweep's group,
-    ranked by val/J&F; then `dvos compare` on the sweep folder."""
+    """Two real `dvos train` trials (tiny configs), each its own offline W&B run in the group of this
+    sweep run (its folder's name, not the file's), ranked by val/J&F; then `dvos compare` on the
+    sweep folder."""
+    from helpers_wandb import offline_runs
+
     path = write_sweep(
         tmp_path / "tiny.yaml",
         name="tiny",
@@ -257,12 +264,20 @@ def test_offline_sweep_through_the_real_train_command(tmp_path):
     for tau, name in ((1.0, "tiny-t00"), (2.0, "tiny-t01")):
         run_dir = sweep_dir / name
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert config["distill"]["tau"] == tau and config["logger"]["group"] == "tiny"
+        assert config["distill"]["tau"] == tau and config["logger"]["group"] == sweep_dir.name
         assert config["logger"]["enabled"] and config["experiment"] == "smoke"
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
         assert {"student/J&F", "teacher/J&F", "baseline/J&F", "student/fps", "val/J&F"} <= summary.keys()
-        # its own offline W&B run (the first trial's sits under pretrain/: it pretrained the teacher)
-        assert list(run_dir.rglob("offline-run-*"))
+        # its own offline W&B run (the first trial also has one under pretrain/: it pretrained the
+        # teacher), all in the sweep run's group
+        runs = {run.job_type: run for run in offline_runs(run_dir)}
+        assert set(runs) == ({"pretrain", "distill"} if name == "tiny-t00" else {"distill"})
+        assert runs["distill"].name == name and runs["distill"].group == sweep_dir.name
+        assert runs["distill"].run_id == (run_dir / "wandb-id.txt").read_text().strip()
+        assert runs["distill"].summary["final/student/J&F"] == summary["student/J&F"]
+        assert runs["distill"].config["distill"]["tau"] == tau and "smoke" in runs["distill"].tags
+        if "pretrain" in runs:
+            assert (runs["pretrain"].name, runs["pretrain"].group) == (f"{name}-pretrain", sweep_dir.name)
         assert (sweep_dir / "logs" / f"{name}.log").read_text().startswith("$ dvos train ")
 
     out = tmp_path / "compare"

@@ -248,6 +248,82 @@ def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_ru
     assert len(offline_runs) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline_runs)
 
 
+# ---------------------------------------------------------------------------------------- W&B
+def no_wandb_credentials_env(tmp_path: Path) -> dict[str, str]:
+    """A child's environment with no W&B configuration at all (no mode, no key, empty home)."""
+    env = subprocess_env()
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_CONFIG_DIR", "NETRC", "WANDB_BASE_URL"):
+        env.pop(name, None)
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env.update(HOME=str(tmp_path / "home"), WANDB_DIR=str(tmp_path))
+    return env
+
+
+def wandb_train(smoke, tmp_path: Path, env: dict[str, str]) -> Path:
+    """`dvos train experiment=smoke logger=wandb` that pretrains its own teacher; the run folder."""
+    args = [*smoke["args"], "logger=wandb", f"paths.runs_dir={tmp_path / 'runs'}"]
+    args.append(f"pretrain.output={tmp_path / 'teacher.pt'}")  # not the cached one: it pretrains
+    result = subprocess.run(
+        dvos_command("train", *args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "teacher.pt").is_file()
+    return Path(last_line(result.stdout))
+
+
+def test_wandb_runs_of_one_train_are_one_group_named_typed_with_the_config_once(smoke, tmp_path):
+    """Without any W&B configuration `logger.mode=auto` runs offline (no prompt); the teacher
+    pretraining and the distillation are two runs of the run folder's group; the final table is in
+    the distillation run."""
+    from helpers_wandb import offline_runs
+
+    run_dir = wandb_train(smoke, tmp_path, no_wandb_credentials_env(tmp_path))
+    pretrain, distill = offline_runs(run_dir)
+    assert pretrain.folder.parent.parent == run_dir / "pretrain" and distill.folder.parent.parent == run_dir
+    assert (pretrain.name, pretrain.job_type) == (f"{run_dir.name}-pretrain", "pretrain")
+    assert (distill.name, distill.job_type) == (run_dir.name, "distill")
+    assert pretrain.group == distill.group == run_dir.name
+    assert pretrain.tags == distill.tags == ["smoke", "synthetic"]  # the experiment and the data
+    assert (run_dir / "wandb-id.txt").read_text().strip() == distill.run_id
+    assert (run_dir / "pretrain" / "wandb-id.txt").read_text().strip() == pretrain.run_id != distill.run_id
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for run in (pretrain, distill):  # the resolved config once, nested; no copy under `config`
+        config = {key: value for key, value in run.config.items() if not key.startswith("_wandb")}
+        assert set(config) == set(saved) | {"environment"}
+        assert config["data"] == saved["data"] and config["pretrain"] == saved["pretrain"]
+        assert "config" not in config and "widths" not in config  # no module hyper-parameters
+    # the final table: a wandb.Table of the three methods and the same numbers under final/
+    flat = json.loads((run_dir / "run_summary.json").read_text())
+    for method in ("baseline", "teacher", "student"):
+        for field in ("J&F", "J", "F", "fps", "params", "peak_rss_mb"):
+            assert distill.summary[f"final/{method}/{field}"] == flat[f"{method}/{field}"]
+    assert distill.summary["val/J&F"] == flat["val/J&F"]
+    assert distill.summary["final/table/_type"] == "table-file" and distill.summary["final/table/nrows"] == 3
+    table_file = next(distill.folder.glob("files/media/table/final/table_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["method", "J&F", "J", "F", "FPS", "peak memory (MB)", "params (M)"]
+    assert [row[0] for row in table["data"]] == ["baseline", "teacher", "student"]
+    assert table["data"][2][1] == flat["student/J&F"] and table["data"][2][4] == flat["student/fps"]
+    assert table["data"][0][4] is None  # no FPS for the copy baseline
+    assert "_wandb/visualize/final/J&F vs FPS" in distill.config  # its scatter plot panel
+
+
+def test_wandb_agent_trial_is_one_run_with_the_agents_id(smoke, tmp_path):
+    """Inside `wandb agent` (its variables set, offline) wandb uses the agent's run id for every run of
+    the process: the trial's teacher pretraining logs no W&B run of its own, and wandb-id.txt holds
+    the id the distillation run really has."""
+    from helpers_wandb import offline_runs
+
+    env = subprocess_env()
+    env.update(WANDB_SWEEP_ID="sweep01", WANDB_RUN_ID="agentrun7")
+    run_dir = wandb_train(smoke, tmp_path, env)
+    (distill,) = offline_runs(tmp_path)
+    assert (distill.run_id, distill.job_type, distill.group) == ("agentrun7", "distill", "sweep01")
+    assert (run_dir / "wandb-id.txt").read_text().strip() == "agentrun7"
+    assert not (run_dir / "pretrain" / "wandb-id.txt").exists()
+    assert "final/student/J&F" in distill.summary
+
+
 # ---------------------------------------------------------------------------------------- DDP
 def test_ddp_two_cpu_processes_sync_the_validation_jf(smoke, tmp_path):
     """trainer=ddp with 2 gloo processes, 3 validation sequences (rank 0 scores two, rank 1 one:

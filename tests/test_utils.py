@@ -1,6 +1,7 @@
 """Atomic output, run folders and the W&B mode choice."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,13 @@ import pytest
 from dvos.utils.errors import DataError, DvosError
 from dvos.utils.io import atomic_write, write_json
 from dvos.utils.masks import default_palette, read_mask, write_mask
-from dvos.utils.runs import choose_wandb_mode, make_run_dir
+from dvos.utils.runs import (
+    choose_wandb_mode,
+    has_wandb_credentials,
+    make_run_dir,
+    wandb_configured_mode,
+    wandb_init_mode,
+)
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -71,18 +78,80 @@ def test_run_dirs_are_unique(tmp_path):
     assert first.name.endswith("-exp-1")
 
 
-def test_wandb_mode_never_online_without_credentials(monkeypatch, tmp_path):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
+WANDB_ENV = (
+    *("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DISABLED", "WANDB_BASE_URL"),
+    *("WANDB_CONFIG_DIR", "WANDB_DIR", "NETRC"),
+)
+
+
+@pytest.fixture
+def no_wandb_setup(monkeypatch, tmp_path):
+    """A user with no W&B configuration at all: empty home, no W&B variables, an empty work folder."""
+    for name in WANDB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path
+
+
+def _settings_file(path: Path, **keys: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[default]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items()))
+
+
+def test_wandb_mode_offline_without_any_configuration(no_wandb_setup):
+    assert not has_wandb_credentials() and wandb_configured_mode() is None
     assert choose_wandb_mode("auto") == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert choose_wandb_mode("auto") == "online"
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert choose_wandb_mode("auto") == "disabled"
-    assert choose_wandb_mode("offline") == "offline"
+    assert wandb_init_mode("auto") == "offline"  # the only case dvos decides: no prompt, no failure
+    assert wandb_init_mode("online") == "online" and choose_wandb_mode("offline") == "offline"
     with pytest.raises(DvosError, match="logger.mode"):
         choose_wandb_mode("sometimes")
+
+
+@pytest.mark.parametrize(
+    "where", ["api_key_env", "netrc", "netrc_env", "netrc_other_host", "settings_api_key", "token_file"]
+)
+def test_wandb_credentials_found_where_wandb_looks(no_wandb_setup, monkeypatch, where):
+    home = no_wandb_setup / "home"
+    netrc_line = "machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n"
+    if where == "api_key_env":
+        monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    elif where == "netrc":  # `wandb login` writes ~/.netrc
+        (home / ".netrc").write_text(netrc_line)
+        (home / ".netrc").chmod(0o600)
+    elif where == "netrc_env":
+        (no_wandb_setup / "auth").write_text(netrc_line)
+        (no_wandb_setup / "auth").chmod(0o600)
+        monkeypatch.setenv("NETRC", str(no_wandb_setup / "auth"))
+    elif where == "netrc_other_host":  # a private server: its host from the settings file's base_url
+        (home / ".netrc").write_text(netrc_line.replace("api.wandb.ai", "wandb.example.org"))
+        (home / ".netrc").chmod(0o600)
+        _settings_file(home / ".config" / "wandb" / "settings", base_url="https://wandb.example.org")
+    elif where == "settings_api_key":
+        _settings_file(home / ".config" / "wandb" / "settings", api_key="k" * 40)
+    else:
+        monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(no_wandb_setup / "token"))
+    assert has_wandb_credentials()
+    assert choose_wandb_mode("auto") == "online"
+    assert wandb_init_mode("auto") is None  # wandb decides, as the user set it up
+
+
+def test_wandb_own_mode_setting_wins_over_credentials(no_wandb_setup, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    _settings_file(no_wandb_setup / "work" / "wandb" / "settings", mode="offline")  # `wandb offline`
+    assert wandb_configured_mode() == "offline" and choose_wandb_mode("auto") == "offline"
+    assert wandb_init_mode("auto") is None
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins over the file
+    assert choose_wandb_mode("auto") == "disabled"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(no_wandb_setup / "config"))  # global file, moved
+    _settings_file(no_wandb_setup / "config" / "settings", mode="online")
+    (no_wandb_setup / "work" / "wandb" / "settings").unlink()
+    assert wandb_configured_mode() == "online" and wandb_init_mode("auto") is None
+    assert wandb_init_mode("offline") == "offline"  # logger.mode given: dvos passes it
 
 
 def test_atomic_outputs_get_ordinary_permissions(tmp_path):

@@ -63,6 +63,54 @@ def default_out_dir(cfg: Any, checkpoint: Path | None) -> Path:
     return Path("eval") / f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def method_of(args: argparse.Namespace) -> str:
+    """The final table's name of what `dvos evaluate` scores: baseline, teacher or student."""
+    if getattr(args, "baseline", None):
+        return "baseline"
+    return "teacher" if getattr(args, "teacher", None) else "student"
+
+
+def evaluation_row(report: dict[str, Any], segmenter: Any) -> dict[str, Any]:
+    """The final table's fields (J&F, J, F, fps, params, peak_rss_mb) of an evaluation report."""
+    model = getattr(segmenter, "student", None)
+    if model is None and getattr(segmenter, "teacher", None) is not None:
+        model = segmenter.teacher.encoder  # as the final table counts it: the frozen encoder
+    scores = (report["results"] or {}).get("global", {})
+    return {
+        "J&F": scores.get("J&F-Mean"),
+        "J": scores.get("J-Mean"),
+        "F": scores.get("F-Mean"),
+        "fps": report["fps"],
+        "params": sum(p.numel() for p in model.parameters()) if model is not None else 0,
+        "peak_rss_mb": report["peak_rss_mb"],
+    }
+
+
+def publish_evaluation(cfg: Any, out_dir: Path, method: str, row: dict[str, Any], *, checkpoint: Any) -> None:
+    """`dvos evaluate`'s W&B run (job type evaluate): its row of the table (`final/table`, the scatter
+    plot) and `final/<method>/...` in the summary. In the group of the checkpoint's run folder (the
+    training's runs), named `<run folder>-evaluate`; without a checkpoint, after the output folder.
+    Its files go into `<out_dir>/.wandb` (hidden: the folder's subfolders are the predicted sequences).
+    """
+    import copy
+
+    from dvos.cli.factory import build_logger
+    from dvos.inference.checkpoints import run_dir_of
+    from dvos.utils.run_summary import flat_summary, log_final_table, wandb_summary
+
+    job = copy.deepcopy(cfg)
+    job.run_dir = str(run_dir_of(checkpoint) if checkpoint is not None else out_dir)
+    if not job.logger.enabled or job.logger.name == "none":
+        return
+    (Path(out_dir) / ".wandb").mkdir(exist_ok=True)  # wandb writes into `.wandb` where one exists
+    logger = build_logger(job, Path(out_dir), job_type="evaluate")
+    if not logger:
+        return
+    log_final_table(logger.experiment, {method: row})
+    logger.experiment.summary.update(wandb_summary(flat_summary({method: row})))
+    logger.experiment.finish()
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here: `dvos --help` should not pay for torch.
     from dvos.cli.common import setup_logging
@@ -102,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         queue=args.queue,
     )
     timing, results, scored = report["timing"], report["results"], report["scored"]
+    publish_evaluation(
+        cfg, out_dir, method_of(args), evaluation_row(report, segmenter), checkpoint=checkpoint
+    )
     print(format_report(timing, report["scores"]))
     print()
     fps = report["fps"] if report["fps"] is not None else float("inf")

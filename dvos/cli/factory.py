@@ -3,11 +3,21 @@
 Resuming (`dvos train ckpt_path=last`): `last.ckpt` is written every `callbacks.checkpoint_every_n_steps`
 optimizer steps and at the end (atomically: a killed run never leaves a truncated one), and the W&B
 run id is kept in `<run folder>/wandb-id.txt`, so the resumed job continues the same W&B run.
+
+W&B (docs/DESIGN.md, "W&B"): one run per job, in the group named after the run folder
+(`logger.group` overrides it; an online sweep's trials share the sweep's id, an offline sweep's the
+sweep folder's name), named `<run folder>` (distillation) or `<run folder>-pretrain`, with
+`job_type` pretrain | distill (`dvos evaluate`: evaluate, `<run folder>-evaluate`, in the group of
+its checkpoint's run folder), tagged with the experiment and the data, the resolved config logged
+once (nested). Inside a `wandb agent`, wandb gives every run of the process the agent's id (an
+explicit id is ignored), so there only the distillation is a W&B run: a trial's teacher
+pretraining logs to its run folder and output, not to W&B.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import string
 from pathlib import Path
@@ -19,7 +29,7 @@ from omegaconf import DictConfig
 
 from dvos.config import environment_info, to_dict
 from dvos.utils.io import atomic_write
-from dvos.utils.runs import choose_wandb_mode
+from dvos.utils.runs import choose_wandb_mode, wandb_init_mode
 
 WANDB_ID_FILE = "wandb-id.txt"
 
@@ -27,36 +37,67 @@ WANDB_ID_FILE = "wandb-id.txt"
 def wandb_run_id(run_dir: Path, *, resume: bool) -> str:
     """The W&B run id for a job writing into `run_dir`.
 
-    Resuming: the id stored in `<run_dir>/wandb-id.txt` (the same W&B run continues). Otherwise, or
-    when no id was stored: a new id, stored there by global rank 0 (other DDP ranks log nothing).
+    Inside a `wandb agent` (`$WANDB_SWEEP_ID`): the agent's `$WANDB_RUN_ID`, the only id wandb uses
+    there. Resuming: the id stored in `<run_dir>/wandb-id.txt` (the same W&B run continues).
+    Otherwise, or when no id was stored: a new id. Stored there by global rank 0 (other DDP ranks log
+    nothing); `finish_wandb` writes the id the run really had.
     """
-    from lightning.pytorch.utilities import rank_zero_only
-
     path = Path(run_dir) / WANDB_ID_FILE
-    if resume and path.is_file():
-        stored = path.read_text().strip()
-        if stored:
-            return stored
-    # W&B's own form (8 lowercase letters and digits); its generator is not public API.
-    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    if rank_zero_only.rank == 0:
-        with atomic_write(path) as handle:
-            handle.write(run_id + "\n")
+    agent_id = os.environ.get("WANDB_RUN_ID") if in_wandb_agent() else None
+    if agent_id:
+        run_id = agent_id
+    elif resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    else:
+        # W&B's own form (8 lowercase letters and digits); its generator is not public API.
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    record_wandb_id(run_dir, run_id)
     return run_id
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, *, job_type: str, resume: bool = False) -> Any:
-    """A `WandbLogger` writing into the run folder (offline without an API key), or False.
+def record_wandb_id(run_dir: Path, run_id: str) -> None:
+    """Write `<run_dir>/wandb-id.txt` (global rank 0 only; unchanged when it already holds the id)."""
+    from lightning.pytorch.utilities import rank_zero_only
 
-    `resume`: continue the W&B run whose id the run folder holds (`wandb_run_id`).
+    path = Path(run_dir) / WANDB_ID_FILE
+    if rank_zero_only.rank != 0 or (path.is_file() and path.read_text().strip() == run_id):
+        return
+    with atomic_write(path) as handle:
+        handle.write(run_id + "\n")
+
+
+def in_wandb_agent() -> bool:
+    """True in a process started by `wandb agent` (it sets `$WANDB_SWEEP_ID` and `$WANDB_RUN_ID`)."""
+    return bool(os.environ.get("WANDB_SWEEP_ID"))
+
+
+def wandb_tags(cfg: DictConfig) -> list[str]:
+    """`logger.tags`, then the experiment's name and the data's name (each once)."""
+    tags = [str(tag) for tag in cfg.logger.tags]
+    tags += [str(value) for value in (cfg.experiment, cfg.data.name) if value]
+    return list(dict.fromkeys(tags))
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, *, job_type: str, resume: bool = False) -> Any:
+    """A `WandbLogger` writing into `run_dir` (offline without any W&B credentials), or False.
+
+    `run_dir`: the job's folder (`<run folder>/pretrain` for the teacher pretraining); the group and
+    the name come from the run folder (`cfg.run_dir`). `resume`: continue the W&B run whose id
+    `run_dir` holds (`wandb_run_id`).
     """
     if not cfg.logger.enabled or cfg.logger.name == "none":
         return False
-    mode = choose_wandb_mode(cfg.logger.mode)
-    if mode == "disabled":
+    if choose_wandb_mode(cfg.logger.mode) == "disabled":
+        return False
+    if in_wandb_agent() and job_type != "distill":
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"inside a wandb agent: the {job_type} job logs to {run_dir}, not to a W&B run")
         return False
     from lightning.pytorch.loggers import WandbLogger
 
+    run_folder = Path(cfg.run_dir or run_dir)
+    group = cfg.logger.group or (os.environ.get("WANDB_SWEEP_ID") if in_wandb_agent() else None)
     config = to_dict(cfg)
     config["environment"] = environment_info()
     return WandbLogger(
@@ -64,22 +105,25 @@ def build_logger(cfg: DictConfig, run_dir: Path, *, job_type: str, resume: bool 
         resume="allow",
         project=cfg.logger.project,
         entity=cfg.logger.entity,
-        group=cfg.logger.group,
-        tags=list(cfg.logger.tags) or None,
-        name=f"{run_dir.name}-{job_type}" if job_type != "distill" else run_dir.name,
+        group=group or run_folder.name,
+        tags=wandb_tags(cfg) or None,
+        name=run_folder.name if job_type == "distill" else f"{run_folder.name}-{job_type}",
         save_dir=str(run_dir),
-        mode=mode,
+        mode=wandb_init_mode(cfg.logger.mode),
         job_type=job_type,
         config=config,
     )
 
 
 def finish_wandb(trainer: Any) -> None:
-    """Close the W&B run a trainer's logger opened (one process, one run at a time in wandb)."""
+    """Close the W&B run a trainer's logger opened (one process, one run at a time in wandb), after
+    writing the id it really had into its folder's `wandb-id.txt`."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            if trainer.is_global_zero and logger.save_dir:
+                record_wandb_id(Path(logger.save_dir), str(logger.experiment.id))
             logger.experiment.finish()
 
 
@@ -88,6 +132,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
     from dvos.callbacks.checkpoints import LastCheckpoint
+    from dvos.callbacks.progress import LogProgress, output_is_terminal
     from dvos.data.datamodules import SkippedVideoReport
 
     flags = cfg.callbacks
@@ -109,8 +154,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, *, job_type: str) -> list[pl
         callbacks.append(LastCheckpoint(checkpoints, every_n_train_steps=flags.checkpoint_every_n_steps))
     if flags.lr_monitor and cfg.logger.enabled:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if flags.progress_bar:
+    if flags.progress_bar and output_is_terminal():
         callbacks.append(RichProgressBar())
+    elif flags.progress_every_n_steps > 0 and not output_is_terminal():  # redirected: plain lines
+        callbacks.append(LogProgress(flags.progress_every_n_steps, label=job_type))
     if flags.skipped_videos:
         callbacks.append(SkippedVideoReport())
     if job_type == "distill":
@@ -214,6 +261,8 @@ def build_trainer(
     (`ProcessTimer`: this process's training time); teacher pretraining ignores `max_time` (it
     cannot be resumed, and a teacher cut short would fill the cache).
     """
+    from lightning.pytorch.callbacks import ProgressBar
+
     from dvos.callbacks.checkpoints import AtomicCheckpointIO, LastCheckpoint
     from dvos.callbacks.stopping import ProcessTimer, StopOnSignal
 
@@ -231,7 +280,8 @@ def build_trainer(
         logger=build_logger(cfg, run_dir, job_type=job_type, resume=resume),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=bool(cfg.callbacks.progress_bar),
+        # off without our bar (no terminal): Lightning would add its tqdm bar, a carriage-return mess in a log
+        enable_progress_bar=any(isinstance(callback, ProgressBar) for callback in callbacks),
         enable_checkpointing=bool(cfg.callbacks.checkpoint),
         **options,
     )

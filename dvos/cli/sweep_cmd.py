@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the sweep in FILE (W&B sweep format, experiments/sweeps/). Online (W&B API key): "
         "creates the sweep with W&B and starts `wandb agent`. Offline: expands grid/random sweeps "
         "itself (bayes falls back to random), runs the trials one after another as `dvos train` "
-        "processes, each its own offline W&B run in a group named after the sweep, records crashed "
+        "processes, each its own offline W&B run in a group named after the sweep folder, records crashed "
         "trials as failed and goes on, and prints the ranking by the sweep's metric "
         "(also <sweep folder>/ranking.json).",
     )

@@ -62,6 +62,8 @@ def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None, **override
         per_frame_photometric=data.per_frame_photometric,
         clips_per_video=data.clips_per_video,
         decord_threads=data.decord_threads,
+        backend=data.backend,
+        pin_memory=data.pin_memory,
         seed=int(cfg.seed),
         val_dataloader_fn=val_dataloader_fn,
     )

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from dvos.data.readers import list_videos, open_video
+from dvos.data.readers import VIDEO_BACKENDS, list_videos, open_video
 from dvos.data.transforms import clip_to_tensor
 from dvos.utils.errors import DataError
 
@@ -186,18 +186,18 @@ class SkippedVideoTracker:
         return f"SkippedVideoTracker(count={self.count})"
 
 
-def probe_video(path: str | os.PathLike, *, num_threads: int = 1) -> int:
+def probe_video(path: str | os.PathLike, *, num_threads: int = 1, backend: str = "auto") -> int:
     """Open a video or frame folder and return its frame count (DataError when unusable)."""
-    with open_video(path, num_threads=num_threads) as reader:
+    with open_video(path, num_threads=num_threads, backend=backend) as reader:
         return len(reader)
 
 
-def _probe_all(paths: Sequence[Path], threads: int) -> list[int | DataError]:
+def _probe_all(paths: Sequence[Path], threads: int, backend: str) -> list[int | DataError]:
     """Frame count of every path, or the DataError that made it unusable; in the order of `paths`."""
 
     def probe(path: Path) -> int | DataError:
         try:
-            return probe_video(path)
+            return probe_video(path, backend=backend)
         except DataError as err:
             return err
 
@@ -224,10 +224,11 @@ class VideoClipDataset(Dataset):
         transform: a callable `(frames T×H×W×3 uint8, masks=None) -> (frames, masks)`, e.g. a
             `ClipTransform`; its random state is driven by this dataset (`set_random_state`).
         clips_per_video: items per video and epoch.
-        num_threads: decord decoding threads per reader.
+        num_threads: decoding threads per video reader.
+        backend: the video decoder, auto | decord | pyav (`dvos.data.readers.open_video_file`).
         seed: base seed of clip sampling and augmentation.
         log_skips: warn about videos excluded at probe time (turn off on non-zero DDP ranks).
-        probe_threads: threads opening the videos at construction (decord releases the GIL; an
+        probe_threads: threads opening the videos at construction (the decoders release the GIL; an
             open of a 480p mp4 takes ~8 ms, so thousands of videos are worth parallelising).
 
     Raises:
@@ -249,9 +250,12 @@ class VideoClipDataset(Dataset):
         log_skips: bool = True,
         probe_threads: int = 4,
         reference_gap: int | None = None,
+        backend: str = "auto",
     ) -> None:
         if clips_per_video < 1:
             raise ValueError(f"clips_per_video must be >= 1, got {clips_per_video}")
+        if backend not in VIDEO_BACKENDS:
+            raise ValueError(f"video backend must be one of {', '.join(VIDEO_BACKENDS)}, got '{backend}'")
         if isinstance(videos_or_root, str | os.PathLike):
             candidates = list_videos(videos_or_root)
         else:
@@ -264,13 +268,14 @@ class VideoClipDataset(Dataset):
         self.transform = transform
         self.clips_per_video = int(clips_per_video)
         self.num_threads = int(num_threads)
+        self.backend = backend
         self.seed = int(seed)
 
         self.videos: list[str] = []
         self.num_frames: list[int] = []
         self.skipped_at_probe: list[str] = []
         self.too_short: list[str] = []
-        for path, count in zip(candidates, _probe_all(candidates, probe_threads)):
+        for path, count in zip(candidates, _probe_all(candidates, probe_threads, backend)):
             if isinstance(count, DataError):
                 self.skipped_at_probe.append(str(path))
                 if log_skips:
@@ -329,7 +334,7 @@ class VideoClipDataset(Dataset):
 
     def _read_clip(self, video: int) -> dict[str, Any]:
         indices = self.sampler.sample(self.num_frames[video], self._rng)
-        with open_video(self.videos[video], num_threads=self.num_threads) as reader:
+        with open_video(self.videos[video], num_threads=self.num_threads, backend=self.backend) as reader:
             frames = reader.get_batch(indices)
         if self.transform is not None:
             frames, _ = self.transform(frames, None)

@@ -3,7 +3,9 @@
 Both take explicit keyword arguments (the config layer maps onto them) and are DDP-ready:
 
 - no DistributedSampler here: Lightning injects one (training: shuffled and reseeded per epoch);
-- workers are persistent when `num_workers > 0`;
+- workers are persistent when `num_workers > 0` (no restart cost each epoch);
+- memory is pinned when the trainer runs on CUDA (`pin_memory=None`): batches are copied to the GPU
+  asynchronously;
 - `VideoClipDataModule` gives the DataLoader a generator seeded with `seed` and a
   `worker_init_fn` that mixes (seed, global rank, worker id) into the clip sampler's and the
   augmentation's random state: workers and ranks see different clips, a fixed seed replays the
@@ -68,9 +70,11 @@ class VideoClipDataModule(pl.LightningDataModule):
         scale, ratio, hflip_p, affine_p, photometric_p, per_frame_photometric, brightness,
             contrast, saturation, hue: augmentation (`build_clip_transform`).
         clips_per_video: clips per video and epoch.
-        decord_threads: decoding threads per video reader.
+        decord_threads: decoding threads per video reader (either backend).
+        backend: the video decoder, auto | decord | pyav (`dvos.data.readers.open_video_file`).
         seed: base seed of clip sampling, augmentation and shuffling.
-        pin_memory, drop_last, prefetch_factor: DataLoader options.
+        pin_memory: DataLoader option; None: on when the trainer's device is CUDA.
+        drop_last, prefetch_factor: DataLoader options.
         val_dataloader_fn: optional callable returning the validation DataLoader(s) (e.g. the
             `val_dataloader` of a `VOSEvalDataModule`); without it this DataModule has no
             validation data.
@@ -100,11 +104,12 @@ class VideoClipDataModule(pl.LightningDataModule):
         clips_per_video: int = 1,
         decord_threads: int = 1,
         seed: int = 0,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         drop_last: bool = True,
         prefetch_factor: int | None = None,
         val_dataloader_fn: Callable[[], Any] | None = None,
         reference_gap: int | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -122,6 +127,7 @@ class VideoClipDataModule(pl.LightningDataModule):
             "short_videos": short_videos,
             "clips_per_video": clips_per_video,
             "num_threads": decord_threads,
+            "backend": backend,
             "seed": seed,
         }
         self.transform_options = {
@@ -179,12 +185,19 @@ class VideoClipDataModule(pl.LightningDataModule):
             shuffle=True,
             num_workers=self.num_workers,
             collate_fn=collate_clips,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pin_memory(),
             drop_last=self.drop_last and len(self.train_dataset) >= self.batch_size,
             worker_init_fn=functools.partial(seed_clip_worker, rank=rank),
             generator=generator,
             **options,
         )
+
+    def _pin_memory(self) -> bool:
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         self.skip_tracker.update_from_batch(batch)

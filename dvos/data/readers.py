@@ -1,22 +1,29 @@
-"""One reader interface over video files (decoded by decord) and folders of JPEG/PNG frames.
+"""One reader interface over video files and folders of JPEG/PNG frames.
 
 Every reader gives random access to RGB uint8 frames (`H × W × 3`) by index, batched reads in the
 caller's order, the frame names used to name predictions, the frame size and the frame rate.
 
-decord traps handled here (see docs/DESIGN.md, "Data"): `get_batch` is given sorted, unique indices and
-the result is put back in the caller's order; a missing, empty or truncated file raises
-`RuntimeError` while damaged frame data raises `decord._ffi.base.DECORDError`, which is *not* a
-`RuntimeError`, so every decord call is wrapped in `except Exception` and re-raised as a one-line
-`DataError` naming the file.
+Video files are decoded by decord or by PyAV (`open_video(backend=...)`, `data.backend`): auto takes
+decord when it imports (it has wheels for x86-64 only), PyAV otherwise. The two give identical
+arrays (docs/DESIGN.md, "Data").
+
+decord traps handled here: `get_batch` is given sorted, unique indices and the result is put back
+in the caller's order; a missing, empty or truncated file raises `RuntimeError` while damaged frame
+data raises `decord._ffi.base.DECORDError`, which is *not* a `RuntimeError` (nor are PyAV's errors),
+so every decoder call is wrapped in `except Exception` and re-raised as a one-line `DataError`
+naming the file.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,6 +35,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Folders that hold annotation masks (DAVIS / YouTube-VOS), not frames: `list_videos` skips them.
 MASK_FOLDER_NAMES = ("Annotations",)
+VIDEO_BACKENDS = ("auto", "decord", "pyav")
 
 
 def natural_key(name: str) -> list:
@@ -187,17 +195,22 @@ class FrameReader(ABC):
 
 
 class VideoFileReader(FrameReader):
-    """A video file decoded by decord.
+    """A video file, decoded by one of the backends below (`open_video` picks it).
+
+    Frames are indexed as decord indexes them: the video stream's packets sorted by presentation
+    time, one frame each, so both backends give the same frames at the same indices.
 
     Args:
         path: the video file (.mp4 .avi .webm .mkv .mov).
-        num_threads: decoding threads (decord's `num_threads`; 0 = as many as ffmpeg wants).
-            Keep 1 inside DataLoader workers: the workers already give the parallelism.
-        size: optional decode size (H, W); decord resizes while decoding (cheaper than after).
+        num_threads: decoding threads (0 = as many as FFmpeg wants). Keep 1 inside DataLoader
+            workers: the workers already give the parallelism.
+        size: optional decode size (H, W), resized while decoding (cheaper than after).
 
     Raises:
         DataError: the file is missing, empty, truncated or not a decodable video.
     """
+
+    backend = ""
 
     def __init__(
         self, path: str | os.PathLike, *, num_threads: int = 1, size: tuple[int, int] | None = None
@@ -209,27 +222,18 @@ class VideoFileReader(FrameReader):
             raise DataError(f"{self.path}: video file not found")
         if self.path.stat().st_size == 0:
             raise DataError(f"{self.path}: video file is empty (0 bytes)")
-        self._num_threads = num_threads
-        self._resize_after_decode = False
-        self._target_size: tuple[int, int] | None = None
-        self._reader = self._open(self._decode_size)
-        try:
-            self._length = len(self._reader)
-        except Exception as err:
-            raise DataError(f"{self.path}: cannot read frame count ({_first_line(err)})") from err
+        self._num_threads = int(num_threads)
+        self._length = self._open()
         if self._length <= 0:
             raise DataError(f"{self.path}: video has no frames")
 
-    def _open(self, size: tuple[int, int] | None):
-        import decord  # imported here: only video-file users pay for loading ffmpeg
+    @abstractmethod
+    def _open(self) -> int:
+        """Open the decoder; return the number of frames (DataError when it cannot)."""
 
-        height, width = size if size is not None else (-1, -1)
-        try:
-            return decord.VideoReader(
-                str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=self._num_threads
-            )
-        except Exception as err:  # RuntimeError, DECORDError, AssertionError (0 frames)
-            raise DataError(f"{self.path}: cannot open video ({_first_line(err)})") from err
+    @abstractmethod
+    def _decode(self, indices: list[int]) -> np.ndarray:
+        """Decode sorted, unique, in-range indices: `N × H × W × 3` uint8 (decoder errors raised as is)."""
 
     def __len__(self) -> int:
         return self._length
@@ -241,9 +245,60 @@ class VideoFileReader(FrameReader):
     @property
     def size(self) -> tuple[int, int]:
         if self._size is None:
-            # decord has no header-only size query: decode the first frame once.
+            # Neither decoder reports the size of what it outputs: decode the first frame once.
             self._size = tuple(self._read_sorted([0]).shape[1:3])
         return self._size
+
+    def _read_sorted(self, indices: list[int]) -> np.ndarray:
+        self._check_open()
+        try:
+            frames = self._decode(indices)
+        except DataError:
+            raise
+        except Exception as err:  # decord's DECORDError and PyAV's FFmpegError are not RuntimeErrors
+            raise DataError(
+                f"{self.path}: cannot decode frames {_describe(indices)} ({_first_line(err)})"
+            ) from err
+        if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
+            raise DataError(f"{self.path}: decoder returned frames of shape {frames.shape}")
+        if self._size is None:
+            self._size = tuple(frames.shape[1:3])
+        return np.ascontiguousarray(frames, dtype=np.uint8)
+
+    @abstractmethod
+    def _check_open(self) -> None:
+        """ValueError when the reader was closed."""
+
+
+class DecordVideoReader(VideoFileReader):
+    """A video file decoded by decord (the default where it installs: x86-64 wheels only).
+
+    decord fails every read of some output widths (16, 24, 48, 72 px, ...: "The size must exactly
+    match", a row-stride bug); the reader then decodes at the next multiple of 32 and resizes with
+    OpenCV.
+    """
+
+    backend = "decord"
+
+    def _open(self) -> int:
+        self._resize_after_decode = False
+        self._target_size: tuple[int, int] | None = None
+        self._reader = self._open_decoder(self._decode_size)
+        try:
+            return len(self._reader)
+        except Exception as err:
+            raise DataError(f"{self.path}: cannot read frame count ({_first_line(err)})") from err
+
+    def _open_decoder(self, size: tuple[int, int] | None):
+        import decord  # imported here: only video-file users pay for loading ffmpeg
+
+        height, width = size if size is not None else (-1, -1)
+        try:
+            return decord.VideoReader(
+                str(self.path), ctx=decord.cpu(0), width=width, height=height, num_threads=self._num_threads
+            )
+        except Exception as err:  # RuntimeError, DECORDError, AssertionError (0 frames)
+            raise DataError(f"{self.path}: cannot open video ({_first_line(err)})") from err
 
     @property
     def fps(self) -> float | None:
@@ -253,40 +308,29 @@ class VideoFileReader(FrameReader):
         except Exception as err:
             raise DataError(f"{self.path}: cannot read frame rate ({_first_line(err)})") from err
 
-    def _read_sorted(self, indices: list[int]) -> np.ndarray:
-        self._check_open()
+    def _decode(self, indices: list[int]) -> np.ndarray:
         try:
-            frames = self._decode(indices)
-        except Exception as err:  # DECORDError for damaged data is not a RuntimeError
+            batch = self._reader.get_batch(indices)
+        except Exception as err:
             if _DECORD_STRIDE_BUG in str(err) and not self._resize_after_decode:
                 self._use_safe_decode_width()
-                return self._read_sorted(indices)
-            raise DataError(
-                f"{self.path}: cannot decode frames {_describe(indices)} ({_first_line(err)})"
-            ) from err
+                return self._decode(indices)
+            raise
+        frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
         if self._resize_after_decode:
             frames = np.stack([_resize(frame, self._target_size) for frame in frames])
-        if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
-            raise DataError(f"{self.path}: decoder returned frames of shape {frames.shape}")
-        if self._size is None:
-            self._size = tuple(frames.shape[1:3])
-        return np.ascontiguousarray(frames, dtype=np.uint8)
+        return frames
 
     def _use_safe_decode_width(self) -> None:
-        """Work around a decord bug: some output widths (16, 24, 48, 72 px, ...) make every read
-        fail with "The size must exactly match" (a row-stride mismatch). Widths that are multiples
-        of 32 are not affected: decode at the next such width and resize with OpenCV."""
+        """Decode at the next width that is a multiple of 32 (not affected by the stride bug) and
+        resize back with OpenCV."""
         target = self._decode_size if self._decode_size is not None else _native_size(self.path)
         safe_width = -(-target[1] // 32) * 32
         if safe_width == target[1]:
             safe_width += 32
-        self._reader = self._open((target[0], safe_width))
+        self._reader = self._open_decoder((target[0], safe_width))
         self._target_size = target
         self._resize_after_decode = True
-
-    def _decode(self, indices: list[int]) -> np.ndarray:
-        batch = self._reader.get_batch(indices)
-        return batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
 
     def _check_open(self) -> None:
         if self._reader is None:
@@ -294,6 +338,133 @@ class VideoFileReader(FrameReader):
 
     def close(self) -> None:
         self._reader = None  # decord frees the decoder when the object is collected
+
+
+class PyAVVideoReader(VideoFileReader):
+    """A video file decoded by PyAV (FFmpeg), frame-exact against decord.
+
+    At open the stream's packets are read to index the frames by presentation time and find the
+    keyframes, and the first frame is decoded (so a file whose frames cannot be decoded fails at open,
+    as with decord). A read seeks to the last keyframe at or before a wanted frame and decodes
+    forward; the decoder's position is kept between reads, so reading forward (a clip, the inference
+    engine's frame-by-frame walk) never seeks back. RGB comes from FFmpeg's own conversion, as in
+    decord; a decode size goes through the same `scale` filter (bilinear) that decord uses.
+    """
+
+    backend = "pyav"
+
+    def _open(self) -> int:
+        import av
+
+        self._container = None
+        self._frames: Any = None  # the decoder's frame iterator since the last seek
+        self._next: int | None = None  # index of the frame that iterator yields next
+        self._graph: Any = None
+        self._reformatter: Any = None
+        try:
+            self._container = av.open(str(self.path))
+            if not self._container.streams.video:
+                raise DataError(f"{self.path}: no video stream")
+            self._stream = self._container.streams.video[0]
+            self._stream.thread_count = self._num_threads
+            if self._num_threads != 1:
+                self._stream.thread_type = "AUTO"
+            packets = [
+                (packet.pts if packet.pts is not None else packet.dts, bool(packet.is_keyframe))
+                for packet in self._container.demux(self._stream)
+                if packet.size
+            ]
+        except DataError:
+            self.close()
+            raise
+        except Exception as err:  # av.error.FFmpegError (InvalidDataError, ...), OSError
+            self.close()
+            raise DataError(f"{self.path}: cannot open video ({_first_line(err)})") from err
+        if any(timestamp is None for timestamp, _ in packets):
+            # No timestamps to index by (rare containers): frames are counted from the start.
+            self._timestamps: list[int] | None = None
+            self._keyframes = [0]
+        else:
+            packets.sort(key=lambda packet: packet[0])
+            self._timestamps = [timestamp for timestamp, _ in packets]
+            self._keyframes = [index for index, (_, key) in enumerate(packets) if key] or [0]
+        self._index_of = {timestamp: index for index, timestamp in enumerate(self._timestamps or [])}
+        if packets:
+            try:
+                self._size = tuple(self._decode([0]).shape[1:3])
+            except Exception as err:
+                self.close()
+                raise DataError(f"{self.path}: cannot open video ({_first_line(err)})") from err
+        return len(packets)
+
+    @property
+    def fps(self) -> float | None:
+        self._check_open()
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        return float(rate) if rate else None
+
+    def _decode(self, indices: list[int]) -> np.ndarray:
+        try:
+            return np.stack([self._frame(index) for index in indices])
+        except Exception:
+            self._next = None  # the decoder's state is unknown: the next read seeks
+            raise
+
+    def _frame(self, index: int) -> np.ndarray:
+        """Frame `index` as `H × W × 3` uint8, decoding forward or seeking first."""
+        keyframe = self._keyframes[bisect.bisect_right(self._keyframes, index) - 1]
+        if self._next is None or index < self._next or keyframe > self._next:
+            self._seek(keyframe)
+        for frame in self._frames:
+            position = self._index_of.get(frame.pts, self._next)
+            self._next = position + 1
+            if position == index:
+                return self._to_rgb(frame)
+            if position > index:
+                break
+        raise DataError(f"{self.path}: frame {index} could not be decoded (damaged or truncated file)")
+
+    def _seek(self, keyframe: int) -> None:
+        timestamp = self._timestamps[keyframe] if self._timestamps is not None else 0
+        self._container.seek(timestamp, stream=self._stream, backward=True, any_frame=False)
+        self._frames = self._container.decode(self._stream)
+        self._next = keyframe
+
+    def _to_rgb(self, frame: Any) -> np.ndarray:
+        import av
+
+        if self._decode_size is None:
+            # This reader's own converter, on its decoding threads: `frame.to_ndarray` reuses one per
+            # thread whose scaler threads, once started in a parent, do not exist in a DataLoader
+            # worker forked from it (the worker hangs).
+            if self._reformatter is None:
+                self._reformatter = av.video.reformatter.VideoReformatter()
+            rgb = self._reformatter.reformat(frame, format="rgb24", threads=max(self._num_threads, 1))
+            return rgb.to_ndarray()
+        if self._graph is None:
+            height, width = self._decode_size
+            self._graph = av.filter.Graph()
+            self._graph.threads = max(self._num_threads, 1)
+            source = self._graph.add_buffer(template=self._stream)
+            scale = self._graph.add("scale", f"{width}:{height}:flags=bilinear")
+            rgb = self._graph.add("format", "rgb24")
+            sink = self._graph.add("buffersink")
+            source.link_to(scale)
+            scale.link_to(rgb)
+            rgb.link_to(sink)
+            self._graph.configure()
+        self._graph.push(frame)
+        return self._graph.pull().to_ndarray()
+
+    def _check_open(self) -> None:
+        if self._container is None:
+            raise ValueError(f"{self.path}: reader is closed")
+
+    def close(self) -> None:
+        container, self._container = getattr(self, "_container", None), None
+        self._frames = self._graph = self._reformatter = None
+        if container is not None:
+            container.close()
 
 
 class FrameFolderReader(FrameReader):
@@ -351,8 +522,48 @@ class FrameFolderReader(FrameReader):
         return np.stack(frames)
 
 
+@functools.cache
+def decord_available() -> bool:
+    """Whether decord imports here (it has no wheel for ARM; a broken install fails with OSError)."""
+    try:
+        import decord  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def open_video_file(
+    path: str | os.PathLike,
+    *,
+    num_threads: int = 1,
+    size: tuple[int, int] | None = None,
+    backend: str = "auto",
+) -> VideoFileReader:
+    """Open a video file with the decoding `backend`: decord, pyav, or auto (decord when it
+    imports, else PyAV).
+
+    Raises:
+        ValueError: an unknown backend.
+        DataError: decord asked for but not installed, or the file cannot be opened.
+    """
+    if backend not in VIDEO_BACKENDS:
+        raise ValueError(f"video backend must be one of {', '.join(VIDEO_BACKENDS)}, got '{backend}'")
+    if backend == "pyav" or (backend == "auto" and not decord_available()):
+        return PyAVVideoReader(path, num_threads=num_threads, size=size)
+    if backend == "decord" and not decord_available():
+        raise DataError(
+            f"{path}: video backend decord is not installed here (pip install 'dvos[decord]', "
+            "or data.backend=pyav)"
+        )
+    return DecordVideoReader(path, num_threads=num_threads, size=size)
+
+
 def open_video(
-    path: str | os.PathLike, *, num_threads: int = 1, size: tuple[int, int] | None = None
+    path: str | os.PathLike,
+    *,
+    num_threads: int = 1,
+    size: tuple[int, int] | None = None,
+    backend: str = "auto",
 ) -> FrameReader:
     """Open a video file (by extension) or a folder of frames.
 
@@ -360,6 +571,7 @@ def open_video(
         path: a video file (.mp4 .avi .webm .mkv .mov) or a folder of JPEG/PNG frames.
         num_threads: decoding threads for video files.
         size: optional output size (H, W).
+        backend: the video decoder, auto | decord | pyav (`open_video_file`).
 
     Raises:
         DataError: a missing path, an unknown file type, or an unreadable video/folder.
@@ -368,7 +580,7 @@ def open_video(
     if path.is_dir():
         return FrameFolderReader(path, size=size)
     if is_video_file(path):
-        return VideoFileReader(path, num_threads=num_threads, size=size)
+        return open_video_file(path, num_threads=num_threads, size=size, backend=backend)
     if not path.exists():
         raise DataError(f"{path}: no such video file or frame folder")
     raise DataError(f"{path}: not a video file ({' '.join(VIDEO_EXTENSIONS)}) nor a folder of frames")

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dvos.utils.progress import EvaluationProgress, output_is_terminal
+
 log = logging.getLogger("dvos")  # progress lines of the commands, `dvos: ...`
 
 TIMING_JSON = "timing.json"
@@ -145,11 +147,16 @@ def evaluate_segmenter(
         out_dir,
     )
     timing = []
+    # redirected output (a log file) gets a line every tenth of the sequences, with an ETA
+    progress = EvaluationProgress(
+        f"evaluate {out_dir.name}", len(sequences), enabled=not output_is_terminal()
+    )
     with MaskWriter(out_dir, maxsize=queue) as writer:
         for sequence in sequences:
             stats = segment_sequence(segmenter, sequence, writer=writer)
             timing.append(stats.as_dict())
             log.info("%s: %d frames, %.2f FPS, %s", stats.name, stats.frames, stats.fps, format_memory(stats))
+            progress.update()
     total_frames = sum(row["frames"] for row in timing)
     total_seconds = sum(row["seconds"] for row in timing)
     on_cuda = getattr(device, "type", str(device)) == "cuda"

@@ -317,7 +317,8 @@ class DistillationModule(pl.LightningModule):
         plain = (
             OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
         )
-        self.save_hyperparameters({"config": plain})
+        # In the checkpoint only: the W&B run logs the same config once, nested (WandbLogger(config=...)).
+        self.save_hyperparameters({"config": plain}, logger=False)
         self.config = OmegaConf.create(plain)
         if student is None:
             student, self.student_init = build_student(self.config.model)

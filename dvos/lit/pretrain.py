@@ -191,7 +191,8 @@ class CRWPretrainModule(pl.LightningModule):
             raise ValueError(f"spatial_jitter must be ≥ 0 pixels, got {spatial_jitter}")
         if hparams["temperature"] <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.save_hyperparameters(hparams)
+        # In the checkpoint (load_from_checkpoint), not in W&B: the run logs the whole config once.
+        self.save_hyperparameters(hparams, logger=False)
         self.encoder = ResNetEncoder(
             widths=hparams["widths"],
             depths=hparams["depths"],

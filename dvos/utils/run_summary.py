@@ -10,9 +10,12 @@ for every run:
     val/J&F_last   the last validation J&F
     trainer/global_step
 
-They go into the W&B run's summary (so W&B's own dashboard and sweeps can sort and chart every run
-by the same columns) and into `<run>/run_summary.json` (the same dict, for offline tools:
-`dvos sweep` ranks trials by it, `dvos compare` reads it).
+They go into `<run>/run_summary.json` (for offline tools: `dvos sweep` ranks trials by it, `dvos
+compare` reads it) and into the W&B run's summary, where the candidates' keys sit under `final/`
+(`final/student/J&F`, `final/student/fps`, ...: one section of the dashboard; `val/J&F` stays the
+metric sweeps rank by). The W&B run also gets the table itself, `final/table` (a `wandb.Table`: method,
+J&F, J, F, FPS, peak memory, parameters) and `final/J&F vs FPS`, a scatter plot of it, so a
+workspace compares runs and plots J&F against FPS without editing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 SUMMARY_FILE = "run_summary.json"
 CANDIDATES = ("student", "teacher", "baseline")
 FIELDS = ("J&F", "J", "F", "fps", "params", "peak_rss_mb")
+FINAL_PREFIX = "final/"
+TABLE_COLUMNS = ("method", "J&F", "J", "F", "FPS", "peak memory (MB)", "params (M)")
 
 
 def _number(value: Any) -> float | int | None:
@@ -93,5 +98,37 @@ def publish_run_summary(trainer: Any, summary: dict[str, dict[str, Any]], run_di
         return flat
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.experiment.summary.update(flat)
+            log_final_table(logger.experiment, summary)
+            logger.experiment.summary.update(wandb_summary(flat))
     return flat
+
+
+def wandb_summary(flat: dict[str, Any]) -> dict[str, Any]:
+    """The flat summary as the W&B run shows it: `student/J&F` → `final/student/J&F` (the validation
+    and trainer keys unchanged)."""
+    return {
+        (FINAL_PREFIX + key if key.split("/", 1)[0] in CANDIDATES else key): value
+        for key, value in flat.items()
+    }
+
+
+def table_rows(summary: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """One row per method of the final table, in its order (`TABLE_COLUMNS`); no FPS for a method
+    without a model (the copy baseline only hands back its first mask)."""
+    rows = []
+    for name, row in summary.items():
+        params = _number(row.get("params"))
+        fps = _number(row.get("fps")) if params is None or params > 0 else None
+        scores = [_number(row.get(key)) for key in ("J&F", "J", "F")]
+        millions = None if params is None else params / 1e6
+        rows.append([name, *scores, fps, _number(row.get("peak_rss_mb")), millions])
+    return rows
+
+
+def log_final_table(run: Any, summary: dict[str, dict[str, Any]]) -> None:
+    """Log `final/table` and its `final/J&F vs FPS` scatter plot into a W&B run."""
+    import wandb
+
+    table = wandb.Table(columns=list(TABLE_COLUMNS), data=table_rows(summary))
+    scatter = wandb.plot.scatter(table, "FPS", "J&F", title="J&F against FPS (final table)")
+    run.log({"final/table": table, "final/J&F vs FPS": scatter})

@@ -283,7 +283,8 @@ def test_wandb_runs_of_one_train_are_one_group_named_typed_with_the_config_once(
     assert (pretrain.name, pretrain.job_type) == (f"{run_dir.name}-pretrain", "pretrain")
     assert (distill.name, distill.job_type) == (run_dir.name, "distill")
     assert pretrain.group == distill.group == run_dir.name
-    assert pretrain.tags == distill.tags == ["smoke", "synthetic"]  # the experiment and the data
+    # logger.tags (the CPU recipe's, which smoke extends), then the experiment and the data
+    assert pretrain.tags == distill.tags == ["cpu", "smoke", "synthetic"]
     assert (run_dir / "wandb-id.txt").read_text().strip() == distill.run_id
     assert (run_dir / "pretrain" / "wandb-id.txt").read_text().strip() == pretrain.run_id != distill.run_id
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())

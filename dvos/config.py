@@ -115,7 +115,7 @@ class DataConfig:
     pin_memory: bool | None = None  # DataLoader pin_memory; null: on when training on CUDA
     synth: SynthConfig = field(default_factory=SynthConfig)
     real: RealDataConfig = field(default_factory=RealDataConfig)
-    # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
+    # -- experimental: no shipped config sets it (docs/configuration.md, "Experimental options") --
     # largest gap from the reference (first) frame of a clip to the next; None: max_gap like the others
     reference_gap: int | None = None
 
@@ -139,7 +139,7 @@ class ModelConfig:
     permute_slots: int | None = None  # that permutation moves slots 1..P only (null: all max_objects)
     attention_scale: float = 30.0  # > 0: cosine attention with a learned scale starting here; 0: q·k/√d
     propagation_init: bool = True  # a fresh student starts as a label propagator (docs/METHOD.md, "Student")
-    # -- experimental: no shipped config sets it (docs/DESIGN.md, "Configuration") --
+    # -- experimental: no shipped config sets it (docs/configuration.md, "Experimental options") --
     attention_topk: int = 0  # > 0: each query reads only its k most similar sampled points (0: all)
 
 
@@ -179,7 +179,7 @@ class DistillConfig:
     # per training clip, the probability that an elliptical piece of another clip's frame 0 moves
     # across its frames (copy-paste occluder: occlusions and encounters; 0: off)
     occluder_prob: float = 0.0
-    # -- experimental: no shipped config sets these (docs/DESIGN.md, "Configuration") --
+    # -- experimental: no shipped config sets these (docs/configuration.md, "Experimental options") --
     # with components: a piece must hold a min_width × min_width block of the teacher's feature cells
     # (thinner pieces, e.g. one stripe of a texture, are background; 1: any piece)
     min_width: int = 1

@@ -208,6 +208,11 @@ def results_page(
             f"## {run.config.get('name', run.path.name)} ({experiment}, seed {run.config.get('seed')})",
         ]
         lines += ["", *tables_lines(run), provenance(run)]
+    if not runs:
+        lines += [
+            "",
+            "No run is recorded here yet: run `make train`, then `dvos report runs/<run> --readme README.md`.",
+        ]
     if bench is not None:
         lines += ["", *bench_lines(bench, bench_source)]
     return "\n".join(lines) + "\n"

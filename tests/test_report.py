@@ -96,3 +96,13 @@ def test_report_names_what_is_missing_and_writes_nothing(tmp_path, capsys):
 def test_the_readme_has_a_results_block():
     text = (REPO / "README.md").read_text()
     assert text.count("<!-- results:begin -->") == 1 and text.count("<!-- results:end -->") == 1
+
+
+def test_report_without_runs_says_so_and_refuses_to_fill_the_readme(tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+    assert main(["report", "--out", str(out)]) == 0
+    assert "No run is recorded here yet" in out.read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\nx\n<!-- results:end -->\n")
+    assert main(["report", "--out", str(out), "--readme", str(readme)]) == 2
+    assert "--readme needs a run folder" in capsys.readouterr().err

@@ -25,7 +25,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             "--readme, also replace the README's results block with the first run's table."
         ),
     )
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs/<date>-<time>-<name>)")
+    parser.add_argument(
+        "runs",
+        nargs="*",
+        metavar="RUN",
+        help="run folders (runs/<date>-<time>-<name>); none: a page saying so",
+    )
     parser.add_argument("--bench", metavar="JSON", help="a `dvos bench` results.json to include")
     parser.add_argument(
         "--out", default="docs/RESULTS.md", help="the page to write (default: docs/RESULTS.md)"
@@ -50,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
             text = readme_path.read_text()
         except OSError as err:
             raise DataError(f"{readme_path}: cannot read ({err.strerror})") from err
+        if not runs:
+            raise DataError("--readme needs a run folder: the README's block shows the first run's table")
         readme = fill_block(text, readme_block(runs[0]), source=str(readme_path))
     # everything is read and checked before anything is written
     with atomic_write(Path(args.out)) as handle:

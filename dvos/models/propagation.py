@@ -286,7 +286,6 @@ class GatedDeformablePropagation(nn.Module):
         Returns:
             (visual, identity, aux): visual and ID streams B × N × d (N = h·w); aux or None.
         """
-        size = (embedding.shape[-2], embedding.shape[-1])
         long_key, long_value, long_id = memory.long_term_maps()  # one frame, or L frames stacked
         long_visual_id, long_aux = self.long_term(
             query, long_key, (long_value, long_id), return_aux=return_attention
@@ -297,11 +296,35 @@ class GatedDeformablePropagation(nn.Module):
             (memory.previous_value, memory.previous_id),
             return_aux=return_attention,
         )
-        tokens = map_to_tokens(embedding)
-        normed = self.norm_input(tokens)
         visual_read = long_visual_id[0] + short_visual_id[0]
         weight = float(self.long_term_weight)  # 1: the trained sum, exactly (× 1.0 is exact)
         id_read = weight * long_visual_id[1] + (2.0 - weight) * short_visual_id[1]
+        visual, identity = self.gate_reads(embedding, visual_read, id_read, identity)
+        aux = None
+        if return_attention:
+            aux = {"long_term": long_aux, "short_term": short_aux}
+        return visual, identity, aux
+
+    def gate_reads(
+        self,
+        embedding: torch.Tensor,
+        visual_read: torch.Tensor,
+        id_read: torch.Tensor,
+        identity: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The streams after the memory reads: each read gated, (convolved,) projected, added.
+
+        Args:
+            embedding: B × d × h × w, the visual stream entering (the residual).
+            visual_read, id_read: B × N × value_dim, the attention-weighted memory values (both reads).
+            identity: B × N × d, the ID stream entering (a later layer), None for the first.
+
+        Returns:
+            (visual, identity): B × N × d each.
+        """
+        size = (embedding.shape[-2], embedding.shape[-1])
+        tokens = map_to_tokens(embedding)
+        normed = self.norm_input(tokens)
         visual_gate = F.silu(self.gate_visual(normed))
         visual = tokens + self.out_visual(self._gated(visual_read, visual_gate, self.dw_visual, size))
         if self.first:
@@ -312,10 +335,7 @@ class GatedDeformablePropagation(nn.Module):
                 raise ValueError("a propagation layer after the first needs the ID stream")
             id_gate = F.silu(self.gate_id(self.norm_id_input(identity)))
             identity = identity + self.out_id(self._gated(id_read, id_gate, self.dw_id, size))
-        aux = None
-        if return_attention:
-            aux = {"long_term": long_aux, "short_term": short_aux}
-        return visual, identity, aux
+        return visual, identity
 
     def self_propagate(
         self, visual: torch.Tensor, identity: torch.Tensor, position: torch.Tensor

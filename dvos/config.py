@@ -139,10 +139,24 @@ class ModelConfig:
 
 
 @dataclass
-class TeacherConfig:
-    """The frozen self-supervised label-propagation teacher."""
+class DeformableTeacherConfig:
+    """The teacher of the student's own kind (`teacher.name=deformable`; docs/METHOD.md, "Teacher"):
+    a frozen network of the student's family, itself distilled without labels from the
+    label-propagation teacher (the other `teacher.*` keys) by `dvos train` first (stage 1)."""
 
-    name: str = "label_propagation"
+    # its weights (a `dvos train` checkpoint or a stage-1 file); null: `dvos train` distils it first
+    # and caches it under ${paths.data_dir}/teachers/ by the hash of its settings
+    checkpoint: str | None = None
+    max_steps: int | None = None  # stage 1's optimizer steps (null: trainer.max_steps / max_epochs, as stage 2)
+    model: ModelConfig = field(default_factory=ModelConfig)  # its network (same keys as `model`)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen self-supervised teacher: label propagation (`name: label_propagation`), or a network
+    of the student's kind distilled from it (`name: deformable`, `teacher.deformable`)."""
+
+    name: str = "label_propagation"  # label_propagation | deformable
     encoder: str = "resnet"  # resnet (trained by `dvos pretrain`) | vit_small | vit_base
     patch_size: int = 16  # ViT patch size (8 or 16)
     checkpoint: str | None = None  # teacher encoder weights (a `dvos pretrain` checkpoint or a DINO .pth)
@@ -150,6 +164,7 @@ class TeacherConfig:
     radius: int = 12  # local window (in feature cells) for affinities
     temperature: float = 0.07
     n_recent: int = 7  # context = reference frame + n most recent frames
+    deformable: DeformableTeacherConfig = field(default_factory=DeformableTeacherConfig)
 
 
 @dataclass

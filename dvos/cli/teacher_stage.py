@@ -22,6 +22,18 @@ from omegaconf import DictConfig, OmegaConf
 
 # Keys that do not change what stage 1 learns (where it logs, what it evaluates, how it is shown).
 UNHASHED = ("name", "run_dir", "ckpt_path", "experiment", "logger", "callbacks", "eval", "paths")
+UNHASHED_DATA = ("num_workers", "decord_threads", "root", "sequences", "split")
+# The trainer's keys that change what stage 1 learns (the others: validation, logging, checks).
+HASHED_TRAINER = (
+    "max_epochs",
+    "max_steps",
+    "limit_train_batches",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "precision",
+    "devices",
+    "num_nodes",
+)
 
 
 def stage_one_config(cfg: DictConfig) -> DictConfig:
@@ -40,10 +52,13 @@ def stage_one_config(cfg: DictConfig) -> DictConfig:
 
 def deformable_teacher_path(cfg: DictConfig) -> Path:
     """Where stage 1's network goes: `${paths.data_dir}/teachers/deformable-<hash>.pt`, the hash of
-    the stage-1 config without the keys that do not change what it learns (`UNHASHED`)."""
+    the stage-1 config without the keys that do not change what it learns (`UNHASHED`,
+    `UNHASHED_DATA`, the trainer's other than `HASHED_TRAINER`)."""
     from dvos.config import to_dict
 
     settings = {key: value for key, value in to_dict(stage_one_config(cfg)).items() if key not in UNHASHED}
+    settings["data"] = {key: value for key, value in settings["data"].items() if key not in UNHASHED_DATA}
+    settings["trainer"] = {key: settings["trainer"][key] for key in HASHED_TRAINER}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(cfg.paths.data_dir) / "teachers" / f"deformable-{digest}.pt"
 

@@ -279,7 +279,8 @@ def teacher_frame_targets(
     each covers (`match_sparse_query_grid`): the student pads the frame (`student_query_grid`), the
     label-propagation teacher does not, so student cell i starts at teacher coordinate
     (16·i − pad) / s (a deformable teacher's grid starts at `origin`: (16·i − pad − origin) / s) and
-    only teacher cells inside the image count. Rows stay distributions.
+    only the teacher rows of image pixels count, by the image pixels they share with the student
+    cell. Rows stay distributions.
 
     Args:
         attention: the teacher's attention of the query frame (with per-frame maps).
@@ -307,6 +308,7 @@ def teacher_frame_targets(
         ratio=FEATURE_STRIDE / stride,
         offset=(-top / stride, -left / stride),
         extent=((image_size[0] - origin[0]) / stride, (image_size[1] - origin[1]) / stride),
+        start=(-origin[0] / stride, -origin[1] / stride),
     )
 
 

@@ -318,3 +318,35 @@ def test_layer_defaults_match_the_dvos_layer():
     layer = GatedDeformablePropagation(D, num_heads=2, num_groups=1, offset_kernel=3)
     assert layer.first and layer.last and layer.ffn and layer.gate_id is not None
     assert layer.to_id_value is None and layer.dw_visual is None and layer.norm_id_input is None
+
+
+def test_deaot_t_layer_has_deaots_parts_counted_by_hand():
+    """DeAOT-T's layer at d = 256 (keys 128, values 512, 5 × 5 depth-wise convs), part by part; the
+    offset networks are dvos's (DeAOT's local read has a relative term instead) and the output
+    projections are per stream (docs/METHOD.md, "Gated deformable propagation")."""
+    from dvos.config import load_config
+
+    model, _ = build_student(load_config(["model=deaot_t", "model.pretrained=none"]).model)
+    d, k, v = 256, 128, 512
+
+    def linear(n_in, n_out):
+        return n_in * n_out + n_out
+
+    parts = {
+        "norm_input": 2 * d,
+        "to_query_key": linear(d, k),
+        "to_value": linear(d, v),
+        "long_term": k * 25 + k + 2 * k + 2 * k,  # depth-wise 5 × 5 + bias, LayerNorm, 1 × 1 to (Δx, Δy)
+        "short_term": k * 25 + k + 2 * k + 2 * k,
+        "gate_visual": linear(d, v),
+        "out_visual": linear(v, d),
+        "out_id": linear(v, d),
+        "norm_self": 2 * 2 * d,
+        "self_query_key": linear(d, 2 * k),
+        "self_values_and_gates": 4 * linear(d, v),
+        "self_out": 2 * linear(v, d),
+        "norm_out": 2 * 2 * d,
+        "to_id_value": linear(d, v),
+        "depthwise": 4 * v * 25,
+    }
+    assert sum(p.numel() for p in model.propagation.parameters()) == sum(parts.values()) == 1_606_528

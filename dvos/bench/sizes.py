@@ -1,6 +1,6 @@
 """Parameters and FLOPs per frame of the model group files (`conf/model/*.yaml`): the `sizes`
-section of `dvos bench`, next to DeAOT's published sizes (docs/METHOD.md, "Gated deformable
-propagation").
+section of `dvos bench`, next to DeAOT's published sizes
+(docs/METHOD.md, "Gated deformable propagation").
 
 Each student is built from its group file with random weights (the counts do not depend on them)
 and segments one frame of a synthetic video at the benchmark size (480 × 854 by default) after its

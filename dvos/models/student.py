@@ -454,7 +454,9 @@ class DeformableStudent(nn.Module):
         for index, layer in enumerate(self.propagation_stack):
             key, value = layer.key_value(stream, features.position)
             id_stream = None if identity is None else tokens_to_map(identity, height, width)
-            keys.append(key), values.append(value), ids.append(layer.id_value(id_embedding, id_stream))
+            keys.append(key)
+            values.append(value)
+            ids.append(layer.id_value(id_embedding, id_stream))
             if index == self.num_layers - 1:
                 break
             own = Memory(key, value, ids[-1], key, value, ids[-1], permutation)
@@ -490,7 +492,8 @@ class DeformableStudent(nn.Module):
                 identity=identity,
                 return_attention=return_attention and index == self.num_layers - 1,
             )
-            keys.append(key), values.append(value)
+            keys.append(key)
+            values.append(value)
             stream = tokens_to_map(visual, height, width)
         propagated = self.propagation_stack[-1].output(visual, identity, height, width)
         return PropagationOutput(

@@ -122,19 +122,35 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The student: MobileNet-V2 encoder + one gated deformable propagation layer + FPN decoder."""
+    """The student: MobileNet-V2 encoder + gated deformable propagation layer(s) + FPN decoder.
+
+    The propagation layer's form (docs/METHOD.md, "Gated deformable propagation"): the defaults are
+    dvos's own layer; `conf/model/deaot_t.yaml` sets DeAOT-T's (the paper's student)."""
 
     name: str = "deaot_t_deform"
     pretrained: str = "auto"  # auto | package | none | <path to mobilenet_v2-b0353104.pth>
+    freeze_bn: bool = False  # the encoder's BatchNorm layers stay in eval mode, affine frozen (DeAOT)
     d_model: int = 256
     max_objects: int = 10
-    num_heads: int = 8
+    num_layers: int = 1  # stacked propagation layers (DeAOT-T 1, DeAOT-S 2, DeAOT-B/L 3)
+    num_heads: int = 8  # attention heads of the memory reads and the self-propagation (DeAOT 1)
     num_groups: int = 4  # offset groups: heads in a group share sampling points
+    key_dim: int | None = None  # width of queries and keys (null: d_model; DeAOT with one head: d/2)
+    # > 0: values are SiLU(linear) of width expand_ratio·d, visual and ID (DeAOT 2); 0: a linear
+    # visual value of width d and the ID embedding itself
+    expand_ratio: float = 0.0
+    dw_kernel: int = (
+        0  # depth-wise k × k conv after each gating, before the output projection (DeAOT 5; 0: none)
+    )
+    gate_id: bool = True  # the first layer gates its ID read by the visual stream (false: ungated, DeAOT)
+    id_norm: bool = False  # LayerNorm over the ID embedding's channels (DeAOT)
+    short_term_read: str = "deformable"  # deformable | local (a window with relative position bias, DeAOT)
+    local_window: int = 15  # side of the local window, in memory cells (odd; DeAOT 15)
     deform_stride: int = 2  # reference points every `deform_stride` memory tokens
     offset_range: float = 4.0  # maximum offset, in memory-map cells (tanh × range)
     offset_kernel: int = 5  # depth-wise kernel of the offset network
     decoder_dim: int = 256
-    ffn_ratio: float = 2.0
+    ffn_ratio: float = 2.0  # feed-forward width in multiples of d (0: no feed-forward, DeAOT)
     permute_ids: bool = True  # random permutation of object ids in training (undone on the output)
     permute_slots: int | None = None  # that permutation moves slots 1..P only (null: all max_objects)
     attention_scale: float = 30.0  # > 0: cosine attention with a learned scale starting here; 0: q·k/√d
@@ -144,10 +160,26 @@ class ModelConfig:
 
 
 @dataclass
-class TeacherConfig:
-    """The frozen self-supervised label-propagation teacher."""
+class DeformableTeacherConfig:
+    """The teacher of the student's own kind (`teacher.name=deformable`; docs/METHOD.md, "Teacher"):
+    a frozen network of the student's family, itself distilled without labels from the
+    label-propagation teacher (the other `teacher.*` keys) by `dvos train` first (stage 1)."""
 
-    name: str = "label_propagation"
+    # its weights (a `dvos train` checkpoint or a stage-1 file); null: `dvos train` distils it first
+    # and caches it under ${paths.data_dir}/teachers/ by the hash of its settings
+    checkpoint: str | None = None
+    max_steps: int | None = (
+        None  # stage 1's optimizer steps (null: trainer.max_steps / max_epochs, as stage 2)
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)  # its network (same keys as `model`)
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen self-supervised teacher: label propagation (`name: label_propagation`), or a network
+    of the student's kind distilled from it (`name: deformable`, `teacher.deformable`)."""
+
+    name: str = "label_propagation"  # label_propagation | deformable
     encoder: str = "resnet"  # resnet (trained by `dvos pretrain`) | vit_small | vit_base
     patch_size: int = 16  # ViT patch size (8 or 16)
     checkpoint: str | None = None  # teacher encoder weights (a `dvos pretrain` checkpoint or a DINO .pth)
@@ -155,6 +187,7 @@ class TeacherConfig:
     radius: int = 12  # local window (in feature cells) for affinities
     temperature: float = 0.07
     n_recent: int = 7  # context = reference frame + n most recent frames
+    deformable: DeformableTeacherConfig = field(default_factory=DeformableTeacherConfig)
 
 
 @dataclass

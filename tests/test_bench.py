@@ -223,3 +223,34 @@ def test_bench_quick_writes_results_and_picture(tmp_path, capsys):
 
     with Image.open(out / "results.png") as image:
         assert image.format == "PNG" and image.size[0] > 1000
+
+
+def test_sizes_section_counts_every_model_group_file(tmp_path):
+    """`dvos bench`'s sizes: parameters and FLOPs of one frame step of each conf/model/ file, DeAOT's
+    published count beside the files named after its models."""
+    from dvos.bench.sizes import model_sizes, size_lines
+    from dvos.models.build import build_student
+
+    tiny = "d_model: 32\nnum_heads: 4\nnum_groups: 2\ndecoder_dim: 16\nmax_objects: 3\npretrained: none\n"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "student.yaml").write_text(tiny)
+    (tmp_path / "model" / "deaot_t.yaml").write_text(tiny + "num_layers: 2\nexpand_ratio: 2.0\n")
+    sizes = model_sizes(tmp_path, (64, 96))
+    assert sorted(sizes["models"]) == ["deaot_t", "student"] and sizes["size"] == [64, 96]
+    for name, layers in (("student", 1), ("deaot_t", 2)):
+        row = sizes["models"][name]
+        options = dict(
+            d_model=32, num_heads=4, num_groups=2, decoder_dim=16, max_objects=3, pretrained="none"
+        )
+        extra = {"num_layers": 2, "expand_ratio": 2.0} if name == "deaot_t" else {}
+        student, _ = build_student({**options, **extra})
+        assert (
+            row["parameters"]
+            == sum(p.numel() for p in student.parameters())
+            == sum(row["parameters_by_part"].values())
+        )
+        assert row["num_layers"] == layers and row["gflops_per_frame"] > 0
+    assert sizes["models"]["deaot_t"]["gflops_per_frame"] > sizes["models"]["student"]["gflops_per_frame"]
+    lines = size_lines(sizes)
+    assert any("model=deaot_t" in line and "DeAOT's published: 7.2 M" in line for line in lines)
+    assert any("model=student" in line and "published" not in line for line in lines)

@@ -467,7 +467,10 @@ def test_each_student_read_is_paired_with_the_teachers_map_of_the_same_frame(tmp
         name: SimpleNamespace(attention=torch.rand(1, 2, 900, 8)) for name in ("long_term", "short_term")
     }
     outputs = SimpleNamespace(
-        student_aux=[None, None, None, reads], teacher_attention=[None] * 4 + [attention], teacher_stride=8
+        student_aux=[None, None, None, reads],
+        teacher_attention=[None] * 4 + [attention],
+        teacher_stride=8,
+        teacher_origin=(0.0, 0.0),
     )
     pairs = module.attention_pairs(outputs, 4, (CROP, CROP))
     assert [student for student, _ in pairs] == [reads["long_term"].attention, reads["short_term"].attention]
@@ -577,11 +580,15 @@ def test_annotation_reference_without_annotation_is_a_one_line_config_error(tmp_
         ("eval.long_term_weight=-1", "eval.long_term_weight"),
         ("eval.val_refine_iterations=-1", "eval.val_refine_iterations"),
         ("eval.refine_sigma_colour=0", "eval.refine_sigma_colour"),
+        ("model.short_term_read=global", "model.short_term_read"),
+        ("teacher.name=dino", "teacher.name"),
+        ("teacher=deformable teacher.deformable.model.num_layers=0", "teacher.deformable.model.num_layers"),
+        ("teacher=deformable teacher.deformable.max_steps=0", "teacher.deformable.max_steps"),
     ],
 )
 def test_unusable_distill_settings_are_config_errors(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):
-        make_module(tmp_path, override)
+        make_module(tmp_path, *override.split())
 
 
 @pytest.mark.parametrize(
@@ -803,3 +810,83 @@ def test_last_checkpoint_holds_the_final_step_and_is_written_atomically(tmp_path
         AtomicCheckpointIO().save_checkpoint({"global_step": 4}, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+# ---------------------------------------------------------------------------------------- a deformable teacher
+def deformable_module(tmp_path, *overrides) -> DistillationModule:
+    """The tiny student with a deformable teacher: a two-layer network of the student's kind whose
+    reads sample between cells (non-zero offsets)."""
+    from helpers_models import TinyEncoder
+
+    from dvos.models.deformable_teacher import DeformableTeacher
+    from dvos.models.student import DeformableStudent
+
+    student, _ = tiny_student_and_teacher(MAX_OBJECTS)
+    torch.manual_seed(1)
+    network = DeformableStudent(
+        TinyEncoder(),
+        d_model=16,
+        num_heads=2,
+        num_groups=2,
+        max_objects=MAX_OBJECTS,
+        decoder_dim=8,
+        offset_kernel=3,
+        num_layers=2,
+    )
+    for layer in network.propagation_stack:
+        for read in (layer.long_term, layer.short_term):
+            nn.init.normal_(read.offset_network.to_offsets.weight, std=0.3)
+    return DistillationModule(
+        make_config(tmp_path, *overrides), student=student, teacher=DeformableTeacher(network)
+    )
+
+
+def test_a_deformable_teacher_targets_are_its_own_per_frame_maps(tmp_path):
+    """Same frames, same padding: the student's query cells are the teacher's, so each student read's
+    target is the teacher's map over that frame (long-term: frame 0, short-term: frame t − 1; at
+    t = 1 both hold frame 0 and each read gets its own); its logits give the relations."""
+    module = deformable_module(tmp_path)
+    frames = torch.stack([make_clip(seed)[:, :, 4:44, 4:60] for seed in range(BATCH)])  # 40 × 56: padded
+    loss, parts, outputs = module.compute_loss({"frames": frames})
+    assert torch.isfinite(loss) and parts["att"] > 0 and parts["inter"] > 0
+    loss.backward()
+    assert not any(p.grad is not None for p in module.teacher.parameters())
+    assert (outputs.teacher_stride, outputs.logit_stride, outputs.teacher_origin) == (16, 4, (-4.0, -4.0))
+    assert outputs.teacher_logits.shape == (BATCH, FRAMES, 3, 10, 14)  # num_segments=3, stride-4 cells
+    for t in range(1, FRAMES):
+        attention = outputs.teacher_attention[t]
+        pairs = module.attention_pairs(outputs, t, (40, 56))
+        assert len(pairs) == 2
+        for (_, target), slot in zip(pairs, (0, 1)):
+            torch.testing.assert_close(target, attention.frame_map(slot))
+    first = module.attention_pairs(outputs, 1, (40, 56))
+    assert not torch.allclose(first[0][1], first[1][1])
+
+
+def test_a_magnified_padded_deformable_teacher_is_matched_over_the_image_pixels(tmp_path):
+    """36 × 52 frames: the student pads to 48 × 64 (6 px above and to the left), the teacher sees
+    them magnified 2x (72 × 104, padded to 80 × 112: 4 magnified px = 2 px of the frame), cells of
+    8 px of the frame. A student row is the mean of the teacher rows over its image pixels, by hand."""
+    module = deformable_module(tmp_path, "distill.teacher_scale=2")
+    frames = torch.stack([make_clip(seed)[:, :, 6:42, 6:58] for seed in range(BATCH)])
+    loss, _, outputs = module.compute_loss({"frames": frames})
+    assert torch.isfinite(loss)
+    assert (outputs.teacher_stride, outputs.logit_stride, outputs.teacher_origin) == (8, 2, (-2.0, -2.0))
+    assert outputs.teacher_token_shape == (5, 7)
+    ys, xs = np.meshgrid(np.arange(36), np.arange(52), indexing="ij")
+    student = ((ys + 6) // 16) * 4 + (xs + 6) // 16
+    teacher = ((ys + 2) // 8) * 7 + (xs + 2) // 8
+    counts = np.zeros((12, 35))
+    np.add.at(counts, (student.ravel(), teacher.ravel()), 1.0)
+    share = counts / counts.sum(1, keepdims=True)
+    attention = outputs.teacher_attention[2]
+    for (_, target), slot in zip(module.attention_pairs(outputs, 2, (36, 52)), (0, 1)):
+        expected = share @ attention.frame_map(slot)[1].double().numpy()
+        assert np.allclose(target[1].numpy(), expected, atol=1e-6)
+
+
+def test_a_deformable_teacher_needs_its_weights(tmp_path):
+    from dvos.lit.distill import build_distillation_teacher
+
+    with pytest.raises(ConfigError, match="teacher.deformable.checkpoint"):
+        build_distillation_teacher(make_config(tmp_path, "teacher=deformable").teacher)

@@ -738,3 +738,39 @@ def test_overlay_video_has_every_frame_and_even_size(tmp_path):
     assert first.shape == (66, 98, 3)
     # objects are tinted: the first object's box is redder than the raw frame's background
     assert first[:65, :97][masks[0] == 1][:, 0].mean() > 150
+
+
+DEAOT_LAYERS = dict(
+    num_layers=2,
+    num_heads=1,
+    num_groups=1,
+    key_dim=16,
+    expand_ratio=2.0,
+    dw_kernel=3,
+    gate_id=False,
+    id_norm=True,
+    ffn_ratio=0.0,
+    short_term_read="local",
+    local_window=3,
+)
+
+
+def test_stacked_deaot_layers_run_through_the_engine_with_a_late_object(tmp_path):
+    """Two DeAOT-form layers (local short-term read): the engine walks a YouTube-VOS clip whose
+    object 2 appears at frame 4; the memory holds both layers' entries and stays bounded."""
+    (sequence,) = youtubevos_sequences(late_objects_tree(tmp_path / "ytvos", {2: 4}, 7), split="valid")
+    student = tiny_student(**DEAOT_LAYERS)
+    segmenter = StudentSegmenter(student, max_long_term=3)
+    predictions, sizes = [], []
+
+    def watch(index, prediction):
+        predictions.append(prediction)
+        sizes.append(segmenter.memory_bytes())
+
+    stats = segment_sequence(segmenter, sequence, on_frame=watch)
+    assert stats.frames == 7 and np.array_equal(predictions[0], sequence.load_mask(0))
+    assert (predictions[4] == 2).sum() == (sequence.load_mask(4) == 2).sum()  # given mask pasted
+    memory = segmenter.memory
+    assert memory.reference_key.shape[1] == 2 * 16 and memory.reference_id.shape[1] == 2 * 64
+    assert len(memory.added_long_term) == 1
+    assert set(sizes[:4]) == {sizes[0]} and len(set(sizes[4:])) == 1 and sizes[4] > sizes[0]

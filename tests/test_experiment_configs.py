@@ -40,6 +40,7 @@ def test_every_experiment_file_loads_given_data_roots(path):
 def test_the_expected_experiments_exist():
     names = {path.stem for path in EXPERIMENTS}
     expected = {"cpu", "paper", "teacher_crw_youtubevos", "teacher_crw_kinetics", "smoke", "sweep_cpu"}
+    expected.add("cpu_two_stage")
     assert set(PAPER) | expected <= names
 
 
@@ -92,6 +93,8 @@ def test_paper_scale_distillation_has_the_deaot_schedule(name):
     assert cfg.eval.final_checkpoint == "last" and cpu.eval.final_checkpoint == "last"
     assert cfg.distill.lambda_ce == 0 and cfg.distill.teacher_scale == 1 and cfg.eval.min_size is None
     assert cfg.distill.occluder_prob == 0 and cpu.distill.occluder_prob > 0
+    # the paper's student (DeAOT-T's module with deformable reads) with DeAOT's frozen BatchNorm
+    assert cfg.model.name == "deaot_t" and cfg.model.freeze_bn and not cpu.model.freeze_bn
     teacher = load_config(["experiment=teacher_crw_youtubevos", "data.root=/data/YouTubeVOS"])
     assert teacher.pretrain.output == cfg.teacher.checkpoint  # the pretraining writes what distillation loads
     if fmt == "youtubevos":
@@ -238,3 +241,23 @@ def test_davis_group_files_never_train_on_the_frames_they_score(tmp_path, capsys
         err.startswith("dvos: error: data.train_root=")
         and "1 sequence(s) of the evaluation set (blackswan)" in err
     )
+
+
+def test_the_two_stage_experiment_distils_deaot_l_then_the_student():
+    """`cpu_two_stage` is the CPU recipe with teacher=deformable: stage 1 trains DeAOT-L's network
+    (conf/teacher/deformable.yaml holds conf/model/deaot_l.yaml's settings) as long as stage 2."""
+    import yaml
+
+    cfg, cpu = load_config(["experiment=cpu_two_stage"]), load_config(["experiment=cpu"])
+    assert cfg.teacher.name == "deformable" and cfg.teacher.deformable.checkpoint is None
+    assert cfg.teacher.deformable.max_steps == 192 and cpu.trainer.max_epochs * 48 == 192
+    assert cfg.distill == cpu.distill and cfg.model == cpu.model
+    model = yaml.safe_load((REPO / "conf" / "model" / "deaot_l.yaml").read_text())
+    teacher = yaml.safe_load((REPO / "conf" / "teacher" / "deformable.yaml").read_text())
+    assert teacher["deformable"]["model"] == model
+    assert cfg.teacher.deformable.model.permute_slots == 4
+    # the label-propagation part of the teacher file is conf/teacher/label_propagation.yaml's
+    propagation = yaml.safe_load((REPO / "conf" / "teacher" / "label_propagation.yaml").read_text())
+    assert {key: teacher[key] for key in propagation if key != "name"} == {
+        key: value for key, value in propagation.items() if key != "name"
+    }

@@ -307,3 +307,43 @@ def test_export_reads_memory_as_the_engine_is_told(student, tmp_path):
     )
     assert default.spec["soft_memory"] is True and default.spec["attention_topk"] == 0
     assert default.spec["long_term_weight"] == 1.0
+
+
+def test_stacked_layers_export_and_segment_like_the_engine(tmp_path):
+    """Two DeAOT-form layers with a local short-term read: the TorchScript step segments a video as
+    the PyTorch engine does; frame 0 called twice gives the reference memory the engine builds."""
+    student = helpers_models.tiny_student(
+        max_objects=4,
+        num_layers=2,
+        num_heads=1,
+        num_groups=1,
+        key_dim=16,
+        expand_ratio=2.0,
+        dw_kernel=3,
+        gate_id=False,
+        id_norm=True,
+        ffn_ratio=0.0,
+        short_term_read="local",
+        local_window=3,
+    ).eval()
+    path = export_student(student, "torchscript", tmp_path / "step.pt", height=HEIGHT, width=WIDTH)
+    exported = load_exported(path, "torchscript")
+    assert exported.spec["num_layers"] == 2 and exported.spec["memory_channels"] == [32, 128, 128]
+    assert max(verify_export(student, exported).values()) < TOLERANCE
+    frames, mask = scene(1)
+    image = torch.from_numpy(frames[0]).permute(2, 0, 1)[None].float() / 255
+    given = torch.from_numpy(mask).long()[None]
+    memory = zero_memory((32, 128, 128), HEIGHT, WIDTH)
+    for _ in range(2):
+        _, _, key, value, ids = exported(*step_inputs(image, memory, 2, given))
+        memory = (key, value, ids) * 2
+    with torch.inference_mode():
+        features = student.encode_frame(image)
+        one_hot = torch.nn.functional.one_hot(given, 5).permute(0, 3, 1, 2).float()
+        expected = student.initialize_memory(features, one_hot)
+    for got, want in zip(
+        memory[:3], (expected.reference_key, expected.reference_value, expected.reference_id)
+    ):
+        assert (got - want).abs().max() < TOLERANCE
+    reference, ours = segment_both(student, exported)
+    assert (reference == ours).mean() > 0.999

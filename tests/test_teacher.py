@@ -604,3 +604,92 @@ def test_vit_small_teacher_from_a_dino_layout_file(tmp_path):
     out = teacher.propagate_clip(frames, one_hot(ids, 2))
     assert out["logits"].shape == (1, 3, 2, 4, 6) and out["features"].shape == (1, 3, 384, 4, 6)
     assert teacher.upsample_logits(out["logits"][:, 1], (64, 100)).shape == (1, 2, 64, 100)
+
+
+# ---------------------------------------------------------------------------------------- deformable teacher
+def tiny_network(**options):
+    """A small `DeformableStudent` (the stand-in encoder) as a deformable teacher's network, with
+    non-zero offsets so that its reads sample between cells."""
+    from helpers_models import TinyEncoder
+
+    from dvos.models.student import DeformableStudent
+
+    torch.manual_seed(0)
+    base = dict(d_model=16, num_heads=2, num_groups=2, max_objects=4, decoder_dim=8, offset_kernel=3)
+    network = DeformableStudent(TinyEncoder(), **{**base, **options})
+    for layer in network.propagation_stack:
+        nn.init.normal_(layer.long_term.offset_network.to_offsets.weight, std=0.3)
+        nn.init.normal_(layer.short_term.offset_network.to_offsets.weight, std=0.3)
+    return network.eval()
+
+
+def test_deformable_teacher_map_is_each_memory_cells_share_of_the_read():
+    """`token_map`: a point's weight goes to the cells its bilinear read mixes. Reading a value map
+    that holds, per group, the one-hot of each memory cell gives exactly those shares."""
+    from dvos.models.deformable import DeformableAttention
+    from dvos.models.deformable_teacher import token_map
+
+    torch.manual_seed(0)
+    height, width, heads = 4, 6, 2
+    read = DeformableAttention(
+        8, num_heads=heads, num_groups=heads, stride=2, offset_range=1.5, offset_kernel=3
+    )
+    nn.init.normal_(read.offset_network.to_offsets.weight, std=0.5)
+    query, key = torch.randn(1, 8, height, width), torch.randn(1, 8, height, width)
+    cells = height * width
+    one_hot = torch.eye(cells).reshape(cells, height, width)
+    values = torch.cat([one_hot] * heads)[None]  # group g's channels: the one-hot of every cell
+    (out,), aux = read(query, key, [values], return_aux=True)
+    assert (aux.positions_px.abs() % 1 > 0.01).any()  # points between cells
+    shares = out[0].reshape(cells, heads, cells).mean(1)  # the heads' maps averaged
+    expected = shares / shares.sum(-1, keepdim=True)  # points partly outside lose their outside share
+    torch.testing.assert_close(token_map(aux, (height, width))[0], expected)
+    # every cell reads itself: with offsets 0 a stride-1 read's map is its attention, heads averaged
+    grid = DeformableAttention(8, num_heads=heads, num_groups=heads, stride=1, offset_kernel=3)
+    _, aux = grid(query, key, [values], return_aux=True)
+    torch.testing.assert_close(token_map(aux, (height, width)), aux.attention.mean(1))
+
+
+def test_deformable_teacher_offers_the_label_propagation_teachers_clip_interface():
+    from dvos.models.deformable_teacher import DeformableTeacher
+
+    teacher = DeformableTeacher(tiny_network(num_layers=2))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.network.training
+    frames = torch.rand(2, 3, 3, 40, 56)  # padded to 48 × 64: 3 × 4 attention cells
+    out = teacher.propagate_clip(frames, num_segments=3, colour_weight=1.0, feature_weight=0.0)
+    assert out["logits"].shape == (2, 3, 3, 10, 14) and out["stride"] == 16 and out["logit_stride"] == 4
+    torch.testing.assert_close(out["probabilities"].sum(2), torch.ones(2, 3, 10, 14))
+    assert out["reference_ids"].shape == (2, 40, 56) and out["token_shape"] == (3, 4)
+    assert out["origin"] == (-4.0, -4.0)  # the padding above and to the left
+    assert out["attention"][0] is None
+    first, second = out["attention"][1], out["attention"][2]
+    assert first.context_frames == (0, 0) and second.context_frames == (0, 1)
+    assert first.slot_of(0, first=True) == 0 and first.slot_of(0) == 1  # long-term, short-term
+    for attention in (first, second):
+        for slot in (0, 1):
+            rows = attention.frame_map(slot)
+            assert rows.shape == (2, 12, 12)
+            torch.testing.assert_close(rows.sum(-1), torch.ones(2, 12))
+        torch.testing.assert_close(attention.dense().sum(-1), torch.ones(2, 12))
+    # given masks instead of pseudo-objects: their ids and channels
+    masks = torch.zeros(2, 40, 56, dtype=torch.long)
+    masks[:, 10:30, 10:30] = 1
+    given = teacher.propagate_clip(frames, F.one_hot(masks, 2).permute(0, 3, 1, 2).float())
+    assert torch.equal(given["reference_ids"], masks) and given["logits"].shape[2] == 2
+
+
+def test_deformable_and_label_propagation_teachers_cut_the_same_colour_pseudo_objects():
+    """With colours and no feature weight, the clustering sees the same stride-8 grid from pixel 0
+    in both teachers, so both cut the same pseudo-objects."""
+    from dvos.models.deformable_teacher import DeformableTeacher
+
+    frames, _ = moving_disk_sequence(2)
+    frames = frames[:, :, :90, :150]  # not multiples of 16: the deformable teacher pads
+    propagation = LabelPropagationTeacher(ResNetEncoder(widths=(8, 8, 8), depths=(1, 1, 1), stem_width=8))
+    deformable = DeformableTeacher(tiny_network())
+    options = dict(num_segments=4, colour_weight=1.0, feature_weight=0.0, components=True)
+    ids = propagation.propagate_clip(frames[None], **options)["reference_ids"]
+    assert len(ids.unique()) >= 2
+    assert torch.equal(deformable.propagate_clip(frames[None], **options)["reference_ids"], ids)

@@ -396,10 +396,51 @@ def test_unusable_distill_setting_fails_before_any_run_folder_data_or_teacher(tm
         ),
         ("eval.attention_topk=-1", "eval.attention_topk must be ≥ 0 (0: all points) or null, got -1"),
         ("eval.final_checkpoint=newest", "eval.final_checkpoint must be one of best, last, got 'newest'"),
+        (
+            "model.short_term_read=global",
+            "model.short_term_read must be one of deformable, local, got global",
+        ),
     ):
         assert main(["train", *args, setting]) == 2
         assert last_line(capsys.readouterr().err) == f"dvos: error: {message}"
         assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+# A deformable teacher small enough for a test: two DeAOT-form layers on a narrow network.
+TINY_DEFORMABLE_TEACHER = [
+    "teacher.deformable.model.pretrained=none",
+    "teacher.deformable.model.d_model=16",
+    "teacher.deformable.model.key_dim=8",
+    "teacher.deformable.model.decoder_dim=8",
+    "teacher.deformable.model.num_layers=2",
+    "teacher.deformable.model.deform_stride=2",
+]
+
+
+def test_two_stages_from_one_config_and_the_deformable_teacher_is_cached(smoke, capsys):
+    """`teacher=deformable`: stage 1 distils the teacher's network from the label-propagation
+    teacher and caches it under data/teachers/; stage 2 distils the student from it and the table
+    scores it as the teacher; a second run loads the cached network instead of training it."""
+    from dvos.inference.checkpoints import load_student
+
+    args = [*smoke["args"], "teacher=deformable", "teacher.deformable.max_steps=1", *TINY_DEFORMABLE_TEACHER]
+    assert main(["train", *args, "trainer.max_steps=1"]) == 0
+    out = capsys.readouterr().out
+    run_dir = Path(last_line(out))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cached = Path(config["teacher"]["deformable"]["checkpoint"])
+    assert cached.parent == smoke["root"] / "data" / "teachers" and cached.name.startswith("deformable-")
+    assert config["teacher"]["checkpoint"] == str(smoke["teacher"])  # stage 1's label-propagation teacher
+    assert (run_dir / "teacher" / "checkpoints" / "last.ckpt").is_file()  # stage 1 ran in the run folder
+    network, _ = load_student(cached, {})
+    assert network.num_layers == 2 and network.d_model == 16
+    teacher_row = next(line for line in out.splitlines() if line.startswith("teacher"))
+    assert teacher_row.split()[-1] == f"{sum(p.numel() for p in network.parameters()) / 1e6:.2f}M"
+
+    assert main(["train", *args, "trainer.fast_dev_run=true"]) == 0
+    second = Path(last_line(capsys.readouterr().out))
+    config = yaml.safe_load((second / "config.yaml").read_text())
+    assert config["teacher"]["deformable"]["checkpoint"] == str(cached) and not (second / "teacher").exists()
 
 
 def test_summary_table_shows_no_fps_for_the_model_free_baseline():

@@ -112,6 +112,10 @@ class DenseMemoryStudent(nn.Module):
         super().__init__()
         if memory_every < 1:
             raise ValueError(f"memory_every must be >= 1, got {memory_every}")
+        if student.num_layers != 1:
+            raise ValueError(
+                f"the dense baseline swaps the reads of one propagation layer; this student has {student.num_layers}"
+            )
         self.student = student
         self.memory_every = int(memory_every)
         self.num_heads = student.propagation.num_heads
@@ -134,8 +138,9 @@ class DenseMemoryStudent(nn.Module):
             masks: B × (K + 1) × H × W one-hot masks (input size).
             id_permutation: B × (K + 1) long.
         """
-        key, value = self.student.propagation.key_value(features.embedding, features.position)
-        identity = self.student.embed_ids(masks, id_permutation=id_permutation)
+        propagation = self.student.propagation
+        key, value = propagation.key_value(features.embedding, features.position)
+        identity = propagation.id_value(self.student.embed_ids(masks, id_permutation=id_permutation))
         return tuple(_heads(x, self.num_heads) for x in (key, value, identity))  # type: ignore[return-value]
 
     def initialize_memory(
@@ -150,7 +155,7 @@ class DenseMemoryStudent(nn.Module):
     def read_memory(
         self, embedding: torch.Tensor, query: torch.Tensor, memory: DenseMemory
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gated global long-term + short-term read-out (the student's gates and output projections).
+        """Gated global long-term + short-term read-out (the student's gates, convs and projections).
 
         Args:
             embedding: B × d × h × w, the query frame's embedding (the residual stream).
@@ -170,11 +175,7 @@ class DenseMemoryStudent(nn.Module):
             F.scaled_dot_product_attention(queries, memory.long_key, memory.long_id)
             + F.scaled_dot_product_attention(queries, memory.short_key, memory.short_id)
         )
-        tokens = embedding.flatten(2).transpose(1, 2)
-        normed = propagation.norm_input(tokens)
-        visual = tokens + propagation.out_visual(visual_read * F.silu(propagation.gate_visual(normed)))
-        identity = propagation.out_id(id_read * F.silu(propagation.gate_id(normed)))
-        return visual, identity
+        return propagation.gate_reads(embedding, visual_read, id_read)
 
     def step(
         self,
@@ -205,17 +206,13 @@ class DenseMemoryStudent(nn.Module):
         key, value = propagation.key_value(features.embedding, features.position)
         visual, identity = self.read_memory(features.embedding, key, memory)
         visual, identity = propagation.self_propagate(visual, identity, features.position)
-        visual = visual + propagation.ffn_visual(propagation.norm_ffn_visual(visual))
-        identity = identity + propagation.ffn_id(propagation.norm_ffn_id(identity))
-        propagated = torch.cat(
-            (propagation.norm_out_visual(visual), propagation.norm_out_id(identity)), dim=-1
-        )
-        propagated = propagated.transpose(1, 2).reshape(propagated.shape[0], -1, height, width)
+        visual, identity = propagation.feed_forward(visual, identity)
+        propagated = propagation.output(visual, identity, height, width)
         logits = student.decode(
             propagated, features, num_objects=num_objects, id_permutation=memory.id_permutation
         )
-        identity_map = student.embed_ids(
-            memory_masks(logits, soft=soft_memory), id_permutation=memory.id_permutation
+        identity_map = propagation.id_value(
+            student.embed_ids(memory_masks(logits, soft=soft_memory), id_permutation=memory.id_permutation)
         )
         entry = (
             _heads(key, self.num_heads),

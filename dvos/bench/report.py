@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dvos.bench.sizes import size_lines
+
 MB = 2**20
 
 
@@ -144,6 +146,8 @@ def format_report(results: dict[str, Any]) -> str:
         if dense:
             by_length = ", ".join(f"L={k}: {_num(v)}" for k, v in dense["gflops_by_length"].items())
             lines.append(f"  dense memory read ({dense['formula']}): {by_length} GFLOP per frame")
+
+    lines += size_lines(results.get("sizes"))
 
     attention = results.get("attention")
     if attention:

@@ -3,7 +3,8 @@
 Order (so that ratios between models hold on a machine whose load changes):
 
 1. the machine's fp32 matmul rate (again at the end; the larger is used);
-2. FLOPs per frame of the student and the teacher at the benchmark size (`FlopCounterMode`), and
+2. FLOPs per frame of the student and the teacher at the benchmark size (`FlopCounterMode`), the
+   parameters and FLOPs of every model group file (`dvos.bench.sizes`), and
    the student's attention computed whole against in blocks of query rows (`dvos.bench.attention`;
    the benchmark size and 1080p; CPU only);
 3. inference cells at the benchmark size, interleaved: for each length L, student → dense → teacher
@@ -40,6 +41,8 @@ from dvos.bench.attention import measure_attention
 from dvos.bench.cells import MODELS, CellSpec, SyntheticVideo, build_student_model, fast_forward, run_cell
 from dvos.bench.dense import MEMORY_EVERY, DenseMemorySegmenter
 from dvos.bench.measure import count_flops, matmul_gflops
+from dvos.bench.sizes import model_sizes
+from dvos.config import DEFAULT_CONF_DIR
 from dvos.utils.io import ensure_writable_dir, write_json
 
 log = logging.getLogger("dvos.bench")
@@ -47,7 +50,7 @@ log = logging.getLogger("dvos.bench")
 SCHEMA = "dvos-bench/1"
 RESULTS_JSON = "results.json"
 PLOT_PNG = "results.png"
-SECTIONS = ("inference", "stream", "flops", "attention", "loading", "accuracy", "export")
+SECTIONS = ("inference", "stream", "flops", "sizes", "attention", "loading", "accuracy", "export")
 HD_SIZE = (1080, 1920)  # the attention section also measures a 1080p frame (not with --quick)
 
 
@@ -629,6 +632,9 @@ def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str
     if "flops" not in options.skip:
         with recorder.section("flops", "FLOPs per frame"):
             results["flops"] = measure_flops(student, teacher, options, device)
+    if "sizes" not in options.skip:
+        with recorder.section("sizes", "parameters and FLOPs of the model group files"):
+            results["sizes"] = model_sizes(DEFAULT_CONF_DIR, tuple(options.size), device, seed=options.seed)
     if "attention" not in options.skip:
         if device.type != "cpu":
             results["notes"].append("the attention section runs on the CPU only: GPUs compute the whole map")

@@ -285,6 +285,9 @@ def teacher_target_rows(
     image_size: tuple[int, int],
     stride: int,
     sample: int,
+    *,
+    origin: tuple[float, float] = (0.0, 0.0),
+    first: bool = False,
 ) -> torch.Tensor | None:
     """The CKA targets of one clip for the student's read of frame `frame_index`.
 
@@ -294,6 +297,7 @@ def teacher_target_rows(
         image_size: (H, W) of the clip's frames.
         stride: pixels per teacher cell.
         sample: the batch element.
+        origin, first: as `teacher_frame_targets` (a deformable teacher's padded grid; its long-term read).
 
     Returns:
         N_s × h_t·w_t (one row per student query token, each summing to 1), or None when the
@@ -306,15 +310,19 @@ def teacher_target_rows(
         frame_indices=attention.frame_indices[sample : sample + 1],
         frame_weights=attention.frame_weights[sample : sample + 1],
     )
-    targets = teacher_frame_targets(one, frame_index, image_size, stride)
+    targets = teacher_frame_targets(one, frame_index, image_size, stride, origin=origin, first=first)
     return None if targets is None else targets[0].detach()
 
 
-def cells_to_image(values: np.ndarray, stride: int, image_size: tuple[int, int]) -> np.ndarray:
-    """h × w cell values → H × W: cell (i, j) fills pixels [s·i, s·i + s) × [s·j, s·j + s); edges replicated."""
+def cells_to_image(
+    values: np.ndarray, stride: int, image_size: tuple[int, int], origin: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
+    """h × w cell values → H × W: cell (i, j) fills pixels [o + s·i, o + s·i + s) (the same in x; o =
+    `origin`, the image pixel where the grid starts, ≤ 0); edges replicated."""
     full = np.repeat(np.repeat(values, stride, axis=0), stride, axis=1)
     height, width = image_size
-    full = full[:height, :width]
+    top, left = max(0, round(-origin[0])), max(0, round(-origin[1]))
+    full = full[top : top + height, left : left + width]
     return np.pad(full, ((0, height - full.shape[0]), (0, width - full.shape[1])), mode="edge")
 
 
@@ -432,15 +440,24 @@ def render_attention(
     )
     teacher_stride = int(outputs.teacher_stride)
     teacher_shape = tuple(outputs.teacher_token_shape)
+    teacher_origin = tuple(getattr(outputs, "teacher_origin", (0.0, 0.0)))
     teacher_attention = outputs.teacher_attention[t]
     teacher_columns = [("reference", 0, reference_base)]
     if teacher_previous:
         teacher_columns.append(("previous", t - 1, previous_base))
     teacher_targets = {
-        frame_index: None
+        columns_name: None
         if teacher_attention is None
-        else teacher_target_rows(teacher_attention, frame_index, (height, width), teacher_stride, sample)
-        for _, frame_index, _ in teacher_columns
+        else teacher_target_rows(
+            teacher_attention,
+            frame_index,
+            (height, width),
+            teacher_stride,
+            sample,
+            origin=teacher_origin,
+            first=columns_name == "reference",
+        )
+        for columns_name, frame_index, _ in teacher_columns
     }
 
     rows, titles = [], []
@@ -459,21 +476,23 @@ def render_attention(
             row.append(panel)
             row_titles.append(f"student {name} f{frame_index} max w {top:.3f}")
         for columns_name, frame_index, panel_base in teacher_columns:
-            targets = teacher_targets[frame_index]
+            targets = teacher_targets[columns_name]
             if targets is None:
                 row.append(None)
                 row_titles.append(f"teacher {columns_name}: none")
                 continue
             values = targets[query.token].double().reshape(teacher_shape).cpu().numpy()
             full = render.resize_image(
-                cells_to_image(values, teacher_stride, (height, width)), panel_size, nearest=True
+                cells_to_image(values, teacher_stride, (height, width), teacher_origin),
+                panel_size,
+                nearest=True,
             )
             panel = render.blend_heatmap(panel_base, full)
             # The row holds a few top-k cells per teacher row under the student cell, a few pixels
             # each on a large frame: ring the heavier ones (the heat map shows the rest).
             threshold = 0.3 * values.max() if values.max() > 0 else np.inf
             strong_i, strong_j = np.nonzero(values >= threshold)
-            centres = np.stack([strong_j, strong_i], -1) * teacher_stride
+            centres = np.stack([strong_j, strong_i], -1) * teacher_stride + np.array(teacher_origin[::-1])
             centres = to_panel(centres + (teacher_stride - 1) / 2, scale)
             ring_colors = render.heatmap(values[strong_i, strong_j][None], vmax=values.max())[0]
             panel = render.draw_rings(

@@ -7,7 +7,9 @@
     dvos train ckpt_path=last run_dir=runs/X     # continue that run (its config.yaml; key=value on top)
 
 Steps: (1) the run folder with the resolved config; (2) the embedded data, built once; (3) the
-teacher: pretrained by contrastive random walk unless its file exists (cached by settings); (4)
+teacher: pretrained by contrastive random walk unless its file exists (cached by settings); with
+`teacher=deformable`, a network of the student's kind then distilled from it first (stage 1, cached
+by settings: `dvos.cli.teacher_stage`); (4)
 distillation with validation J&F every `trainer.val_check_interval`; (5) the first-frame-copy
 baseline, the teacher and the student evaluated on the validation set with the same engine and the
 official J&F rules; `summary.json` and the printed table; the run folder's path printed last.
@@ -104,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from dvos.cli.common import is_launched_rank, log, setup_logging, start_run
     from dvos.cli.factory import build_trainer, check_trainer, finish_wandb
     from dvos.cli.pretrain_cmd import ensure_teacher
+    from dvos.cli.teacher_stage import ensure_deformable_teacher
     from dvos.config import load_config, save_config, with_data
     from dvos.data.builders import (
         build_clip_datamodule,
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     eval_data.setup("validate")
     check_training_excludes_evaluation(cfg.data.train_root, eval_data.dataset.names)
     ensure_teacher(cfg, run_dir)
+    ensure_deformable_teacher(cfg, run_dir)  # stage 1 of a two-stage run (teacher=deformable)
     # Seeded after the teacher: pretraining it here draws random numbers that loading it from the
     # cache does not, and a run must give the same student either way
     # (docs/DESIGN.md, "Distillation training").

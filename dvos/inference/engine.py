@@ -412,7 +412,9 @@ class StudentSegmenter(_TorchSegmenter):
             probabilities = labels_to_onehot(probabilities.argmax(1), num_objects + 1).float()
         absent = self.max_objects - num_objects  # ids above the video's count: probability 0
         masks = F.pad(probabilities, (0, 0, 0, 0, 0, absent)).to(output.logits.dtype)
-        self.memory = self.student.remember(self.memory, output.key, output.value, masks)
+        self.memory = self.student.remember(
+            self.memory, output.key, output.value, masks, id_stream=output.id_stream
+        )
         return model_ids
 
     def _merge_new_objects(self, mask_ids: np.ndarray, new_ids: Sequence[int]) -> np.ndarray:

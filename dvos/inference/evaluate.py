@@ -228,6 +228,7 @@ def final_evaluation(
         long_term_bound,
         reading_options,
     )
+    from dvos.models.deformable_teacher import DeformableTeacher
 
     eval_data = build_eval_datamodule(cfg)
     eval_data.setup("validate")
@@ -240,16 +241,30 @@ def final_evaluation(
         student, description = module.eval_student, "the student at the end of training"
     teacher = module.teacher
     reading = reading_options(cfg.eval)  # the edge refinement applies to the teacher and the student alike
-    candidates = [
-        ("baseline", CopySegmenter(), "first-frame copy baseline", 0),
-        (
-            "teacher",
+    if isinstance(teacher, DeformableTeacher):  # a network of the student's kind: the student's engine
+        teacher_row = (
+            StudentSegmenter(
+                teacher.network,
+                device=device,
+                max_size=max_size,
+                min_size=min_size,
+                max_long_term=long_term_bound(cfg.eval),
+                **reading,
+            ),
+            f"teacher (deformable, {cfg.teacher.deformable.checkpoint})",
+            count_parameters(teacher.network),
+        )
+    else:
+        teacher_row = (
             TeacherSegmenter(
                 teacher, device=device, max_size=max_size, min_size=min_size, refine=reading["refine"]
             ),
             f"teacher ({cfg.teacher.encoder}, {cfg.teacher.checkpoint or 'random weights'})",
             count_parameters(teacher.encoder),
-        ),
+        )
+    candidates = [
+        ("baseline", CopySegmenter(), "first-frame copy baseline", 0),
+        ("teacher", *teacher_row),
         (
             "student",
             StudentSegmenter(

@@ -3,7 +3,9 @@
 The exported graph is `FrameStep`: encoder + gated deformable propagation + FPN decoder + the ID
 embedding of the frame's mask, with the constant-size memory as explicit tensors in and out. Shapes are
 fixed when exporting: batch 1, frame H × W, K = max_objects; d = the student's `d_model`,
-h = ⌈H/16⌉, w = ⌈W/16⌉.
+h = ⌈H/16⌉, w = ⌈W/16⌉. The memory maps below are d wide for the default student; in general keys
+are C_k and values and ID maps C_v wide, the L propagation layers' entries side by side
+(`memory_channels`; the file's description records them).
 
 Inputs (in this order; names as in the ONNX graph):
 
@@ -30,7 +32,9 @@ One graph does the whole video (what `ExportedSegmenter` does, and what a device
 
 - frame 0: memory inputs all zeros, `given_labels` = the first mask (every pixel ≥ 0); the outputs
   (key, value, id_embedding) become both the reference and the previous memory (the logits of this
-  call are meaningless: the memory was empty);
+  call are meaningless: the memory was empty); with L > 1 layers call it L times, each time with the
+  last call's outputs as both memories: layer l's entries depend on layers < l reading the frame
+  itself, so the l-th call makes layer l's exact (as `DeformableStudent.own_entries`);
 - frame t > 0: `given_labels` all −1; `labels` is the prediction; (key, value, id_embedding)
   replace the previous memory, the reference memory stays;
 - objects appearing at frame t: run frame t again with `given_labels` = the new objects' ids where
@@ -139,8 +143,10 @@ class FrameStep(nn.Module):
             reference_key, reference_value, reference_id, previous_key, previous_value, previous_id, identity
         )
         features = student.encode_frame(image)
-        propagated, key, value, _ = student.propagation(features.embedding, features.position, memory)
-        logits = student.decode(propagated, features, num_objects=num_objects)[:, : self.max_objects + 1]
+        output = student.propagate_frame(features, memory)
+        logits = student.decode(output.propagated, features, num_objects=num_objects)[
+            :, : self.max_objects + 1
+        ]
         labels = torch.where(given_labels >= 0, given_labels, logits.argmax(dim=1))
         # One-hot by comparison (exports as Equal; every exporter and runtime has it).
         masks = (labels[:, None] == identity[:, :, None, None]).to(image.dtype)
@@ -150,22 +156,44 @@ class FrameStep(nn.Module):
             padding = masks.shape[1] - probabilities.shape[1]
             probabilities = nn.functional.pad(probabilities, (0, 0, 0, 0, 0, padding))
             masks = torch.where(given_labels[:, None] >= 0, masks, probabilities)
-        id_embedding = student.embed_ids(masks)
-        return logits, labels, key, value, id_embedding
+        id_embedding = student.memory_ids(student.embed_ids(masks), output.id_stream)
+        return logits, labels, output.key, output.value, id_embedding
 
 
 # --------------------------------------------------------------------------------------------------
 # Shapes and example inputs
 # --------------------------------------------------------------------------------------------------
 def memory_shape(d_model: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """Shape of each memory map for frames of H × W: 1 × d × ⌈H/16⌉ × ⌈W/16⌉."""
+    """Shape of a memory map `d_model` channels wide for frames of H × W: 1 × d × ⌈H/16⌉ × ⌈W/16⌉."""
     return (1, int(d_model), math.ceil(height / FEATURE_STRIDE), math.ceil(width / FEATURE_STRIDE))
 
 
-def zero_memory(d_model: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
-    """Six distinct zero maps (reference key/value/id, previous key/value/id): the memory of frame 0."""
-    shape = memory_shape(d_model, height, width)
-    return tuple(torch.zeros(shape) for _ in range(6))
+def memory_channels(student: DeformableStudent) -> tuple[int, int, int]:
+    """Channels of the key, visual value and ID maps of the student's memory: every layer's block
+    side by side (d, d, d for the default student)."""
+    layers = student.propagation_stack
+    return (
+        sum(layer.key_dim for layer in layers),
+        sum(layer.value_dim for layer in layers),
+        sum(layer.value_dim for layer in layers),
+    )
+
+
+def _channels(channels: int | Sequence[int]) -> tuple[int, int, int]:
+    """(key, value, ID) channels from one width for all three or from the three."""
+    if isinstance(channels, int):
+        return (channels, channels, channels)
+    return tuple(int(c) for c in channels)  # type: ignore[return-value]
+
+
+def zero_memory(channels: int | Sequence[int], height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """Six distinct zero maps (reference key/value/id, previous key/value/id): the memory of frame 0.
+
+    Args:
+        channels: d (every map that wide) or (key, value, ID) channels (`memory_channels`).
+    """
+    shapes = [memory_shape(c, height, width) for c in _channels(channels)]
+    return tuple(torch.zeros(shape) for _ in range(2) for shape in shapes)
 
 
 def step_inputs(
@@ -188,13 +216,14 @@ def step_inputs(
 
 
 def example_inputs(
-    d_model: int, height: int, width: int, max_objects: int, *, seed: int = 0
+    channels: int | Sequence[int], height: int, width: int, max_objects: int, *, seed: int = 0
 ) -> tuple[torch.Tensor, ...]:
-    """Random inputs of the right shapes (distinct tensors: export merges aliased inputs into one)."""
+    """Random inputs of the right shapes (distinct tensors: export merges aliased inputs into one);
+    `channels` as in `zero_memory`."""
     generator = torch.Generator().manual_seed(seed)
-    shape = memory_shape(d_model, height, width)
+    shapes = [memory_shape(c, height, width) for c in _channels(channels)] * 2
     image = torch.rand(1, 3, height, width, generator=generator)
-    memory = [torch.randn(shape, generator=generator) for _ in range(6)]
+    memory = [torch.randn(shape, generator=generator) for shape in shapes]
     labels = torch.full((1, height, width), -1, dtype=torch.long)
     labels[:, : height // 2, : width // 2] = torch.randint(
         0, max_objects + 1, (1, height // 2, width // 2), generator=generator
@@ -218,7 +247,8 @@ def export_spec(
         attention_topk = int(student.propagation.long_term.topk)
     if long_term_weight is None:
         long_term_weight = float(student.propagation.long_term_weight)
-    shape = memory_shape(student.d_model, height, width)
+    channels = memory_channels(student)
+    shape = memory_shape(channels[0], height, width)
     return {
         "dvos_version": __version__,
         "torch_version": torch.__version__,
@@ -227,6 +257,8 @@ def export_spec(
         "max_objects": int(max_objects),
         "d_model": int(student.d_model),
         "memory_shape": list(shape),
+        "memory_channels": list(channels),
+        "num_layers": int(student.num_layers),
         "soft_memory": bool(soft_memory),
         "attention_topk": int(attention_topk),
         "long_term_weight": float(long_term_weight),
@@ -371,7 +403,7 @@ def export_student(
         attention_topk=attention_topk,
         long_term_weight=long_term_weight,
     )
-    inputs = example_inputs(student.d_model, height, width, step.max_objects)
+    inputs = example_inputs(memory_channels(student), height, width, step.max_objects)
     exporter = _export_onnx if fmt == "onnx" else _export_torchscript
     try:
         with atomic_path(path) as tmp:
@@ -502,7 +534,8 @@ def verify_export(student: DeformableStudent, exported: ExportedStep, *, seed: i
     """Run the exported step and the PyTorch `FrameStep` on the same random inputs; `max_difference`."""
     spec = exported.spec
     step = FrameStep(student, max_objects=spec["max_objects"], soft_memory=spec.get("soft_memory", False))
-    inputs = example_inputs(spec["d_model"], spec["height"], spec["width"], spec["max_objects"], seed=seed)
+    channels = spec.get("memory_channels", spec["d_model"])
+    inputs = example_inputs(channels, spec["height"], spec["width"], spec["max_objects"], seed=seed)
     device = next(student.parameters()).device
     with torch.inference_mode(), reading_of(student, spec):
         expected = tuple(t.cpu() for t in step(*(t.to(device) for t in inputs)))
@@ -532,6 +565,8 @@ class ExportedSegmenter(_TorchSegmenter):
         if isinstance(step, FrameStep):
             spec.setdefault("max_objects", step.max_objects)
             spec.setdefault("d_model", step.student.d_model)
+            spec.setdefault("memory_channels", list(memory_channels(step.student)))
+            spec.setdefault("num_layers", step.student.num_layers)
         if height is not None and width is not None:
             spec["height"], spec["width"] = int(height), int(width)
         if not {"height", "width", "max_objects", "d_model"} <= set(spec):
@@ -540,6 +575,8 @@ class ExportedSegmenter(_TorchSegmenter):
         self.export_size = (int(spec["height"]), int(spec["width"]))
         self.max_objects = int(spec["max_objects"])
         self.d_model = int(spec["d_model"])
+        self.channels = _channels(spec.get("memory_channels", self.d_model))
+        self.num_layers = int(spec.get("num_layers", 1))
         self.reference: tuple[torch.Tensor, ...] | None = None
         self.previous: tuple[torch.Tensor, ...] | None = None
         self._previous_ids: np.ndarray | None = None
@@ -556,7 +593,7 @@ class ExportedSegmenter(_TorchSegmenter):
         memory = (
             (*self.reference, *self.previous)
             if self.reference is not None
-            else zero_memory(self.d_model, *self.export_size)
+            else zero_memory(self.channels, *self.export_size)
         )
         labels = None if given is None else self._labels(given)
         with torch.inference_mode():
@@ -566,8 +603,9 @@ class ExportedSegmenter(_TorchSegmenter):
         self._begin(frame, object_ids)
         self.reference = self.previous = None
         model_ids = self.ids.to_model(mask_ids)
-        _, _, key, value, id_embedding = self._call(frame, model_ids)
-        self.reference = self.previous = (key, value, id_embedding)
+        for _ in range(self.num_layers):  # L calls make L layers' entries exact (module docstring)
+            _, _, key, value, id_embedding = self._call(frame, model_ids)
+            self.reference = self.previous = (key, value, id_embedding)
         self._previous_ids = model_ids
         return self.ids.to_sequence(model_ids)
 

@@ -55,8 +55,9 @@ from dvos.lit.losses import (
 )
 from dvos.metrics.evaluation import evaluate_arrays
 from dvos.metrics.torchmetric import JFMetric
-from dvos.models.build import build_student, build_teacher
+from dvos.models.build import build_student, build_teacher, model_config, model_problem
 from dvos.models.deformable import DeformableAttentionAux
+from dvos.models.deformable_teacher import DeformableTeacher
 from dvos.models.layers import pad_to_stride
 from dvos.models.refine import bilateral_refine
 from dvos.models.student import FEATURE_STRIDE, DeformableStudent, labels_to_onehot
@@ -77,11 +78,15 @@ class ClipOutputs(NamedTuple):
         teacher_logits: B × T × L × h_t × w_t (L = num_segments or annotated objects + 1).
         teacher_attention: T entries (entry 0 None), `TeacherAttention` per frame.
         teacher_token_shape: (h_t, w_t).
-        teacher_stride: pixels of the clip per teacher feature cell (its stride / `distill.teacher_scale`).
+        teacher_stride: pixels of the clip per teacher attention cell (its stride / `distill.teacher_scale`).
         reference_logits: B × C × H × W, the student's reading of frame 0 from its fresh memory
             (with `distill.lambda_ref` > 0), else None.
         ce_targets: T − 1 tensors B × H × W, the teacher's hard masks of frames 1..T−1 moved onto
             the frames' edges (with `distill.refine_iterations` > 0), else None (plain argmax).
+        teacher_logit_stride: pixels of the clip per teacher logit cell when it differs from the
+            attention's (a deformable teacher's: 4 / scale), else None.
+        teacher_origin: (y, x) the clip pixel where the teacher's grids start: 0 for the
+            label-propagation teacher, minus its padding for a deformable teacher.
     """
 
     reference_ids: torch.Tensor
@@ -94,6 +99,13 @@ class ClipOutputs(NamedTuple):
     teacher_stride: int
     reference_logits: torch.Tensor | None = None
     ce_targets: list[torch.Tensor] | None = None
+    teacher_logit_stride: int | None = None
+    teacher_origin: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def logit_stride(self) -> int:
+        """Pixels of the clip per teacher logit cell (`teacher_logit_stride`, else `teacher_stride`)."""
+        return self.teacher_stride if self.teacher_logit_stride is None else self.teacher_logit_stride
 
 
 def file_sha256(path: str | Path | None) -> str | None:
@@ -255,6 +267,9 @@ def teacher_frame_targets(
     frame_index: int,
     image_size: tuple[int, int],
     teacher_stride: int,
+    *,
+    origin: tuple[float, float] = (0.0, 0.0),
+    first: bool = False,
 ) -> torch.Tensor | None:
     """The teacher's attention over one memory frame alone, on the student's query grid: the CKA
     target of the student's read of that frame.
@@ -262,23 +277,28 @@ def teacher_frame_targets(
     Rows: the teacher's per-frame map (`TeacherAttention.frame_map`: that frame's own top-k and
     softmax, rows summing to 1), area-averaged onto the student's query cells over the image pixels
     each covers (`match_sparse_query_grid`): the student pads the frame (`student_query_grid`), the
-    teacher does not, so student cell i starts at teacher coordinate (16·i − pad) / s and only
-    teacher cells inside the image count. Rows stay distributions.
+    label-propagation teacher does not, so student cell i starts at teacher coordinate
+    (16·i − pad) / s (a deformable teacher's grid starts at `origin`: (16·i − pad − origin) / s) and
+    only the teacher rows of image pixels count, by the image pixels they share with the student
+    cell. Rows stay distributions.
 
     Args:
         attention: the teacher's attention of the query frame (with per-frame maps).
         frame_index: the memory frame (0: the reference frame; t − 1: the previous frame).
         image_size: (H, W) of the clip's frames, in pixels.
         teacher_stride: pixels of the clip per teacher cell (its stride / `distill.teacher_scale`).
+        origin: (y, x) the clip pixel where the teacher's grid starts (`ClipOutputs.teacher_origin`).
+        first: the first context slot holding the frame (the long-term read's), not the last.
 
     Returns:
         B × h_s·w_s × h_t·w_t float32, or None when the frame is not in the teacher's context.
     """
-    slot = attention.slot_of(frame_index)
+    slot = attention.slot_of(frame_index, first=first)
     if slot is None:
         return None
     student_hw, (top, left) = student_query_grid(image_size)
     stride = float(teacher_stride)
+    top, left = top + float(origin[0]), left + float(origin[1])
     return match_sparse_query_grid(
         attention.frame_indices[:, :, slot],
         attention.frame_weights[:, :, slot],
@@ -287,7 +307,8 @@ def teacher_frame_targets(
         student_hw,
         ratio=FEATURE_STRIDE / stride,
         offset=(-top / stride, -left / stride),
-        extent=(image_size[0] / stride, image_size[1] / stride),
+        extent=((image_size[0] - origin[0]) / stride, (image_size[1] - origin[1]) / stride),
+        start=(-origin[0] / stride, -origin[1] / stride),
     )
 
 
@@ -296,14 +317,52 @@ ATT_BRANCHES = ("long", "short", "both")
 FINAL_CHECKPOINTS = ("best", "last")
 
 
+TEACHERS = ("label_propagation", "deformable")
+
+
+def teacher_file(teacher_cfg: Any) -> str | None:
+    """The file the run's teacher is read from: the deformable teacher's weights, or the
+    label-propagation teacher's encoder."""
+    if teacher_cfg.get("name") == "deformable":
+        return (teacher_cfg.get("deformable") or {}).get("checkpoint")
+    return teacher_cfg.get("checkpoint")
+
+
+def build_distillation_teacher(teacher_cfg: Any) -> LabelPropagationTeacher | DeformableTeacher:
+    """The frozen teacher of `teacher_cfg` (`cfg.teacher`): the label-propagation teacher
+    (`build_teacher`), or with `name: deformable` the network in `teacher.deformable.checkpoint`
+    (its architecture from the file's saved config, else `teacher.deformable.model`).
+
+    Raises:
+        ConfigError: `name` unknown, or a deformable teacher without a checkpoint.
+        DvosError: a checkpoint that cannot be loaded (one line naming the file).
+    """
+    from dvos.inference.checkpoints import load_student
+
+    name = teacher_cfg.get("name", "label_propagation")
+    if name not in TEACHERS:
+        raise ConfigError(f"teacher.name must be one of {', '.join(TEACHERS)}, got '{name}'")
+    if name == "label_propagation":
+        return build_teacher(teacher_cfg)
+    checkpoint = teacher_file(teacher_cfg)
+    if checkpoint is None:
+        raise ConfigError(
+            "teacher=deformable needs teacher.deformable.checkpoint (`dvos train` distils it first and sets it)"
+        )
+    network, description = load_student(checkpoint, teacher_cfg.deformable.model)
+    log.info("deformable teacher: %s", description)
+    return DeformableTeacher(network)
+
+
 class DistillationModule(pl.LightningModule):
-    """Distils the frozen label-propagation teacher into the deformable-attention student.
+    """Distils the frozen teacher (label propagation, or a network of the student's kind) into the
+    deformable-attention student.
 
     Args:
         config: the full resolved run config (a DictConfig or a plain dict); uses `model`,
             `teacher`, `distill`, `optim`, `eval`.
         student: inject a student (tests); default `build_student(config.model)`.
-        teacher: inject a teacher (tests); default `build_teacher(config.teacher)`.
+        teacher: inject a teacher (tests); default `build_distillation_teacher(config.teacher)`.
     """
 
     def __init__(
@@ -311,7 +370,7 @@ class DistillationModule(pl.LightningModule):
         config: DictConfig | dict,
         *,
         student: DeformableStudent | None = None,
-        teacher: LabelPropagationTeacher | None = None,
+        teacher: LabelPropagationTeacher | DeformableTeacher | None = None,
     ) -> None:
         super().__init__()
         plain = (
@@ -331,14 +390,17 @@ class DistillationModule(pl.LightningModule):
             self.student_ema = copy.deepcopy(student).requires_grad_(False).eval()
         # Not registered (object.__setattr__): kept out of state_dict, optimizer and DDP.
         object.__setattr__(
-            self, "_teacher", teacher if teacher is not None else build_teacher(self.config.teacher)
+            self,
+            "_teacher",
+            teacher if teacher is not None else build_distillation_teacher(self.config.teacher),
         )
         self._teacher.requires_grad_(False).eval()
-        if int(self._teacher.stride) % int(self.config.distill.teacher_scale):
-            raise ConfigError(
-                f"distill.teacher_scale={self.config.distill.teacher_scale} must divide the teacher's "
-                f"stride ({self._teacher.stride} pixels per feature cell)"
-            )
+        scale = int(self.config.distill.teacher_scale)
+        for what, stride in (("stride", self._teacher.stride), ("logit stride", self._teacher_logit_stride)):
+            if int(stride) % scale:
+                raise ConfigError(
+                    f"distill.teacher_scale={scale} must divide the teacher's {what} ({stride} pixels per cell)"
+                )
         d = self.config.distill
         self.criterion = DistillationLoss(
             lambda_att=d.lambda_att,
@@ -358,7 +420,11 @@ class DistillationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ parts
     @property
-    def teacher(self) -> LabelPropagationTeacher:
+    def _teacher_logit_stride(self) -> int:
+        return int(getattr(self._teacher, "logit_stride", self._teacher.stride))
+
+    @property
+    def teacher(self) -> LabelPropagationTeacher | DeformableTeacher:
         """The frozen teacher, moved to this module's device on first use there."""
         device = self.device
         if next(self._teacher.parameters(), torch.empty(0)).device != device:
@@ -449,6 +515,10 @@ class DistillationModule(pl.LightningModule):
         if scale > 1:  # back to the frames' pixels (one per magnified block); a cell covers stride / scale
             ids = teacher_out["reference_ids"][:, ::scale, ::scale]
             teacher_out = {**teacher_out, "reference_ids": ids, "stride": teacher_out["stride"] // scale}
+            if "logit_stride" in teacher_out:
+                teacher_out["logit_stride"] = teacher_out["logit_stride"] // scale
+            if "origin" in teacher_out:
+                teacher_out["origin"] = tuple(float(o) / scale for o in teacher_out["origin"])
         reference_ids = teacher_out["reference_ids"].to(frames.device)
         max_objects = int(self.student.max_objects)
         reference_ids = reference_ids.clamp(max=max_objects)
@@ -487,6 +557,8 @@ class DistillationModule(pl.LightningModule):
             teacher_stride=int(teacher_out["stride"]),
             reference_logits=reference_logits,
             ce_targets=ce_targets,
+            teacher_logit_stride=teacher_out.get("logit_stride"),
+            teacher_origin=tuple(teacher_out.get("origin", (0.0, 0.0))),
         )
 
     @torch.no_grad()
@@ -523,7 +595,7 @@ class DistillationModule(pl.LightningModule):
         if float(self.config.distill.lambda_ce) == 0.0:
             return reference_ids, None
         valid = objects_to_valid(num_objects, num_labels, frames.shape[0], device=frames.device)
-        stride = int(teacher_out["stride"])
+        stride = int(teacher_out.get("logit_stride", teacher_out["stride"]))
         targets = []
         for t in range(1, frames.shape[1]):
             probabilities = teacher_probabilities(
@@ -549,7 +621,7 @@ class DistillationModule(pl.LightningModule):
                 teacher_logits=outputs.teacher_logits[:, t],
                 num_objects=outputs.num_objects,
                 attention_pairs=self.attention_pairs(outputs, t, image_size),
-                logit_ratio=1.0 / outputs.teacher_stride,
+                logit_ratio=1.0 / outputs.logit_stride,
                 ce_target=None if outputs.ce_targets is None else outputs.ce_targets[index],
             )
             total = loss if total is None else total + loss
@@ -587,7 +659,14 @@ class DistillationModule(pl.LightningModule):
         reads += [("short_term", t - 1)] if branches in ("short", "both") else []
         pairs = []
         for name, frame_index in reads:
-            target = teacher_frame_targets(attention, frame_index, image_size, outputs.teacher_stride)
+            target = teacher_frame_targets(
+                attention,
+                frame_index,
+                image_size,
+                outputs.teacher_stride,
+                origin=outputs.teacher_origin,
+                first=name == "long_term",
+            )
             if target is not None:
                 pairs.append((aux[name].attention, target))
         return pairs
@@ -779,18 +858,18 @@ class DistillationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        teacher_path = self.config.teacher.checkpoint
+        teacher_path = teacher_file(self.config.teacher)
         checkpoint["dvos_config"] = OmegaConf.to_container(self.config, resolve=True)
         checkpoint["dvos_teacher"] = {"checkpoint": teacher_path, "sha256": file_sha256(teacher_path)}
         checkpoint["dvos_student_init"] = self.student_init
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         recorded = (checkpoint.get("dvos_teacher") or {}).get("sha256")
-        current = file_sha256(self.config.teacher.checkpoint)
+        current = file_sha256(teacher_file(self.config.teacher))
         if recorded and current and recorded != current:
             log.warning(
                 "the teacher checkpoint %s changed since this run was saved (sha256 %s… → %s…)",
-                self.config.teacher.checkpoint,
+                teacher_file(self.config.teacher),
                 recorded[:12],
                 current[:12],
             )
@@ -815,6 +894,27 @@ def check_training_crops(data: DictConfig) -> None:
         raise ConfigError(
             f"data.scale must be [low, high] with 0 < low <= high <= 1 of a frame's area, got {scale}"
         )
+
+
+def check_model_configs(config: DictConfig) -> None:
+    """One-line `ConfigError`s for the student's network (`model.*`) and the teacher's
+    (`teacher.name`, `teacher.deformable.*`)."""
+    if config.get("model") is not None:
+        problem = model_problem(model_config(config.model))
+        if problem is not None:
+            raise ConfigError(problem)
+    teacher = config.get("teacher") or {}
+    name = teacher.get("name", "label_propagation")
+    if name not in TEACHERS:
+        raise ConfigError(f"teacher.name must be one of {', '.join(TEACHERS)}, got '{name}'")
+    if name == "deformable":
+        deformable = teacher.get("deformable") or {}
+        problem = model_problem(model_config(deformable.get("model") or {}), "teacher.deformable.model")
+        if problem is not None:
+            raise ConfigError(problem)
+        steps = deformable.get("max_steps")
+        if steps is not None and int(steps) < 1:
+            raise ConfigError(f"teacher.deformable.max_steps must be ≥ 1 (or null), got {steps}")
 
 
 def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
@@ -869,6 +969,7 @@ def check_distill_config(config: DictConfig, *, max_objects: int) -> None:
     topk = (config.get("model") or {}).get("attention_topk", 0)
     if int(topk) < 0:
         raise ConfigError(f"model.attention_topk must be ≥ 0 (0: all points), got {topk}")
+    check_model_configs(config)
     # eval.attention_topk and eval.refine_*: one-line errors now, not at the first validation
     reading_options(config.eval)
     reading_options(config.eval, validation=True)

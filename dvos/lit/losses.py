@@ -140,10 +140,11 @@ def cell_overlaps(
     ratio: float,
     offset: float = 0.0,
     extent: float | None = None,
+    start: float = 0.0,
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Area weights from one 1-D cell grid onto another: output cell i covers source coordinates
-    [r·i + o, r·(i + 1) + o) (in source cells, r = `ratio`, o = `offset`), clipped to [0, extent);
+    [r·i + o, r·(i + 1) + o) (in source cells, r = `ratio`, o = `offset`), clipped to [start, extent);
     source cell k covers [k, k + 1). W[i, k] = the length of their overlap / the length of cell i
     inside [0, extent), so each row is a convex combination (a row with no overlap stays 0).
 
@@ -153,14 +154,16 @@ def cell_overlaps(
         ratio: source cells per output cell (2 for stride 16 over stride 8).
         offset: where output cell 0 starts, in source cells (−pad / source stride for a grid over a
             padded image, 0 when both grids start at the image's first pixel).
-        extent: the image's length in source cells (None: `source_size`; clipped to it).
+        extent: where the image ends, in source cells (None: `source_size`; clipped to it).
+        start: where the image starts, in source cells (0; > 0 for a source grid over a padded image).
 
     Returns:
         size × source_size float32.
     """
     extent = float(source_size) if extent is None else min(float(extent), float(source_size))
     starts = torch.arange(size, dtype=torch.float64, device=device) * ratio + offset
-    low, high = starts.clamp(0.0, extent), (starts + ratio).clamp(0.0, extent)
+    begin = max(0.0, float(start))
+    low, high = starts.clamp(begin, extent), (starts + ratio).clamp(begin, extent)
     cells = torch.arange(source_size, dtype=torch.float64, device=device)
     overlap = (
         torch.minimum(high[:, None], cells[None] + 1) - torch.maximum(low[:, None], cells[None])
@@ -176,6 +179,7 @@ def _grid_weights(
     offset: tuple[float, float],
     extent: tuple[float, float] | None,
     device: torch.device,
+    start: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_y h_s × h_t, W_x w_s × w_t) of `cell_overlaps` for `match_query_grid`."""
     if ratio is None:
@@ -184,8 +188,8 @@ def _grid_weights(
         ratio_y = ratio_x = float(ratio)
     extent = (None, None) if extent is None else extent
     return tuple(
-        cell_overlaps(n_s, n_t, ratio=r, offset=float(o), extent=e, device=device)
-        for n_s, n_t, r, o, e in zip(student_hw, teacher_hw, (ratio_y, ratio_x), offset, extent)
+        cell_overlaps(n_s, n_t, ratio=r, offset=float(o), extent=e, start=float(b), device=device)
+        for n_s, n_t, r, o, e, b in zip(student_hw, teacher_hw, (ratio_y, ratio_x), offset, extent, start)
     )
 
 
@@ -245,6 +249,7 @@ def match_sparse_query_grid(
     ratio: float | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
     extent: tuple[float, float] | None = None,
+    start: tuple[float, float] = (0.0, 0.0),
 ) -> torch.Tensor:
     """`match_query_grid` of a sparse top-k map, never building the teacher's dense B × N_t × M_t.
 
@@ -253,6 +258,8 @@ def match_sparse_query_grid(
         weights: B × N_t × k float weight of each entry (0 for unused entries).
         columns: M_t, the dense map's column count.
         teacher_hw, student_hw, ratio, offset, extent: as `match_query_grid`.
+        start: (y, x) where the image starts in teacher cells (> 0 for a teacher grid over a padded
+            image): student cells read only the teacher rows of the image's pixels.
 
     Returns:
         B × h_s·w_s × M_t float32, equal to `match_query_grid` of the dense map.
@@ -262,7 +269,7 @@ def match_sparse_query_grid(
         raise ValueError(
             f"teacher attention has {tokens} query rows, grid {teacher_hw} has {teacher_hw[0] * teacher_hw[1]}"
         )
-    weight_y, weight_x = _grid_weights(teacher_hw, student_hw, ratio, offset, extent, indices.device)
+    weight_y, weight_x = _grid_weights(teacher_hw, student_hw, ratio, offset, extent, indices.device, start)
     # each teacher row (a, b) feeds the student rows (i, j) with W_y[i, a]·W_x[j, b] > 0: a few each
     reach_y = max(1, int((weight_y > 0).sum(0).max()))
     reach_x = max(1, int((weight_x > 0).sum(0).max()))

@@ -23,6 +23,7 @@ from torch import nn
 from dvos.config import ModelConfig, TeacherConfig
 from dvos.models.backbones.mobilenet_v2 import imagenet_normalize
 from dvos.models.backbones.resnet import ResNetEncoder
+from dvos.models.propagation import SHORT_TERM_READS
 from dvos.models.student import DeformableStudent
 from dvos.models.teacher import LabelPropagationTeacher
 from dvos.models.teacher_checkpoint import load_resnet_encoder
@@ -61,19 +62,83 @@ def model_config(source: ModelConfig | DictConfig | Mapping[str, Any]) -> ModelC
     return _typed(source, ModelConfig)
 
 
+def model_problem(cfg: ModelConfig, prefix: str = "model") -> str | None:
+    """What is wrong with a student's config, one line naming the key as `<prefix>.<key>`, or None."""
+    key_dim = cfg.d_model if cfg.key_dim is None else int(cfg.key_dim)
+    value_dim = int(round(cfg.expand_ratio * cfg.d_model)) if cfg.expand_ratio > 0 else cfg.d_model
+    checks = (
+        (int(cfg.num_layers) >= 1, "num_layers", cfg.num_layers, "must be ≥ 1"),
+        (int(cfg.num_heads) >= 1, "num_heads", cfg.num_heads, "must be ≥ 1"),
+        (int(cfg.d_model) % 4 == 0, "d_model", cfg.d_model, "must be a multiple of 4 (the sine position)"),
+        (
+            key_dim >= 1 and key_dim % int(cfg.num_heads) == 0,
+            "key_dim",
+            cfg.key_dim,
+            f"must be ≥ 1 and divisible by model.num_heads={cfg.num_heads} (null: d_model)",
+        ),
+        (
+            int(cfg.num_groups) >= 1 and int(cfg.num_heads) % int(cfg.num_groups) == 0,
+            "num_groups",
+            cfg.num_groups,
+            f"must divide model.num_heads={cfg.num_heads}",
+        ),
+        (float(cfg.expand_ratio) >= 0, "expand_ratio", cfg.expand_ratio, "must be ≥ 0 (0: no expansion)"),
+        (
+            value_dim % int(cfg.num_heads) == 0 and value_dim % int(cfg.num_groups) == 0,
+            "expand_ratio",
+            cfg.expand_ratio,
+            f"gives values {value_dim} wide: not divisible by the heads and offset groups",
+        ),
+        (
+            int(cfg.dw_kernel) >= 0 and (int(cfg.dw_kernel) == 0 or int(cfg.dw_kernel) % 2 == 1),
+            "dw_kernel",
+            cfg.dw_kernel,
+            "must be 0 (none) or an odd kernel size",
+        ),
+        (float(cfg.ffn_ratio) >= 0, "ffn_ratio", cfg.ffn_ratio, "must be ≥ 0 (0: no feed-forward)"),
+        (
+            cfg.short_term_read in SHORT_TERM_READS,
+            "short_term_read",
+            cfg.short_term_read,
+            f"must be one of {', '.join(SHORT_TERM_READS)}",
+        ),
+        (
+            int(cfg.local_window) >= 1 and int(cfg.local_window) % 2 == 1,
+            "local_window",
+            cfg.local_window,
+            "must be odd and ≥ 1 (DeAOT 15)",
+        ),
+        (int(cfg.offset_kernel) % 2 == 1, "offset_kernel", cfg.offset_kernel, "must be odd"),
+    )
+    for ok, key, value, what in checks:
+        if not ok:
+            return f"{prefix}.{key} {what}, got {value}"
+    return None
+
+
 def build_student(
-    model_cfg: ModelConfig | DictConfig | Mapping[str, Any], *, encoder: nn.Module | None = None
+    model_cfg: ModelConfig | DictConfig | Mapping[str, Any],
+    *,
+    encoder: nn.Module | None = None,
+    prefix: str = "model",
 ) -> tuple[DeformableStudent, str]:
     """The student from its config (`cfg.model`), with ImageNet encoder weights as `pretrained` says.
 
     Args:
         model_cfg: the `model` config (`model_config`).
         encoder: inject an encoder (tests); its weights are left alone.
+        prefix: how errors name the config (`model`, or `teacher.model` for a deformable teacher).
 
     Returns:
         (student, init): init says, in one line, how the encoder was initialised (for the run's log).
+
+    Raises:
+        ConfigError: a setting the student cannot be built with (`model_problem`).
     """
     cfg = model_config(model_cfg)
+    problem = model_problem(cfg, prefix)
+    if problem is not None:
+        raise ConfigError(problem)
     student = DeformableStudent(
         encoder,
         d_model=cfg.d_model,
@@ -90,6 +155,15 @@ def build_student(
         attention_scale=float(cfg.attention_scale),
         attention_topk=int(cfg.attention_topk),
         propagation_init=bool(cfg.propagation_init),
+        num_layers=int(cfg.num_layers),
+        key_dim=None if cfg.key_dim is None else int(cfg.key_dim),
+        expand_ratio=float(cfg.expand_ratio),
+        dw_kernel=int(cfg.dw_kernel),
+        gate_id=bool(cfg.gate_id),
+        id_norm=bool(cfg.id_norm),
+        short_term_read=str(cfg.short_term_read),
+        local_window=int(cfg.local_window),
+        freeze_bn=bool(cfg.freeze_bn),
     )
     if encoder is not None:
         return student, "encoder: injected module"

@@ -1,13 +1,16 @@
-"""The student: a DeAOT-T-style network with ONE gated deformable propagation layer.
+"""The student: a DeAOT-T-style network with gated deformable propagation (one layer by default).
 
     image ──encode_frame──▶ stride-4/8/16 maps; stride-16 map → 1×1 conv → embedding (d) + sine position
-    masks ──embed_ids────▶ ID embedding (d, stride 16): a 17×17 stride-16 conv over the one-hot (AOT)
+    masks ──embed_ids────▶ ID embedding (d, stride 16): a 17×17 stride-16 conv over the one-hot (AOT),
+                           LayerNormed with `id_norm` (DeAOT)
     memory = reference frame (long-term) + previous frame (short-term), each: keys, visual values,
-             ID embedding — constant size, the short-term part is replaced every frame; at
+             ID values — constant size, the short-term part is replaced every frame; at
              inference a frame where objects first appear joins the long-term part (bounded)
     propagate: deformable long-term and short-term attention (DAT-style sampling, one attention map
-               per head shared by the visual and the ID branch), SiLU-gated (DeAOT) → gated
-               self-propagation among the query tokens → feed-forward; two output streams (visual, ID)
+               per head shared by the visual and the ID branch; or a local window for the short-term
+               read), SiLU-gated (DeAOT) → gated self-propagation among the query tokens →
+               feed-forward; two output streams (visual, ID); `num_layers` such layers stacked, each
+               with its own memory entries (`propagate_frame`)
     decode:    FPN with stride-8 and stride-4 skips → per-object logits, bilinear to the input size,
                ids above the clip's object count masked out
 
@@ -43,9 +46,9 @@ from torch import nn
 
 from dvos.models.decoder import FPNDecoder
 from dvos.models.deformable import DeformableAttentionAux
-from dvos.models.layers import pad_to_stride, sine_position_embedding, unpad
+from dvos.models.layers import LayerNorm2d, pad_to_stride, sine_position_embedding, unpad
 from dvos.models.memory import Memory
-from dvos.models.propagation import GatedDeformablePropagation
+from dvos.models.propagation import GatedDeformablePropagation, tokens_to_map
 
 FEATURE_STRIDE = 16  # stride of the propagation map (the encoder's output stride)
 ABSENT_LOGIT = -1e4  # logit of ids above a clip's object count: exp() underflows to 0, fp16-safe
@@ -82,8 +85,10 @@ class StepOutput(NamedTuple):
             ids (ids above the sample's object count at ABSENT_LOGIT).
         memory: the memory for the next frame (short-term part replaced when asked, else the input).
         aux: None, or {"long_term": DeformableAttentionAux, "short_term": DeformableAttentionAux}.
-        key, value: B × d × h × w, the frame's own memory entries (`DeformableStudent.remember` makes
+        key, value: B × C × h × w, the frame's own memory entries (`DeformableStudent.remember` makes
             them the short-term memory with a mask of the caller's choosing).
+        id_stream: None with one propagation layer; with L layers B × (L − 1)·d × h × w, the frame's
+            ID streams entering layers 2..L (their memory's ID values fuse them, `memory_ids`).
     """
 
     logits: torch.Tensor
@@ -91,6 +96,24 @@ class StepOutput(NamedTuple):
     aux: dict[str, DeformableAttentionAux] | None
     key: torch.Tensor
     value: torch.Tensor
+    id_stream: torch.Tensor | None = None
+
+
+class PropagationOutput(NamedTuple):
+    """Result of `DeformableStudent.propagate_frame`.
+
+    Attributes:
+        propagated: B × 2d × h × w, the last layer's normalised streams (visual, ID) for the decoder.
+        key, value: B × C × h × w, the frame's memory keys and visual values, every layer's side by side.
+        id_stream: see `StepOutput.id_stream`.
+        aux: None, or the last layer's {"long_term", "short_term"} `DeformableAttentionAux`.
+    """
+
+    propagated: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    id_stream: torch.Tensor | None
+    aux: dict[str, DeformableAttentionAux] | None
 
 
 def memory_masks(logits: torch.Tensor, *, soft: bool) -> torch.Tensor:
@@ -136,7 +159,7 @@ def _encoder_channels(encoder: nn.Module, encoder_channels: Sequence[int] | None
 
 
 class DeformableStudent(nn.Module):
-    """MobileNet-V2 encoder + ID embedding + one gated deformable propagation layer + FPN decoder.
+    """MobileNet-V2 encoder + ID embedding + gated deformable propagation layer(s) + FPN decoder.
 
     Args:
         encoder: image encoder, `encoder(B × 3 × H × W in [0, 1]) -> (stride4, stride8, stride16)`;
@@ -160,6 +183,13 @@ class DeformableStudent(nn.Module):
         attention_topk: each query token reads only its k most similar sampled points per memory
             frame (0: all of them; `DeformableAttention`).
         propagation_init: start as a label propagator (`init_for_propagation`).
+        num_layers: stacked propagation layers (`propagation` is the first, `propagation_layers`
+            the others, so a one-layer student's parameters keep their names).
+        key_dim, expand_ratio, dw_kernel, gate_id, short_term_read, local_window: the propagation
+            layers' form (`GatedDeformablePropagation`).
+        id_norm: LayerNorm over the ID embedding's channels (DeAOT).
+        freeze_bn: the encoder's BatchNorm layers stay in eval mode with their affine parameters
+            frozen, whatever `train()` says (DeAOT's frozen BatchNorm).
     """
 
     def __init__(
@@ -181,8 +211,19 @@ class DeformableStudent(nn.Module):
         attention_scale: float = 30.0,
         attention_topk: int = 0,
         propagation_init: bool = True,
+        num_layers: int = 1,
+        key_dim: int | None = None,
+        expand_ratio: float = 0.0,
+        dw_kernel: int = 0,
+        gate_id: bool = True,
+        id_norm: bool = False,
+        short_term_read: str = "deformable",
+        local_window: int = 15,
+        freeze_bn: bool = False,
     ) -> None:
         super().__init__()
+        if int(num_layers) < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if permute_slots is not None and int(permute_slots) < 1:
             raise ValueError(f"permute_slots must be >= 1 (or None: all slots), got {permute_slots}")
         if encoder is None:
@@ -201,8 +242,7 @@ class DeformableStudent(nn.Module):
         self.id_embedding = nn.Conv2d(
             max_objects + 1, d_model, FEATURE_STRIDE + 1, stride=FEATURE_STRIDE, padding=FEATURE_STRIDE // 2
         )
-        self.propagation = GatedDeformablePropagation(
-            d_model,
+        layer = dict(
             num_heads=num_heads,
             num_groups=num_groups,
             deform_stride=deform_stride,
@@ -211,10 +251,45 @@ class DeformableStudent(nn.Module):
             ffn_ratio=ffn_ratio,
             attention_scale=attention_scale,
             attention_topk=attention_topk,
+            key_dim=key_dim,
+            expand_ratio=expand_ratio,
+            dw_kernel=dw_kernel,
+            gate_id=gate_id,
+            short_term_read=short_term_read,
+            local_window=local_window,
         )
+        self.num_layers = int(num_layers)
+        self.propagation = GatedDeformablePropagation(d_model, **layer, first=True, last=self.num_layers == 1)
         self.decoder = FPNDecoder(2 * d_model, channels[:2], max_objects + 1, hidden=decoder_dim)
+        # Layers 2..L after the first (empty for one layer: its state dict keeps its names).
+        self.propagation_layers = nn.ModuleList(
+            GatedDeformablePropagation(d_model, **layer, first=False, last=index == self.num_layers - 1)
+            for index in range(1, self.num_layers)
+        )
+        self.id_norm = LayerNorm2d(d_model, eps=1e-5) if id_norm else None
+        self.freeze_bn = bool(freeze_bn)
+        if self.freeze_bn:
+            for module in self._encoder_batch_norms():
+                module.requires_grad_(False)
         if propagation_init:
             self.init_for_propagation()
+
+    def _encoder_batch_norms(self) -> list[nn.Module]:
+        return [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def train(self, mode: bool = True) -> DeformableStudent:
+        """`nn.Module.train`, except that with `freeze_bn` the encoder's BatchNorm layers stay in eval
+        mode (running statistics used, never updated)."""
+        super().train(mode)
+        if self.freeze_bn:
+            for module in self._encoder_batch_norms():
+                module.eval()
+        return self
+
+    @property
+    def propagation_stack(self) -> list[GatedDeformablePropagation]:
+        """The propagation layers in order (`propagation` first)."""
+        return [self.propagation, *self.propagation_layers]
 
     @torch.no_grad()
     def init_for_propagation(self) -> None:
@@ -231,7 +306,8 @@ class DeformableStudent(nn.Module):
         for slot in range(slots):
             weight[slot, slot] = 1.0 / kernel
         nn.init.zeros_(self.id_embedding.bias)
-        self.propagation.init_for_propagation()
+        for layer in self.propagation_stack:
+            layer.init_for_propagation()
 
     # ---------------------------------------------------------------------------------------------- steps
     def encode_frame(self, image: torch.Tensor) -> FrameFeatures:
@@ -298,20 +374,22 @@ class DeformableStudent(nn.Module):
         problem = reading_problem(attention_topk, long_term_weight)
         if problem is not None:
             raise ValueError(problem)
-        propagation = self.propagation
-        reads = (propagation.long_term, propagation.short_term)
-        saved = ([read.topk for read in reads], propagation.long_term_weight)
+        layers = self.propagation_stack
+        reads = [read for layer in layers for read in (layer.long_term, layer.short_term)]
+        saved = ([read.topk for read in reads], [layer.long_term_weight for layer in layers])
         if attention_topk is not None:
             for read in reads:
                 read.topk = int(attention_topk)
         if long_term_weight is not None:
-            propagation.long_term_weight = float(long_term_weight)
+            for layer in layers:
+                layer.long_term_weight = float(long_term_weight)
         try:
             yield
         finally:
             for read, value in zip(reads, saved[0]):
                 read.topk = value
-            propagation.long_term_weight = saved[1]
+            for layer, weight in zip(layers, saved[1]):
+                layer.long_term_weight = weight
 
     def embed_ids(self, masks: torch.Tensor, *, id_permutation: torch.Tensor | None = None) -> torch.Tensor:
         """ID embedding of object masks.
@@ -330,7 +408,97 @@ class DeformableStudent(nn.Module):
             # slot j holds object inverse[j]
             inverse = torch.argsort(id_permutation, dim=1)
             masks = masks.gather(1, inverse[:, :, None, None].expand_as(masks))
-        return self.id_embedding(masks)
+        embedding = self.id_embedding(masks)
+        return embedding if self.id_norm is None else self.id_norm(embedding)
+
+    def memory_ids(self, id_embedding: torch.Tensor, id_stream: torch.Tensor | None = None) -> torch.Tensor:
+        """A frame's ID values for the memory, every layer's side by side (`GatedDeformablePropagation.
+        id_value`): B × d × h × w ID embedding (and, with L > 1 layers, the frame's ID streams
+        `StepOutput.id_stream`) → B × C × h × w (the ID embedding itself for a default one-layer student)."""
+        if self.num_layers == 1:
+            return self.propagation.id_value(id_embedding)
+        if id_stream is None:
+            raise ValueError(
+                f"a student with {self.num_layers} propagation layers needs the frame's ID streams"
+            )
+        streams = id_stream.chunk(self.num_layers - 1, dim=1)
+        values = [self.propagation.id_value(id_embedding)]
+        values += [
+            layer.id_value(id_embedding, stream) for layer, stream in zip(self.propagation_layers, streams)
+        ]
+        return torch.cat(values, dim=1)
+
+    def own_entries(
+        self, features: FrameFeatures, masks: torch.Tensor, id_permutation: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The memory entries (key, value, ID values; B × C × h × w each) of a frame with given masks
+        that is its own memory, as the reference frame is: with L > 1 layers the frame is propagated
+        through layers 1..L − 1 reading itself (long-term and short-term), as DeAOT runs its
+        reference frame with its own ID embedding, to get the later layers' inputs.
+
+        Args:
+            features: the frame's `FrameFeatures`.
+            masks: B × (K + 1) × H × W, its masks (one-hot or probabilities), the objects' own ids.
+            id_permutation: B × (K + 1) long, or None (identity).
+        """
+        id_embedding = self.embed_ids(masks, id_permutation=id_permutation)
+        if self.num_layers == 1:
+            key, value = self.propagation.key_value(features.embedding, features.position)
+            return key, value, self.propagation.id_value(id_embedding)
+        height, width = features.embedding.shape[-2:]
+        permutation = id_permutation
+        if permutation is None:
+            permutation = torch.arange(self.max_objects + 1, device=masks.device).expand(masks.shape[0], -1)
+        stream, identity = features.embedding, None
+        keys, values, ids = [], [], []
+        for index, layer in enumerate(self.propagation_stack):
+            key, value = layer.key_value(stream, features.position)
+            id_stream = None if identity is None else tokens_to_map(identity, height, width)
+            keys.append(key)
+            values.append(value)
+            ids.append(layer.id_value(id_embedding, id_stream))
+            if index == self.num_layers - 1:
+                break
+            own = Memory(key, value, ids[-1], key, value, ids[-1], permutation)
+            visual, identity, _, _, _ = layer.propagate(stream, features.position, own, identity=identity)
+            stream = tokens_to_map(visual, height, width)
+        return torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(ids, dim=1)
+
+    def propagate_frame(
+        self, features: FrameFeatures, memory: Memory, *, return_attention: bool = False
+    ) -> PropagationOutput:
+        """The propagation layers on one query frame.
+
+        Args:
+            features: the query frame's `FrameFeatures`.
+            memory: the clip's memory (every layer's entries, `Memory.layer`).
+            return_attention: also return the last layer's attention maps and sampling positions.
+        """
+        if self.num_layers == 1:
+            propagated, key, value, aux = self.propagation(
+                features.embedding, features.position, memory, return_attention=return_attention
+            )
+            return PropagationOutput(propagated, key, value, None, aux)
+        height, width = features.embedding.shape[-2:]
+        stream, identity, aux = features.embedding, None, None
+        keys, values, id_streams = [], [], []
+        for index, layer in enumerate(self.propagation_stack):
+            if identity is not None:
+                id_streams.append(tokens_to_map(identity, height, width))
+            visual, identity, key, value, aux = layer.propagate(
+                stream,
+                features.position,
+                memory.layer(index, layer.key_dim, layer.value_dim),
+                identity=identity,
+                return_attention=return_attention and index == self.num_layers - 1,
+            )
+            keys.append(key)
+            values.append(value)
+            stream = tokens_to_map(visual, height, width)
+        propagated = self.propagation_stack[-1].output(visual, identity, height, width)
+        return PropagationOutput(
+            propagated, torch.cat(keys, dim=1), torch.cat(values, dim=1), torch.cat(id_streams, dim=1), aux
+        )
 
     def initialize_memory(
         self,
@@ -351,9 +519,20 @@ class DeformableStudent(nn.Module):
         batch = masks.shape[0]
         if id_permutation is None:
             id_permutation = self.sample_id_permutation(batch, generator=generator, device=masks.device)
-        key, value = self.propagation.key_value(features.embedding, features.position)
-        id_embedding = self.embed_ids(masks, id_permutation=id_permutation)
-        return Memory(key, value, id_embedding, key, value, id_embedding, id_permutation)
+        key, value, ids = self.own_entries(features, masks, id_permutation)
+        return Memory(key, value, ids, key, value, ids, id_permutation)
+
+    def frame_entries(
+        self, features: FrameFeatures, memory: Memory
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A frame's memory keys, visual values and ID streams (`StepOutput`'s key, value, id_stream)
+        without decoding it: one layer's come from its features alone; with L > 1 layers the frame is
+        propagated through the memory (the later layers' inputs depend on what it reads)."""
+        if self.num_layers == 1:
+            key, value = self.propagation.key_value(features.embedding, features.position)
+            return key, value, None
+        output = self.propagate_frame(features, memory)
+        return output.key, output.value, output.id_stream
 
     def update_memory(self, memory: Memory, features: FrameFeatures, masks: torch.Tensor) -> Memory:
         """Replace the short-term memory with a frame and its (predicted) masks.
@@ -363,15 +542,23 @@ class DeformableStudent(nn.Module):
             features: the frame's `FrameFeatures`.
             masks: B × (K + 1) × H × W, its masks (one-hot or probabilities) in the objects' own ids.
         """
-        key, value = self.propagation.key_value(features.embedding, features.position)
-        return self.remember(memory, key, value, masks)
+        key, value, id_stream = self.frame_entries(features, memory)
+        return self.remember(memory, key, value, masks, id_stream=id_stream)
 
-    def remember(self, memory: Memory, key: torch.Tensor, value: torch.Tensor, masks: torch.Tensor) -> Memory:
+    def remember(
+        self,
+        memory: Memory,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        masks: torch.Tensor,
+        *,
+        id_stream: torch.Tensor | None = None,
+    ) -> Memory:
         """Replace the short-term memory with a frame's key and value (`StepOutput.key`, `.value`) and
-        the ID embedding of `masks` (B × (K + 1) × H × W, the objects' own ids)."""
-        return memory.replace_short_term(
-            key, value, self.embed_ids(masks, id_permutation=memory.id_permutation)
-        )
+        the ID values of `masks` (B × (K + 1) × H × W, the objects' own ids; `memory_ids`, which with
+        L > 1 layers also needs the frame's `StepOutput.id_stream`)."""
+        id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
+        return memory.replace_short_term(key, value, self.memory_ids(id_embedding, id_stream))
 
     def add_reference(
         self, memory: Memory, features: FrameFeatures, masks: torch.Tensor, *, max_long_term: int
@@ -385,15 +572,16 @@ class DeformableStudent(nn.Module):
             features: the frame's `FrameFeatures`.
             masks: B × (K + 1) × H × W, its masks (the given objects over the prediction of the others).
         """
-        key, value = self.propagation.key_value(features.embedding, features.position)
+        key, value, id_stream = self.frame_entries(features, memory)
         id_embedding = self.embed_ids(masks, id_permutation=memory.id_permutation)
-        memory = memory.add_long_term(key, value, id_embedding, max_frames=max_long_term)
-        return memory.replace_short_term(key, value, id_embedding)
+        ids = self.memory_ids(id_embedding, id_stream)
+        memory = memory.add_long_term(key, value, ids, max_frames=max_long_term)
+        return memory.replace_short_term(key, value, ids)
 
     def propagate(
         self, query: FrameFeatures, memory: Memory, *, return_attention: bool = False
     ) -> tuple[torch.Tensor, dict[str, DeformableAttentionAux] | None]:
-        """The gated deformable propagation layer.
+        """The gated deformable propagation layer(s) (`propagate_frame` without the memory entries).
 
         Args:
             query: the query frame's `FrameFeatures`.
@@ -404,10 +592,8 @@ class DeformableStudent(nn.Module):
             (propagated, aux): B × 2d × h × w (visual stream, ID stream); aux None or
             {"long_term": DeformableAttentionAux, "short_term": DeformableAttentionAux}.
         """
-        propagated, _, _, aux = self.propagation(
-            query.embedding, query.position, memory, return_attention=return_attention
-        )
-        return propagated, aux
+        output = self.propagate_frame(query, memory, return_attention=return_attention)
+        return output.propagated, output.aux
 
     def decode(
         self,
@@ -481,7 +667,9 @@ class DeformableStudent(nn.Module):
 
         Returns:
             (logits, key, value): B × (K + 1) × H × W logits; the frame's key and visual value
-            B × d × h × w (with `embed_ids` of the predicted mask, the next short-term memory).
+            B × C × h × w (with `embed_ids` of the predicted mask, the next short-term memory; with
+            L > 1 layers its ID values also need the frame's ID streams: `dvos.inference.export.
+            FrameStep` returns them).
         """
         memory = Memory(
             reference_key,
@@ -493,9 +681,11 @@ class DeformableStudent(nn.Module):
             id_permutation,
         )
         features = self.encode_frame(image)
-        propagated, key, value, _ = self.propagation(features.embedding, features.position, memory)
-        logits = self.decode(propagated, features, num_objects=num_objects, id_permutation=id_permutation)
-        return logits, key, value
+        output = self.propagate_frame(features, memory)
+        logits = self.decode(
+            output.propagated, features, num_objects=num_objects, id_permutation=id_permutation
+        )
+        return logits, output.key, output.value
 
     def step(
         self,
@@ -521,20 +711,19 @@ class DeformableStudent(nn.Module):
             features: the frame's `encode_frame(image)` when already computed.
 
         Returns:
-            `StepOutput(logits, memory, aux, key, value)`.
+            `StepOutput(logits, memory, aux, key, value, id_stream)`.
         """
         if features is None:
             features = self.encode_frame(image)
-        propagated, key, value, aux = self.propagation(
-            features.embedding, features.position, memory, return_attention=return_attention
-        )
+        output = self.propagate_frame(features, memory, return_attention=return_attention)
         logits = self.decode(
-            propagated, features, num_objects=num_objects, id_permutation=memory.id_permutation
+            output.propagated, features, num_objects=num_objects, id_permutation=memory.id_permutation
         )
         if update_memory:
             soft = self.training if soft_memory is None else soft_memory
-            memory = self.remember(memory, key, value, memory_masks(logits, soft=soft))
-        return StepOutput(logits, memory, aux, key, value)
+            masks = memory_masks(logits, soft=soft)
+            memory = self.remember(memory, output.key, output.value, masks, id_stream=output.id_stream)
+        return StepOutput(logits, memory, output.aux, output.key, output.value, output.id_stream)
 
     def segment_clip(
         self,
@@ -567,10 +756,13 @@ class DeformableStudent(nn.Module):
         """
         reference = self.encode_frame(frames[:, 0])
         memory = self.initialize_memory(reference, reference_masks, generator=generator)
-        if corrupt_memory is not None:
+        if corrupt_memory is not None and self.num_layers == 1:
             memory = self.remember(
                 memory, memory.reference_key, memory.reference_value, corrupt_memory(reference_masks)
             )
+        elif corrupt_memory is not None:  # the later layers' entries depend on the masks read
+            entries = self.own_entries(reference, corrupt_memory(reference_masks), memory.id_permutation)
+            memory = memory.replace_short_term(*entries)
         all_logits, all_aux = [], []
         if reconstruct_reference:
             output = self.step(
@@ -596,7 +788,7 @@ class DeformableStudent(nn.Module):
             if corrupt_memory is not None:
                 soft = self.training if soft_memory is None else soft_memory
                 masks = corrupt_memory(memory_masks(output.logits, soft=soft))
-                memory = self.remember(memory, output.key, output.value, masks)
+                memory = self.remember(memory, output.key, output.value, masks, id_stream=output.id_stream)
             all_logits.append(output.logits)
             all_aux.append(output.aux)
         return all_logits, all_aux

@@ -147,10 +147,14 @@ class TeacherAttention:
         """B × N_q × h·w block of the joint map on the most recent context frame (rows sum to ≤ 1)."""
         return self.frame_columns(-1)
 
-    def slot_of(self, frame_index: int) -> int | None:
-        """The context slot holding frame `frame_index`, or None when that frame is not in the context."""
+    def slot_of(self, frame_index: int, *, first: bool = False) -> int | None:
+        """The context slot holding frame `frame_index` (the last such slot, or the first with
+        `first`: a deformable teacher's long-term and short-term reads both hold frame 0 for query
+        frame 1), or None when that frame is not in the context."""
         slots = [m for m, frame in enumerate(self.context_frames) if frame == frame_index]
-        return slots[-1] if slots else None
+        if not slots:
+            return None
+        return slots[0] if first else slots[-1]
 
     def frame_map(self, slot: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """B × N_q × h·w: the attention over context slot `slot` alone (its own top-k and softmax,

@@ -266,8 +266,8 @@ def test_pinned_memory_on_cuda_and_persistent_workers(video_root):
 
 
 def test_data_backend_and_pin_memory_reach_the_clips(video_root):
-    from dvos.data.builders import build_clip_datamodule
     from dvos.config import load_config
+    from dvos.data.builders import build_clip_datamodule
     from dvos.data.readers import PyAVVideoReader, open_video
     from dvos.utils.errors import ConfigError
 

@@ -156,7 +156,8 @@ class FrameStep(nn.Module):
             # Ids above num_objects have logit −1e4: their probability is 0, as over all K + 1 ids.
             probabilities = channel_softmax(logits.float()).to(image.dtype)
             padding = masks.shape[1] - probabilities.shape[1]
-            probabilities = nn.functional.pad(probabilities, (0, 0, 0, 0, 0, padding))
+            if padding:  # a full-resolution copy in the graph otherwise
+                probabilities = nn.functional.pad(probabilities, (0, 0, 0, 0, 0, padding))
             masks = torch.where(given_labels[:, None] >= 0, masks, probabilities)
         id_embedding = student.embed_ids(masks)
         return logits, labels, key, value, id_embedding

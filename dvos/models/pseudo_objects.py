@@ -51,12 +51,41 @@ def kmeans_plus_plus(points: torch.Tensor, first: torch.Tensor, noise: torch.Ten
     clouds = torch.arange(points.shape[0], device=points.device)
     centre = points[clouds, first]
     centres = [centre]
-    nearest = ((points - centre[:, None]) ** 2).sum(-1)
+    nearest = squared_distances_to(points, centre)
     for index in range(noise.shape[1]):
         centre = points[clouds, (nearest / noise[:, index]).argmax(1)]
         centres.append(centre)
-        nearest = torch.minimum(nearest, ((points - centre[:, None]) ** 2).sum(-1))
+        nearest = torch.minimum(nearest, squared_distances_to(points, centre))
     return torch.stack(centres, 1)
+
+
+# On a CPU, element-wise work over every cloud at once allocates S × N × D temporaries that are slower
+# to touch than the arithmetic; blocks of clouds of at most this many elements stay in the cache.
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def squared_distances_to(points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Σ (p − c)² of each point to its cloud's centre: S × N × D, S × D → S × N (blocks of clouds on a CPU)."""
+    count = points.shape[0]
+    step = count if points.device.type != "cpu" else max(1, CPU_BLOCK_ELEMENTS // points[0].numel())
+    return torch.cat(
+        [((points[i : i + step] - centre[i : i + step, None]) ** 2).sum(-1) for i in range(0, count, step)]
+    )
+
+
+def distance_operand(points: torch.Tensor) -> torch.Tensor:
+    """S × N × (D + 2): [−2p, ‖p‖², 1], the points' side of `distances` (made once per clustering)."""
+    norm = points.pow(2).sum(-1, keepdim=True)
+    return torch.cat([points.mul(-2), norm, torch.ones_like(norm)], -1)
+
+
+def distances(operand: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances S × N × k from the points (`distance_operand`) to S × k × D centres,
+    computed as `torch.cdist` computes them for one cloud (‖p‖² + ‖c‖² − 2 p·c in one product,
+    clamped at 0): its batched form runs several times slower on CPUs than a loop over the clouds."""
+    norm = centres.pow(2).sum(-1, keepdim=True)
+    right = torch.cat([centres, torch.ones_like(norm), norm], -1)
+    return (operand @ right.transpose(1, 2)).clamp_min_(0).sqrt_()
 
 
 def lloyd(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,17 +98,18 @@ def lloyd(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple
     Returns:
         (assignment S × N int64, inertia S = Σ squared distances to the assigned centres).
     """
-    dims = points.shape[2]
+    k = centres.shape[1]
+    operand = distance_operand(points)
     for _ in range(iterations):
-        assignment = torch.cdist(points, centres).argmin(-1)
-        sums = torch.zeros_like(centres).scatter_add_(1, assignment[..., None].expand(-1, -1, dims), points)
-        counts = torch.zeros(centres.shape[:2], device=points.device).scatter_add_(
-            1, assignment, torch.ones_like(assignment, dtype=points.dtype)
-        )[..., None]
+        assignment = distances(operand, centres).argmin(-1)
+        # Sums and counts per cluster as one batched product (a scatter over S × N × D is slow on CPUs).
+        members = torch.nn.functional.one_hot(assignment, k).to(points.dtype)  # S × N × k
+        sums = members.transpose(1, 2) @ points
+        counts = members.sum(1)[..., None]
         centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-    distances = torch.cdist(points, centres)
-    assignment = distances.argmin(-1)
-    inertia = (distances.gather(-1, assignment[..., None]) ** 2).sum((1, 2))
+    final = distances(operand, centres)
+    assignment = final.argmin(-1)
+    inertia = (final.gather(-1, assignment[..., None]) ** 2).sum((1, 2))
     return assignment, inertia
 
 
@@ -254,7 +284,7 @@ def kmeans_segments(
     )
     position = torch.stack([ys, xs]).float()[None] / max(max(height, width) - 1, 1)
     parts.append(float(position_weight) * position.expand(batch, -1, -1, -1))
-    points = torch.cat(parts, 1).flatten(2).transpose(1, 2)  # B × N × D
+    points = torch.cat(parts, 1).flatten(2).transpose(1, 2).contiguous()  # B × N × D, D contiguous
     # Every restart of every sample at once: S = B · R clouds, restart r of sample b at b · R + r.
     restarts = max(1, int(restarts))
     first, noise = seeding_noise(height * width, k, restarts, seed)

@@ -1,10 +1,13 @@
 """`dvos bench`: speed, memory, FLOPs, data loading and J&F-vs-FPS of the student, the teacher and a
-dense-memory baseline, in one run; prints a table, writes OUT/results.json and OUT/results.png.
+dense-memory baseline, in one run, with the exported students (fp32 and int8 ONNX, TorchScript) and
+larger teachers (`dvos.bench.teachers`) beside them; prints a table, writes OUT/results.json and
+OUT/results.png.
 
     dvos bench                                  # defaults: 480p, videos of 50/200/1000 frames
     dvos bench --quick                          # a tiny smoke version (seconds)
     dvos bench --device cuda --lengths 50 200 1000 --out bench-gpu
     dvos bench --ckpt runs/x/checkpoints/last.ckpt --skip accuracy loading
+    dvos bench --teachers dino-vits8 --export onnx onnx-int8 --calibration ../shared/data/davis2016-train-videos
 
 What is measured, and how, is in `dvos.bench` (runner, cells, measure); defaults depend on the
 device: on a CPU long videos are timed on a window of frames at their end after the state was

@@ -23,7 +23,7 @@ SEED ?=
 THREADS ?=
 SWEEP_ARGS := $(if $(COUNT),--count $(COUNT)) $(if $(SEED),--seed $(SEED)) $(if $(THREADS),--threads $(THREADS))
 
-.PHONY: install train test test-slow eval lint format bench sweep clean help
+.PHONY: install train test test-slow eval lint format bench gpu-check sweep clean help
 
 help:
 	@echo "make train   install if needed, build the embedded data, train the CPU recipe, evaluate (EXP=<experiment> ARGS='key=value ...')"
@@ -31,6 +31,7 @@ help:
 	@echo "make eval    score predictions: make eval GT=<DAVIS root> PRED=<folder> OUT=<folder> [YEAR=2017]"
 	@echo "make lint    ruff check + format check;  make format  apply ruff format"
 	@echo "make bench   speed, memory, FLOPs, data loading, J&F vs FPS -> bench/ (BENCH_ARGS='--quick' ...)"
+	@echo "make gpu-check  on a CUDA machine: CUDA tests, a short bf16 train, bench --device cuda -> gpu-check/gpu-check.json"
 	@echo "make sweep   SWEEP=experiments/sweeps/<file>.yaml [COUNT=N] [ARGS=...]: W&B sweep online, our runner offline"
 	@echo "             (make train SWEEP=<file> does the same)"
 
@@ -73,6 +74,11 @@ format: install
 BENCH_ARGS ?=
 bench: install
 	$(BIN)/dvos bench $(BENCH_ARGS)
+
+# GPU_ARGS passes options through, e.g. make gpu-check GPU_ARGS="--dry-run --out /tmp/check".
+GPU_ARGS ?=
+gpu-check: install
+	PYTHON=$(BIN)/python experiments/gpu/check.sh $(GPU_ARGS)
 
 sweep: install
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=experiments/sweeps/<file>.yaml [COUNT=N] [SEED=S] [ARGS='key=value ...']"; ls experiments/sweeps/*.yaml; exit 2; }

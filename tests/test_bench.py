@@ -152,6 +152,7 @@ def test_bench_quick_writes_results_and_picture(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Inference at 64×112" in printed and "J&F against FPS" in printed
     assert "The student's attention at inference, whole map against row blocks" in printed
+    assert "of which pseudo_objects:" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "dvos-bench/1" and results["complete"] is True
@@ -211,6 +212,9 @@ def test_bench_quick_writes_results_and_picture(tmp_path, capsys):
     loading = results["data_loading"]
     assert loading["mp4"]["single"]["clips_per_s"] > 0 and loading["frames"]["single"]["clips_per_s"] > 0
     assert loading["train_step"]["clips_per_s"] > 0 and loading["train_step"]["skipped_steps"] == 0
+    parts = loading["train_step"]["parts"]  # the pseudo-objects' share of the step, the k-means within it
+    assert 0 < parts["kmeans"]["seconds_per_step"] <= parts["pseudo_objects"]["seconds_per_step"]
+    assert 0 < parts["pseudo_objects"]["share"] < 1
 
     (dataset,) = results["accuracy"]["datasets"]
     assert dataset["name"] == "synthetic" and {row["model"] for row in dataset["rows"]} == {
@@ -254,3 +258,110 @@ def test_sizes_section_counts_every_model_group_file(tmp_path):
     lines = size_lines(sizes)
     assert any("model=deaot_t" in line and "DeAOT's published: 7.2 M" in line for line in lines)
     assert any("model=student" in line and "published" not in line for line in lines)
+
+
+def vit_parameters(dim: int, patch: int, blocks: int = 12) -> int:
+    """DINO's ViT without head, counted by hand: patch embedding, class token, 1 + (224/p)² positions,
+    per block 2 LayerNorms, qkv, proj and a 4× MLP (weights and biases), the final LayerNorm."""
+    per_block = 2 * 2 * dim + (3 * dim * dim + 3 * dim) + (dim * dim + dim) + (4 * dim * dim + 4 * dim)
+    per_block += 4 * dim * dim + dim
+    return (
+        3 * patch * patch * dim + dim + dim + (1 + (224 // patch) ** 2) * dim + blocks * per_block + 2 * dim
+    )
+
+
+def test_the_teachers_are_the_published_architectures():
+    from dvos.bench.teachers import TEACHERS
+
+    cfg = to_dict(load_config([]).teacher)
+    sizes = {name: sum(p.numel() for p in entry.build(cfg).parameters()) for name, entry in TEACHERS.items()}
+    # torchvision's resnet18 has 11 689 512 parameters, of which the 1000-class fc holds 513 000
+    assert sizes["crw-resnet18"] == 11_689_512 - 513_000
+    assert sizes["dino-vits8"] == vit_parameters(384, 8) and sizes["dino-vitb8"] == vit_parameters(768, 8)
+    crw = TEACHERS["crw-resnet18"].build(cfg)
+    assert crw.encoder(torch.rand(1, 3, 64, 96)).shape == (1, 512, 8, 12)  # stride 8, 512 channels
+    assert crw.n_recent == cfg["n_recent"] and crw.topk == cfg["topk"]
+
+
+def test_a_teacher_too_large_for_the_memory_is_timed_at_a_smaller_size():
+    from dvos.bench.teachers import TEACHERS, fitting_size
+
+    cfg = to_dict(load_config([]).teacher)
+    teacher = TEACHERS["dino-vitb8"]
+    full = teacher.peak_bytes((480, 854), cfg)
+    assert fitting_size(teacher, (480, 854), cfg, available=None) == ((480, 854), full)
+    assert fitting_size(teacher, (480, 854), cfg, available=2 * full)[0] == (480, 854)
+    half = teacher.peak_bytes((240, 432), cfg)
+    assert half < full
+    # room for half the sides only (margin 0.8): the half size, sides multiples of 16
+    assert fitting_size(teacher, (480, 854), cfg, available=int(half / 0.8) + 1) == ((240, 432), half)
+    size, estimate = fitting_size(teacher, (480, 854), cfg, available=1)
+    assert size is None and estimate == teacher.peak_bytes((128, 208), cfg)  # the smallest tried
+
+
+def test_bench_times_the_student_against_every_teacher(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(
+        ["bench", "experiment=smoke", f"paths.data_dir={tmp_path / 'data'}",
+         f"paths.runs_dir={tmp_path / 'runs'}", "--quick", "--in-process", "--threads", "1", "--davis", "none",
+         "--out", str(out), "--lengths", "4", "--skip", "stream", "loading", "attention", "accuracy",
+         "--teachers", "all"]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "The student against the teachers at 64×112, 4-frame video" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert "errors" not in results, results.get("errors")
+    block = results["teachers"]
+    assert "random weights" in block["weights"]
+    rows = {row["model"]: row for row in block["rows"]}
+    assert list(rows) == [
+        "student",
+        "teacher",
+        "teacher:crw-resnet18",
+        "teacher:dino-vits8",
+        "teacher:dino-vitb8",
+    ]
+    for model, row in rows.items():
+        assert row["fps"] > 0 and row["peak_mb"] > 0 and row["size"] == [64, 112], model
+        assert row["student_fps_over_this"] == pytest.approx(rows["student"]["fps"] / row["fps"])
+    assert results["summary"]["student_fps_over_teacher"]["teacher:dino-vitb8"] == pytest.approx(
+        rows["student"]["fps"] / rows["teacher:dino-vitb8"]["fps"]
+    )
+    assert rows["teacher:dino-vits8"]["parameters"] == vit_parameters(384, 8)
+    # FLOPs: at least the ViT's own (8 × 14 patches + the class token), propagation on top
+    tokens, dim = 1 + 8 * 14, 384
+    vit = 12 * (24 * tokens * dim * dim + 4 * tokens * tokens * dim) + 2 * 8 * 14 * dim * 3 * 64
+    assert vit / 1e9 <= rows["teacher:dino-vits8"]["gflops_per_frame"] < 1.5 * vit / 1e9
+    assert rows["teacher:dino-vitb8"]["gflops_per_frame"] > rows["teacher:dino-vits8"]["gflops_per_frame"]
+    assert rows["teacher:dino-vits8"]["memory_frames"] == 1 + 2  # the smoke teacher: n_recent 2
+
+
+@pytest.mark.slow
+def test_bench_times_and_scores_the_int8_student(tmp_path, davis_fixture):
+    """The int8 student is made, timed beside the fp32 ONNX and PyTorch students, and scored on a DAVIS
+    tree at the exported size; the summary gives its FPS and the J&F it loses against fp32."""
+    pytest.importorskip("onnxruntime.quantization", reason="the export extra (onnxruntime) is not installed")
+    davis = tmp_path / "davis"
+    for kind in ("JPEGImages", "Annotations"):
+        (davis / kind / "480p").mkdir(parents=True)
+        (davis / kind / "480p" / "blackswan").symlink_to(davis_fixture / kind / "480p" / "blackswan")
+    (davis / "ImageSets" / "2016").mkdir(parents=True)
+    (davis / "ImageSets" / "2016" / "val.txt").write_text("blackswan\n")
+    out = tmp_path / "bench"
+    code = main(
+        ["bench", "experiment=smoke", f"paths.data_dir={tmp_path / 'data'}",
+         f"paths.runs_dir={tmp_path / 'runs'}", "--quick", "--in-process", "--threads", "1", "--davis", str(davis),
+         "--out", str(out), "--lengths", "4", "--skip", "stream", "loading", "attention",
+         "--export", "onnx", "onnx-int8", "--teachers", "none"]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "errors" not in results, results.get("errors")
+    assert results["export"]["quantization"]["calibration_frames"] > 0
+    int8 = results["summary"]["int8_student"]
+    assert int8["fps"] > 0 and int8["fps_fp32_onnx"] > 0 and int8["fps_pytorch"] > 0
+    rows = {row["model"]: row for row in results["accuracy"]["datasets"][1]["rows"]}
+    assert {"exported-onnx", "exported-onnx-int8", "student@64x112"} <= set(rows)
+    assert int8["jf_set"] == "davis2016-sample" and int8["jf"] == rows["exported-onnx-int8"]["J&F"]
+    assert int8["jf_delta"] == pytest.approx(rows["exported-onnx-int8"]["J&F"] - rows["exported-onnx"]["J&F"])

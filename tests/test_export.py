@@ -2,6 +2,7 @@
 1e-4), segment a video like the PyTorch engine, describe themselves, and fail in one line."""
 
 import os
+from pathlib import Path
 
 import helpers_models
 import numpy as np
@@ -347,3 +348,54 @@ def test_stacked_layers_export_and_segment_like_the_engine(tmp_path):
         assert (got - want).abs().max() < TOLERANCE
     reference, ours = segment_both(student, exported)
     assert (reference == ours).mean() > 0.999
+
+
+def write_frame_folder(folder: Path, frames: np.ndarray) -> Path:
+    """A video as a folder of PNG frames (what `dvos.data.readers.open_video` reads)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for index, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{index:05d}.png")
+    return folder
+
+
+def test_int8_quantization_calibrates_on_videos_and_runs_like_an_exported_file(student, tmp_path):
+    onnx = pytest.importorskip("onnx", reason="the export extra (onnx) is not installed")
+    pytest.importorskip("onnxruntime.quantization", reason="the export extra (onnxruntime) is not installed")
+    from dvos.inference.quantize import activation_products, quantize_student
+
+    fp32 = export_student(student, "onnx", tmp_path / "fp32.onnx", height=HEIGHT, width=WIDTH)
+    frames, mask = scene(7)
+    videos = [write_frame_folder(tmp_path / name, frames[offset:]) for name, offset in (("a", 0), ("b", 1))]
+    int8 = tmp_path / "int8.onnx"
+    entry = quantize_student(fp32, int8, videos, source="two test videos")
+    # frames 0, 3, 6, ... of each video (4 at most): 7 frames give 0, 3, 6 and 6 frames 0, 3
+    assert entry["calibration_frames"] == 3 + 2 and entry["calibration_videos"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "fp32.onnx", "int8.onnx"]  # no temporary left
+
+    model = onnx.load(str(int8))
+    weights = {t.name: t.data_type for t in model.graph.initializer}
+    assert onnx.TensorProto.INT8 in weights.values()  # int8 weights ...
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "GridSample", "Softmax"} <= ops
+    # ... but the attention's products and softmax stay float: no QuantizeLinear takes their outputs
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    attention = activation_products(onnx.load(str(fp32)))
+    assert attention
+    for node in model.graph.node:
+        if node.name in attention or node.op_type == "Softmax":
+            assert "QuantizeLinear" not in consumers.get(node.output[0], []), node.name
+    assert int8.stat().st_size < 0.5 * fp32.stat().st_size
+
+    exported = load_exported(int8, "onnx")
+    assert exported.spec["quantization"]["calibration_source"] == "two test videos"
+    assert exported.spec["height"] == HEIGHT and exported.spec["max_objects"] == 4
+    ours = []
+    segment_sequence(ExportedSegmenter(exported), frames, mask, on_frame=lambda i, p: ours.append(p))
+    assert len(ours) == 7 and ours[0].shape == (HEIGHT, WIDTH) and np.array_equal(ours[0], mask)
+    with pytest.raises(DvosError, match="calibration videos"):
+        quantize_student(fp32, tmp_path / "none.onnx", [])

@@ -326,3 +326,46 @@ def test_evaluate_youtubevos_writes_predictions_only(tmp_path, monkeypatch, caps
     assert (out / "timing.json").is_file() and not (out / "results.json").exists()
     late, _ = read_mask(out / "clip" / "00007.png")
     assert set(np.unique(late)) == {0, 2, 4}
+
+
+def test_export_int8_then_evaluate_the_onnx_file(tmp_path, synthetic_val, monkeypatch, capsys):
+    """`dvos export --format onnx --quantize int8 --calibration VIDEOS` writes an int8 file that
+    `dvos evaluate --ckpt FILE.onnx` runs through the engine and scores; bad combinations fail in one line."""
+    pytest.importorskip("onnxruntime.quantization", reason="the export extra (onnxruntime) is not installed")
+    from dvos.models.build import build_student
+
+    monkeypatch.chdir(tmp_path)
+    options = dict(
+        d_model=32, num_heads=4, num_groups=2, offset_kernel=3, decoder_dim=16, pretrained="none", max_objects=4
+    )  # fmt: skip
+    student, _ = build_student(options)
+    checkpoint = tmp_path / "student.pt"
+    torch.save(student.state_dict(), checkpoint)
+    overrides = [f"model.{key}={value}" for key, value in options.items()]
+    int8 = tmp_path / "export" / "student-int8.onnx"
+    export = ["export", "--ckpt", str(checkpoint), "--format", "onnx", "--height", "64", "--width", "96"]
+    calibration = ["--calibration", str(synthetic_val.parent / "train")]
+    assert main([*export, "--quantize", "int8", *calibration, "--out", str(int8), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {int8} (onnx int8, 64×96 frames" in printed and "calibrated on" in printed
+    assert "verified against PyTorch" in printed  # the fp32 graph it was made from was checked
+    assert sorted(p.name for p in int8.parent.iterdir()) == ["student-int8.onnx"]
+
+    assert evaluate(tmp_path, synthetic_val, "--ckpt", str(int8)) == 0
+    out = int8.parent / "eval-synthetic-student-int8"  # beside the file, named after it
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["global"]["J&F-Mean"] <= 1
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["frames"] == 16 and "ONNX int8, 64×96" in timing["method"]
+    with Image.open(out / sorted(p.name for p in out.iterdir() if p.is_dir())[0] / "00003.png") as image:
+        assert image.size == (96, 64)  # predictions at the frames' size
+
+    capsys.readouterr()
+    for args, message in (
+        ([*export[:4], "torchscript", "--quantize", "int8"], "--quantize int8 needs --format onnx"),
+        ([*export, "--calibration", str(tmp_path)], "--calibration is for --quantize int8"),
+        ([*export, "--quantize", "int8", "--calibration", str(tmp_path / "nope")], "nope does not exist"),
+    ):
+        assert main([*args, "--out", str(tmp_path / "x.onnx"), *overrides]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "x.onnx").exists()

@@ -14,7 +14,7 @@ from dvos.config import TeacherConfig
 from dvos.metrics import evaluate_arrays, region_similarity, summarize
 from dvos.models.backbones.resnet import ResNetEncoder, stage_strides
 from dvos.models.build import ViTPatchEncoder, build_teacher
-from dvos.models.pseudo_objects import cell_colours, split_components
+from dvos.models.pseudo_objects import cell_colours, kmeans_segments, order_segments, split_components
 from dvos.models.teacher import LabelPropagationTeacher, TeacherAttention, masks_to_labels, propagate_labels
 from dvos.utils.errors import ConfigError, DvosError
 
@@ -411,6 +411,96 @@ def test_colour_weight_finds_colour_regions_the_features_cannot():
         teacher.cluster_reference(features, 3, colour_weight=1.0)
     with pytest.raises(ValueError, match="min_contrast > 0 needs the reference image"):
         teacher.cluster_reference(features, 3, components=True, min_contrast=0.1)
+
+
+def reference_kmeans_segments(
+    features,
+    k,
+    *,
+    position_weight=0.3,
+    colours=None,
+    colour_weight=0.0,
+    feature_weight=1.0,
+    restarts=3,
+    seed=0,
+):
+    """k-means one sample at a time on the CPU, as written before the batched version (the
+    reference): k-means++ seeding with `torch.multinomial`, a fresh generator of `seed` per sample,
+    Lloyd with `index_add_`, the background and the area order by Python sorting."""
+    batch, _, height, width = features.shape
+    points = F.normalize(features.float(), dim=1) * feature_weight
+    if colour_weight > 0:
+        points = torch.cat([points, colour_weight * colours.float()], 1)
+    points = points.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    position = torch.stack([ys, xs], -1).reshape(-1, 2).float() / max(max(height, width) - 1, 1)
+    out = []
+    for index in range(batch):
+        cloud = torch.cat([points[index], position_weight * position], 1)
+        generator = torch.Generator().manual_seed(seed)
+        best = None
+        for _ in range(restarts):
+            centres = [cloud[torch.randint(cloud.shape[0], (1,), generator=generator)[0]]]
+            nearest = ((cloud - centres[0]) ** 2).sum(1)
+            for _ in range(1, k):
+                centres.append(cloud[torch.multinomial(nearest, 1, generator=generator)[0]])
+                nearest = torch.minimum(nearest, ((cloud - centres[-1]) ** 2).sum(1))
+            centres = torch.stack(centres)
+            for _ in range(10):
+                assignment = torch.cdist(cloud, centres).argmin(1)
+                sums = torch.zeros_like(centres).index_add_(0, assignment, cloud)
+                counts = torch.bincount(assignment, minlength=k).unsqueeze(1)
+                centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+            distances = torch.cdist(cloud, centres)
+            assignment = distances.argmin(1)
+            inertia = float((distances.gather(1, assignment[:, None]) ** 2).sum())
+            if best is None or inertia < best[1]:
+                best = (assignment.view(height, width), inertia)
+        segments = best[0]
+        areas = torch.bincount(segments.reshape(-1), minlength=k)
+        ring = torch.cat([segments[0], segments[-1], segments[1:-1, 0], segments[1:-1, -1]])
+        border = torch.bincount(ring, minlength=k)
+        background = int(torch.argmax(border * (height * width + 1) + areas))
+        others = sorted((s for s in range(k) if s != background), key=lambda s: (-int(areas[s]), s))
+        mapping = torch.empty(k, dtype=torch.long)
+        mapping[background] = 0
+        for new_id, old_id in enumerate(others, start=1):
+            mapping[old_id] = new_id
+        out.append(mapping[segments])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_batched_kmeans_gives_the_per_sample_segments(seed):
+    """All samples and restarts at once on the tensors' device give what one sample at a time did."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(3, 16, 12, 14, generator=generator)
+    colours = torch.rand(3, 3, 12, 14, generator=generator) - 0.5
+    for options in (
+        {},
+        {"colours": colours, "colour_weight": 1.0},
+        {"colours": colours, "colour_weight": 1.0, "feature_weight": 0.0},  # the CPU recipe's clustering
+        {"position_weight": 2.0, "restarts": 1},
+    ):
+        expected = reference_kmeans_segments(features, 5, seed=seed, **options)
+        got = kmeans_segments(features, 5, seed=seed, **options)
+        assert torch.equal(got, expected), options
+    # the colour pseudo-objects of a real-looking frame, batched with a copy of itself
+    image, _ = three_region_image()
+    frame_colours = cell_colours(image, (HEIGHT // 8, WIDTH // 8), 8).expand(2, -1, -1, -1)
+    blank = torch.zeros(2, 4, HEIGHT // 8, WIDTH // 8)
+    options = {"colours": frame_colours, "colour_weight": 1.0, "feature_weight": 0.0, "seed": seed}
+    assert torch.equal(kmeans_segments(blank, 6, **options), reference_kmeans_segments(blank, 6, **options))
+
+
+def test_order_segments_puts_the_border_segment_first_then_by_area():
+    segments = torch.tensor([[2, 2, 2, 2], [2, 0, 0, 2], [2, 1, 0, 2], [2, 2, 2, 2]])
+    # segment 2 holds the border: background; then 0 (3 cells), then 1 (1 cell); 3 is empty (last id)
+    expected = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 2, 1, 0], [0, 0, 0, 0]])
+    assert torch.equal(order_segments(segments, 4), expected)
+    assert torch.equal(
+        order_segments(torch.stack([segments, expected]), 4), torch.stack([expected, expected])
+    )
 
 
 def test_split_components_makes_each_piece_an_object_and_drops_specks_and_backgrounds():

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dvos.bench.dense import MEMORY_EVERY, DenseMemorySegmenter
-from dvos.bench.measure import PeakMemory, autocast, synchronize
+from dvos.bench.measure import PeakMemory, autocast, count_flops, synchronize
 from dvos.data.synth import sample_scene
 from dvos.inference.engine import StudentSegmenter, TeacherSegmenter, mask_object_ids
 from dvos.models.teacher import ContextEntry
@@ -65,9 +65,11 @@ class CellSpec:
         teacher_cfg: the `TeacherConfig` as a dict (its `checkpoint` resolved).
         student_checkpoint: a student checkpoint file, or None for random weights (seeded).
         memory_every: the dense baseline's long-term memory period.
-        exported_path: the exported student's file, for the models "exported-onnx" and
-            "exported-torchscript" (`dvos.inference.export`).
+        exported_path: the exported student's file, for the models "exported-onnx",
+            "exported-onnx-int8" and "exported-torchscript" (`dvos.inference.export`).
         threads: torch's intra-op threads (None: torch's default).
+        count_flops: count the FLOPs of the first warm-up frame (or, without warm-up, of one more
+            frame after the timed ones) and the parameters: `gflops_per_frame`, `parameters`.
     """
 
     model: str
@@ -85,6 +87,7 @@ class CellSpec:
     memory_every: int = MEMORY_EVERY
     exported_path: str | None = None
     threads: int | None = None
+    count_flops: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -110,8 +113,17 @@ def build_student_model(
 
 
 def build_cell_segmenter(spec: CellSpec) -> Any:
-    """The segmenter a cell measures, on the spec's device (original frame size: no `max_size`)."""
+    """The segmenter a cell measures, on the spec's device (original frame size: no `max_size`).
+
+    Models: "student", "dense", "teacher" (the configured one), "teacher:<name>" (`dvos.bench.teachers`,
+    random weights seeded by `spec.seed`), "exported-<format>" (`spec.exported_path`)."""
     device = torch.device(spec.device)
+    if spec.model.startswith("teacher:"):
+        from dvos.bench.teachers import TEACHERS
+
+        entry = TEACHERS[spec.model.removeprefix("teacher:")]
+        torch.manual_seed(spec.seed)
+        return entry.segmenter(entry.build(spec.teacher_cfg), device)
     if spec.model == "teacher":
         from dvos.models.build import build_teacher
 
@@ -119,7 +131,7 @@ def build_cell_segmenter(spec: CellSpec) -> Any:
     if spec.model.startswith("exported-"):
         from dvos.inference.export import ExportedSegmenter, load_exported
 
-        fmt = spec.model.removeprefix("exported-")
+        fmt = spec.model.removeprefix("exported-").split("-")[0]  # "onnx-int8" is an ONNX file
         return ExportedSegmenter(load_exported(spec.exported_path, fmt, threads=spec.threads))
     student, _ = build_student_model(spec.model_cfg, spec.student_checkpoint, seed=spec.seed)
     if spec.model == "dense":
@@ -220,9 +232,13 @@ def run_cell_here(spec: CellSpec) -> dict[str, Any]:
     with autocast(device, spec.amp):
         segmenter.start(frame0, mask0, object_ids)
         fast_forward(segmenter, first_step)
-        rows, times, seen = [], [], 0
+        rows, times, seen, flops = [], [], 0, None
         for t in range(first_step, last):
             frame = video.frame(t)  # rendering is not timed
+            if spec.count_flops and flops is None and spec.warmup > 0:  # the first warm-up frame
+                flops = count_flops(lambda frame=frame: segmenter.step(frame))[0]
+                times.append(0.0)
+                continue
             synchronize(device)
             tick = time.perf_counter()
             segmenter.step(frame)
@@ -255,6 +271,14 @@ def run_cell_here(spec: CellSpec) -> dict[str, Any]:
                         "device": str(device),
                     }
                 )
+        if spec.count_flops and flops is None:  # no warm-up frame: one more frame, after the timing
+            flops = count_flops(lambda: segmenter.step(video.frame(last)))[0]
+    if spec.count_flops:
+        from dvos.bench.teachers import parameters_of
+
+        for row in rows:
+            row["gflops_per_frame"] = flops / 1e9
+            row["parameters"] = parameters_of(segmenter)
     return {"spec": asdict(spec), "rows": rows, "memory_method": meter.method, "build_seconds": build_seconds}
 
 

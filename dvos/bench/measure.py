@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
@@ -174,11 +174,21 @@ def matmul_gflops(
     }
 
 
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """`scaled_dot_product_attention`'s CPU kernel, counted as the counter counts the GPU ones."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# The counter has formulas for the GPU attention kernels only; a ViT on the CPU runs this one.
+EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+
+
 def count_flops(fn: Callable[[], Any], *, depth: int = 2) -> tuple[int, dict[str, int], Any]:
     """FLOPs of one call of `fn` by `torch.utils.flop_counter.FlopCounterMode`.
 
-    The counter knows matrix products, convolutions and attention (2 FLOP per multiply-add); element-
-    wise work, normalisation, softmax, `grid_sample` and resizing are not counted.
+    The counter knows matrix products, convolutions and attention (2 FLOP per multiply-add; the
+    fused attention kernels, the CPU one included: `EXTRA_FLOP_FORMULAS`); element-wise work,
+    normalisation, softmax, `grid_sample` and resizing are not counted.
 
     Args:
         fn: the work, called once inside the counter.
@@ -187,7 +197,7 @@ def count_flops(fn: Callable[[], Any], *, depth: int = 2) -> tuple[int, dict[str
     Returns:
         (total, per module {name: FLOPs} at up to `depth`, what `fn` returned).
     """
-    counter = FlopCounterMode(display=False, depth=depth)
+    counter = FlopCounterMode(display=False, depth=depth, custom_mapping=EXTRA_FLOP_FORMULAS)
     with counter:
         result = fn()
     per_module = {

@@ -22,6 +22,7 @@ COLORS = {
     "teacher": (44, 160, 44),
     "exported-torchscript": (148, 103, 189),
     "exported-onnx": (140, 86, 75),
+    "exported-onnx-int8": (227, 119, 194),
 }
 OTHER_COLOR = (100, 100, 100)
 MARKERS = ("circle", "square", "triangle", "diamond")

@@ -81,6 +81,41 @@ def _growth_line(summary: dict[str, Any], key: str) -> str | None:
     return f"change from L={first['from_length']} to L={first['to_length']}: " + "; ".join(parts)
 
 
+def _teachers_section(block: dict[str, Any] | None) -> list[str]:
+    """The student against every teacher: FPS, memory, size, FLOPs and the FPS ratio."""
+    if not block:
+        return []
+    size = block["size"]
+    lines = [
+        "",
+        f"The student against the teachers at {size[0]}×{size[1]}, {block['length']}-frame video",
+        f"  how: {block['measured']}; {block['weights']}",
+    ]
+    rows = []
+    for row in block["rows"]:
+        if row.get("error"):
+            rows.append([row["model"], "FAILED", "-", "-", "-", "-", "-", "-"])
+            continue
+        rows.append(
+            [
+                row["model"] + ("" if row["size"] == size else f" ({row['size'][0]}×{row['size'][1]})"),
+                _num(row["fps"]),
+                f"{row['peak_mb']:.0f}",
+                f"{row['state_mb']:.1f}",
+                "-" if row["parameters"] is None else f"{row['parameters'] / 1e6:.1f}",
+                _num(row["gflops_per_frame"]),
+                "-" if row["student_fps_over_this"] is None else f"{row['student_fps_over_this']:.2f}×",
+                row["title"],
+            ]
+        )
+    header = ["model", "FPS", "peak MB", "state MB", "M params", "GFLOP/frame", "student ×", "what"]
+    lines += ["  " + line for line in _table(header, rows)]
+    for row in block["rows"]:
+        if row.get("error") or row.get("note"):
+            lines.append(f"  {row['model']}: {row.get('error') or row.get('note')}")
+    return lines
+
+
 def format_report(results: dict[str, Any]) -> str:
     """The whole report as text (what `dvos bench` prints)."""
     lines: list[str] = []
@@ -119,6 +154,8 @@ def format_report(results: dict[str, Any]) -> str:
         lines += _memory_section(
             heading, inference, summary, with_window=True, growth_key="memory_growth_inference"
         )
+
+    lines += _teachers_section(results.get("teachers"))
 
     flops = results.get("flops")
     if flops and flops.get("student"):
@@ -207,6 +244,12 @@ def format_report(results: dict[str, Any]) -> str:
             lines.append(
                 f"  training step: {step['what']}, {step['seconds_per_step']:.2f} s per batch of {step['batch_size']}"
             )
+            for name, part in (step.get("parts") or {}).items():
+                share = "-" if part["share"] is None else f"{100 * part['share']:.1f} %"
+                lines.append(
+                    f"  of which {name}: {part['seconds_per_step']:.3f} s per step ({share}; "
+                    f"{(step.get('parts_what') or {}).get(name, '')})"
+                )
         if loading.get("verdict"):
             lines.append(f"  {loading['verdict']}")
 
@@ -241,6 +284,26 @@ def format_report(results: dict[str, Any]) -> str:
         lines += ["", f"Exported student ({export['runtime']}): {files}"]
         for note in export.get("notes", []):
             lines.append(f"  {note}")
+        quantization = export.get("quantization")
+        if quantization:
+            lines.append(
+                f"  int8: {quantization['method']}; weights {quantization['weights']}, activations "
+                f"{quantization['activations']}; {quantization['calibration_frames']} calibration frames of "
+                f"{quantization['calibration_source']}"
+            )
+        int8 = (results.get("summary") or {}).get("int8_student")
+        if int8:
+            line = (
+                f"  int8 student: {_num(int8['fps'])} FPS (fp32 ONNX {_num(int8['fps_fp32_onnx'])}, "
+                f"PyTorch {_num(int8['fps_pytorch'])}; L={int8['length']})"
+            )
+            if "jf" in int8:
+                delta = "-" if int8["jf_delta"] is None else f"{int8['jf_delta']:+.4f}"
+                line += (
+                    f"; J&F on {int8['jf_set']} {_num(int8['jf'])} against {_num(int8['jf_fp32_onnx'])} "
+                    f"in fp32 (Δ {delta}; PyTorch {_num(int8['jf_pytorch'])})"
+                )
+            lines.append(line)
 
     for name, error in (results.get("errors") or {}).items():
         lines.append(f"section {name} FAILED: {error}")

@@ -80,6 +80,13 @@ class BenchOptions:
     threads: int | None = None
     quick: bool = False
     cell_timeout: float | None = None
+    teachers: list[str] = field(
+        default_factory=list
+    )  # `dvos.bench.teachers` names, timed at the shortest length
+    teacher_window: int = 2  # timed frames of each of those (after one warm-up frame whose FLOPs are counted)
+    calibration: Path | None = (
+        None  # videos calibrating the int8 student (None: the embedded training videos)
+    )
 
 
 @dataclass
@@ -228,18 +235,65 @@ def _bank_frames(length: int, every: int = MEMORY_EVERY) -> int:
 def cell_spec(cfg: Any, options: BenchOptions, weights: Weights, **fields: Any) -> CellSpec:
     from dvos.config import to_dict
 
-    return CellSpec(
-        threads=options.threads,
-        device=options.device,
-        amp=options.amp,
-        seed=options.seed,
-        warmup=options.warmup,
-        window=options.window,
-        model_cfg=to_dict(cfg.model),
-        teacher_cfg=to_dict(cfg.teacher),
-        student_checkpoint=None if weights.student_checkpoint is None else str(weights.student_checkpoint),
-        **fields,
-    )
+    base = {
+        "threads": options.threads,
+        "device": options.device,
+        "amp": options.amp,
+        "seed": options.seed,
+        "warmup": options.warmup,
+        "window": options.window,
+        "model_cfg": to_dict(cfg.model),
+        "teacher_cfg": to_dict(cfg.teacher),
+        "student_checkpoint": None if weights.student_checkpoint is None else str(weights.student_checkpoint),
+    }
+    return CellSpec(**{**base, **fields})
+
+
+def teacher_specs(cfg: Any, options: BenchOptions, weights: Weights, length: int) -> list[dict[str, Any]]:
+    """The cells of the extra teachers (`options.teachers`) at `length`: each at the largest size whose
+    estimated peak fits the memory available now (`dvos.bench.teachers.fitting_size`).
+
+    Returns:
+        one {"model", "spec" (None when not even the smallest size fits), "note", "estimated_peak_mb"}
+        per teacher.
+    """
+    from dvos.bench.teachers import TEACHERS, available_bytes, fitting_size
+    from dvos.config import to_dict
+
+    available = available_bytes() if options.device == "cpu" else None
+    teacher_cfg = to_dict(cfg.teacher)
+    out = []
+    for name in options.teachers:
+        size, estimate = fitting_size(TEACHERS[name], tuple(options.size), teacher_cfg, available=available)
+        note = None
+        if size is None:
+            note = (
+                f"does not fit: about {estimate / 2**20:.0f} MB even at a quarter of the size, "
+                f"{(available or 0) / 2**20:.0f} MB available"
+            )
+        elif tuple(size) != tuple(options.size):
+            full = TEACHERS[name].peak_bytes(tuple(options.size), teacher_cfg)
+            note = (
+                f"timed at {size[0]}×{size[1]}: {options.size[0]}×{options.size[1]} needs about "
+                f"{full / 2**20:.0f} MB, {(available or 0) / 2**20:.0f} MB available"
+            )
+        spec = None
+        if size is not None:
+            spec = cell_spec(
+                cfg,
+                options,
+                weights,
+                model=f"teacher:{name}",
+                size=tuple(size),
+                lengths=[length],
+                window=options.teacher_window,
+                warmup=max(1, options.warmup),
+                count_flops=True,
+            )
+        out.append(
+            {"model": f"teacher:{name}", "spec": spec, "note": note, "estimated_peak_mb": estimate / 2**20}
+        )
+    return out
 
 
 def run_inference_cells(
@@ -247,24 +301,36 @@ def run_inference_cells(
 ) -> dict[str, Any]:
     """FPS and peak memory at each length, models interleaved (length outer, model inner).
 
-    Exported students (`exported`: model name → file) join the round of the shortest length only:
-    their memory is the student's two frames, one length says it all.
+    Exported students (`exported`: model name → file) and the extra teachers (`options.teachers`,
+    fewer timed frames, FLOPs counted) join the round of the shortest length only: the students'
+    memory is two frames and the teachers' context is full from frame 1 + n_recent, so one length
+    says it all.
     """
-    rows, errors, method = [], [], None
+    rows, errors, method, notes = [], [], None, {}
     for length in options.lengths:
-        models = list(options.models)
-        if length == min(options.lengths):
-            models += list(exported or {})
-        for model in models:
-            spec = cell_spec(
-                cfg,
-                options,
-                weights,
-                model=model,
-                size=options.size,
-                lengths=[length],
-                exported_path=(exported or {}).get(model),
+        cells = [
+            (
+                model,
+                cell_spec(
+                    cfg,
+                    options,
+                    weights,
+                    model=model,
+                    size=options.size,
+                    lengths=[length],
+                    exported_path=(exported or {}).get(model),
+                ),
             )
+            for model in options.models + (list(exported or {}) if length == min(options.lengths) else [])
+        ]
+        if length == min(options.lengths):
+            for entry in teacher_specs(cfg, options, weights, length):
+                notes[entry["model"]] = {key: entry[key] for key in ("note", "estimated_peak_mb")}
+                if entry["spec"] is None:
+                    errors.append({"model": entry["model"], "length": length, "error": entry["note"]})
+                    continue
+                cells.append((entry["model"], entry["spec"]))
+        for model, spec in cells:
             result = run_cell(spec, isolate=options.isolate, timeout=options.cell_timeout)
             method = result.get("memory_method", method)
             if result.get("error"):
@@ -293,11 +359,67 @@ def run_inference_cells(
     return {
         "size": list(options.size),
         "video": "dvos.data.synth scene, 3 objects, rendered on demand",
+        "teacher_notes": notes,
         "measured": how,
         "isolation": "a fresh process per cell" if options.isolate else "in this process (RSS less exact)",
         "memory_method": method,
         "rows": rows,
         "errors": errors,
+    }
+
+
+def compare_teachers(results: dict[str, Any], options: BenchOptions) -> dict[str, Any] | None:
+    """The student against every teacher measured in the round of the shortest length: FPS, peak
+    memory, state, parameters, FLOPs per frame and the student's FPS over each teacher's."""
+    from dvos.bench.teachers import RANDOM_WEIGHTS_NOTE, TEACHERS
+
+    inference = results.get("inference") or {}
+    length = min(options.lengths)
+    by_model = {row["model"]: row for row in inference.get("rows") or [] if row["length"] == length}
+    student = by_model.get("student")
+    if student is None:
+        return None
+    flops = results.get("flops") or {}
+    notes = inference.get("teacher_notes") or {}
+
+    def entry(model: str, title: str, row: dict[str, Any], counted: dict[str, Any] | None) -> dict[str, Any]:
+        counted = counted or row
+        return {
+            "model": model,
+            "title": title,
+            "size": row["size"],
+            "fps": row["fps"],
+            "peak_mb": row["peak_mb"],
+            "growth_mb": row["growth_mb"],
+            "state_mb": row["state_bytes"] / 2**20,
+            "memory_frames": row["memory_frames"],
+            "parameters": counted.get("parameters"),
+            "gflops_per_frame": counted.get("gflops_per_frame"),
+            "student_fps_over_this": student["fps"] / row["fps"] if student["fps"] and row["fps"] else None,
+            "note": (notes.get(model) or {}).get("note"),
+        }
+
+    rows = [entry("student", "the student (PyTorch)", student, flops.get("student"))]
+    if "teacher" in by_model:
+        encoder = ((results.get("config") or {}).get("teacher") or {}).get("encoder", "?")
+        title = f"the configured teacher ({encoder} label propagation; its weights: see 'teacher:')"
+        rows.append(entry("teacher", title, by_model["teacher"], flops.get("teacher")))
+    failed = {error["model"]: error["error"] for error in inference.get("errors") or []}
+    for name in options.teachers:
+        model = f"teacher:{name}"
+        if model in by_model:
+            rows.append(entry(model, TEACHERS[name].title, by_model[model], None))
+        else:
+            rows.append(
+                {"model": model, "title": TEACHERS[name].title, "error": failed.get(model, "not run")}
+            )
+    return {
+        "length": length,
+        "size": list(options.size),
+        "weights": RANDOM_WEIGHTS_NOTE,
+        "measured": f"the inference cells of the {length}-frame round (the extra teachers: "
+        f"{options.teacher_window} timed frames after one warm-up frame whose FLOPs are counted)",
+        "rows": rows,
     }
 
 
@@ -353,6 +475,7 @@ def run_data_loading(cfg: Any, options: BenchOptions, device: torch.device) -> d
     from dvos.bench.workload import loader_throughput, training_step_throughput
     from dvos.data.builders import build_clip_datamodule
     from dvos.lit.distill import DistillationModule
+    from dvos.models import pseudo_objects
 
     mp4_root, frames_root = _synthetic_roots(cfg)
     workers = int(cfg.data.num_workers)
@@ -389,6 +512,11 @@ def run_data_loading(cfg: Any, options: BenchOptions, device: torch.device) -> d
     batch = next(iter(factory(mp4_root)(0).train_dataloader()))
     module = DistillationModule(cfg)
     precision = str(cfg.trainer.precision)
+    # The pseudo-objects of each clip (clustering the reference frame), and the k-means inside it.
+    parts = {
+        "pseudo_objects": (module.teacher, "cluster_reference"),
+        "kmeans": (pseudo_objects, "kmeans_segments"),
+    }
     result["train_step"] = {
         **training_step_throughput(
             module,
@@ -396,8 +524,14 @@ def run_data_loading(cfg: Any, options: BenchOptions, device: torch.device) -> d
             steps=options.train_steps,
             device=device,
             amp=device.type == "cuda" and "16" in precision,
+            parts=parts,
         ),
         "what": "DistillationModule.training_step (teacher + student forward, losses) + backward + AdamW step",
+        "parts_what": {
+            "pseudo_objects": "LabelPropagationTeacher.cluster_reference: k-means of the reference frame, "
+            "connected components (distill.components) and upsampling",
+            "kmeans": "dvos.models.pseudo_objects.kmeans_segments: the batched k-means alone",
+        },
         "precision": precision,
     }
     del module
@@ -452,10 +586,21 @@ def _overrides_of(cfg: Any) -> list[str]:
 
 
 def run_accuracy(
-    cfg: Any, options: BenchOptions, student: Any, teacher: Any | None, device: torch.device, weights: Weights
+    cfg: Any,
+    options: BenchOptions,
+    student: Any,
+    teacher: Any | None,
+    device: torch.device,
+    weights: Weights,
+    *,
+    exported: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    """J&F and FPS of each model on the configured set and the DAVIS-2016 sample; the exported
+    students (`exported`: model name → file, fixed at the bench size) on the DAVIS sample only, at
+    their own size, beside the PyTorch student at that size (its J&F is the fp32 reference)."""
     from dvos.bench.accuracy import score_models
     from dvos.inference.engine import StudentSegmenter, TeacherSegmenter
+    from dvos.inference.export import ExportedSegmenter, load_exported
 
     datasets = []
     for name, set_cfg, sequences, note in _eval_sets(cfg, options):
@@ -480,6 +625,16 @@ def run_accuracy(
                 TeacherSegmenter(teacher, device=device, max_size=options.jf_max_size),
                 weights.teacher,
             )
+        onnx_files = {model: path for model, path in (exported or {}).items() if path.endswith(".onnx")}
+        if name == "davis2016-sample" and onnx_files:
+            full = tuple(options.size)
+            segmenters[f"student@{full[0]}x{full[1]}"] = (
+                StudentSegmenter(student, device=device, max_size=max(full), min_size=min(full)),
+                f"{weights.student}, frames at {full[0]}×{full[1]} as the exported files",
+            )
+            for model, path in onnx_files.items():
+                step = load_exported(path, "onnx", threads=options.threads)
+                segmenters[model] = (ExportedSegmenter(step), f"{model}: {path}")
         rows = score_models(
             segmenters, set_cfg, sequences, options.out / "jf" / name, device=device, amp=options.amp
         )
@@ -497,7 +652,8 @@ def run_accuracy(
         )
     return {
         "measured": "dvos evaluate's path: predictions written as PNGs, J&F by the DAVIS toolkit's rules; "
-        "FPS = frames / seconds in the segmenter at the model input size (long side ≤ max_size)",
+        "FPS = frames / seconds in the segmenter at the model input size (long side ≤ max_size; the "
+        "exported students and student@HxW at the exported size instead)",
         "datasets": datasets,
     }
 
@@ -506,31 +662,94 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def export_student_files(options: BenchOptions, student: Any) -> dict[str, Any]:
-    """Export the student's frame step at the bench size in each format (`dvos.inference.export`).
+def export_student_files(cfg: Any, options: BenchOptions, student: Any) -> dict[str, Any]:
+    """Export the student's frame step at the bench size in each format (`dvos.inference.export`);
+    "onnx-int8" quantizes the fp32 ONNX file (`dvos.inference.quantize`), calibrated on
+    `options.calibration` or the embedded synthetic training videos.
 
     Returns:
         {"files": {model name ("exported-onnx", ...): path}, "notes": [why a format is missing],
-        "runtime"}; the files are timed with the other models in the inference section.
+        "runtime", "quantization": the int8 file's calibration (when made)}; the files are timed with
+        the other models in the inference section and scored on the DAVIS sample in the accuracy one.
     """
     from dvos.inference import export as export_module
 
     out = ensure_writable_dir(options.out / "export")
-    files, notes = {}, []
+    files, notes, result = {}, [], {}
+    size = f"{options.size[0]}x{options.size[1]}"
     for fmt in options.export_formats:
-        path = out / f"student-{options.size[0]}x{options.size[1]}.{'onnx' if fmt == 'onnx' else 'pt'}"
+        if fmt == "onnx-int8":
+            continue
+        path = out / f"student-{size}.{'onnx' if fmt == 'onnx' else 'pt'}"
         try:
             export_module.export_student(student, fmt, path, height=options.size[0], width=options.size[1])
         except Exception as err:  # noqa: BLE001 - e.g. the optional exporter packages are missing
             notes.append(f"{fmt}: not exported ({str(err).splitlines()[0]})")
             continue
         files[f"exported-{fmt}"] = str(path)
-    return {"files": files, "notes": notes, "runtime": "onnxruntime (CPU) / torch.jit (CPU), same threads"}
+    if "onnx-int8" in options.export_formats:
+        from dvos.data.builders import calibration_videos
+        from dvos.inference.quantize import quantize_student
+
+        try:
+            fp32 = files.get("exported-onnx") or str(
+                export_module.export_student(
+                    student,
+                    "onnx",
+                    out / f"student-{size}.onnx",
+                    height=options.size[0],
+                    width=options.size[1],
+                )
+            )
+            videos, source = calibration_videos(cfg, options.calibration)
+            path = out / f"student-{size}-int8.onnx"
+            result["quantization"] = quantize_student(fp32, path, videos, source=source)
+            files["exported-onnx-int8"] = str(path)
+        except Exception as err:  # noqa: BLE001 - the other formats are still timed
+            notes.append(f"onnx-int8: not made ({str(err).splitlines()[0]})")
+    return {
+        "files": files,
+        "notes": notes,
+        "runtime": "onnxruntime (CPU) / torch.jit (CPU), same threads",
+        **result,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
+def int8_summary(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The int8 student beside the fp32 ONNX and PyTorch students: FPS (inference cells of the
+    shortest length) and J&F on the DAVIS-2016 sample (the exported size), with the J&F it loses."""
+    rows = (results.get("inference") or {}).get("rows") or []
+    if not any(row["model"] == "exported-onnx-int8" for row in rows):
+        return None
+    length = min(row["length"] for row in rows if row["model"] == "exported-onnx-int8")
+    fps = {row["model"]: row["fps"] for row in rows if row["length"] == length}
+    out: dict[str, Any] = {
+        "length": length,
+        "fps": fps.get("exported-onnx-int8"),
+        "fps_fp32_onnx": fps.get("exported-onnx"),
+        "fps_pytorch": fps.get("student"),
+    }
+    for dataset in (results.get("accuracy") or {}).get("datasets") or []:
+        scores = {row["model"]: row["J&F"] for row in dataset.get("rows") or []}
+        if "exported-onnx-int8" in scores:
+            reference = scores.get("exported-onnx")
+            out.update(
+                {
+                    "jf_set": dataset["name"],
+                    "jf": scores["exported-onnx-int8"],
+                    "jf_fp32_onnx": reference,
+                    "jf_pytorch": next((v for k, v in scores.items() if k.startswith("student@")), None),
+                    "jf_delta": None
+                    if reference is None or scores["exported-onnx-int8"] is None
+                    else scores["exported-onnx-int8"] - reference,
+                }
+            )
+    return out
+
+
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     """Headline numbers: matmul rate, the student's share of it, memory growth of each model."""
     summary: dict[str, Any] = {}
@@ -547,6 +766,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         summary["student_fps"] = fps
         summary["student_achieved_gflops"] = achieved
         summary["student_share_of_matmul"] = achieved / max(rates)
+    int8 = int8_summary(results)
+    if int8:
+        summary["int8_student"] = int8
+    teachers = (results.get("teachers") or {}).get("rows") or []
+    ratios = {row["model"]: row.get("student_fps_over_this") for row in teachers if row["model"] != "student"}
+    if ratios:
+        summary["student_fps_over_teacher"] = ratios
     for source in ("inference", "stream"):
         by_model: dict[str, list[dict[str, Any]]] = {}
         for row in (results.get(source) or {}).get("rows") or []:
@@ -647,11 +873,12 @@ def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str
     exported: dict[str, str] = {}
     if "export" not in options.skip and options.export_formats:
         with recorder.section("export", "exporting the student"):
-            results["export"] = export_student_files(options, student)
+            results["export"] = export_student_files(cfg, options, student)
             exported = results["export"]["files"]
     if "inference" not in options.skip:
         with recorder.section("inference", f"inference at {options.size[0]}×{options.size[1]}"):
             results["inference"] = run_inference_cells(cfg, options, weights, exported=exported)
+            results["teachers"] = compare_teachers(results, options)
     if "stream" not in options.skip and options.stream_size is not None:
         size = options.stream_size
         with recorder.section(
@@ -663,7 +890,9 @@ def run_benchmark(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str
             results["data_loading"] = run_data_loading(cfg, options, device)
     if "accuracy" not in options.skip:
         with recorder.section("accuracy", "J&F against FPS"):
-            results["accuracy"] = run_accuracy(cfg, options, student, teacher, device, weights)
+            results["accuracy"] = run_accuracy(
+                cfg, options, student, teacher, device, weights, exported=exported
+            )
     results["matmul"]["end"] = matmul_gflops(size=options.matmul_size, device=device, dtype=matmul_dtype)
     with contextlib.suppress(OSError):
         results["machine"]["load_average_end"] = list(os.getloadavg())

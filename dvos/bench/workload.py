@@ -13,9 +13,10 @@ workers and the step share them, so the two rates do not simply add up.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -65,8 +66,48 @@ def loader_throughput(
     }
 
 
+@contextlib.contextmanager
+def timed_calls(targets: Mapping[str, tuple[Any, str]], device: torch.device) -> Iterator[dict[str, float]]:
+    """Seconds spent in some functions while the block runs: {name: (owner, attribute)} → {name: s}.
+
+    Each `owner.attribute` (a method of an object or a function of a module) is replaced for the
+    block by a wrapper that synchronises the device around the call, then put back."""
+    spent = dict.fromkeys(targets, 0.0)
+    originals = {}
+
+    def wrap(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize(device)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                synchronize(device)
+                spent[name] += time.perf_counter() - start
+
+        return timed
+
+    for name, (owner, attribute) in targets.items():
+        originals[name] = (owner, attribute, owner.__dict__.get(attribute), getattr(owner, attribute))
+        setattr(owner, attribute, wrap(name, originals[name][3]))
+    try:
+        yield spent
+    finally:
+        for owner, attribute, own, _ in originals.values():
+            if own is None:
+                delattr(owner, attribute)  # a bound method: the class's comes back
+            else:
+                setattr(owner, attribute, own)
+
+
 def training_step_throughput(
-    module: Any, batch: dict[str, Any], *, steps: int, device: torch.device | str, amp: bool = False
+    module: Any,
+    batch: dict[str, Any],
+    *,
+    steps: int,
+    device: torch.device | str,
+    amp: bool = False,
+    parts: Mapping[str, tuple[Any, str]] | None = None,
 ) -> dict[str, Any]:
     """Clips per second of the distillation training step (forward of teacher and student, losses,
     backward, AdamW step) on one batch, after one untimed step.
@@ -77,9 +118,12 @@ def training_step_throughput(
         steps: timed steps.
         device: where to run.
         amp: fp16 autocast (CUDA only).
+        parts: functions whose time within the timed steps is reported ({name: (owner, attribute)},
+            see `timed_calls`), e.g. the pseudo-objects' clustering.
 
     Returns:
-        {"clips_per_s", "seconds_per_step", "steps", "batch_size", "clip_shape", "skipped_steps"}.
+        {"clips_per_s", "seconds_per_step", "steps", "batch_size", "clip_shape", "skipped_steps",
+        "parts": {name: {"seconds_per_step", "share"}}}.
     """
     device = torch.device(device)
     module = module.to(device).train()
@@ -88,23 +132,27 @@ def training_step_throughput(
     }
     parameters = [p for p in module.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
-    times, skipped = [], 0
+    times, skipped, part_seconds = [], 0, dict.fromkeys(parts or {}, 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "self.log() without a trainer" and the like
         for index in range(steps + 1):
-            synchronize(device)
-            start = time.perf_counter()
-            with autocast(device, amp):
-                loss = module.training_step(batch, index)
-            if loss is None:  # a non-finite loss is skipped by the module, as in training
-                skipped += 1
-            else:
-                loss.backward()
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize(device)
+            probe = timed_calls(parts or {}, device) if index > 0 else contextlib.nullcontext({})
+            with probe as spent:
+                synchronize(device)
+                start = time.perf_counter()
+                with autocast(device, amp):
+                    loss = module.training_step(batch, index)
+                if loss is None:  # a non-finite loss is skipped by the module, as in training
+                    skipped += 1
+                else:
+                    loss.backward()
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                synchronize(device)
             if index > 0:
                 times.append(time.perf_counter() - start)
+                for name, value in spent.items():
+                    part_seconds[name] += value
     seconds = sum(times) / len(times)
     clips = int(batch["frames"].shape[0])
     return {
@@ -114,4 +162,11 @@ def training_step_throughput(
         "batch_size": clips,
         "clip_shape": list(batch["frames"].shape[1:]),
         "skipped_steps": skipped,
+        "parts": {
+            name: {
+                "seconds_per_step": value / len(times),
+                "share": value / sum(times) if sum(times) else None,
+            }
+            for name, value in part_seconds.items()
+        },
     }

@@ -1,10 +1,13 @@
 """`dvos bench`: speed, memory, FLOPs, data loading and J&F-vs-FPS of the student, the teacher and a
-dense-memory baseline, in one run; prints a table, writes OUT/results.json and OUT/results.png.
+dense-memory baseline, in one run, with the exported students (fp32 and int8 ONNX, TorchScript) and
+larger teachers (`dvos.bench.teachers`) beside them; prints a table, writes OUT/results.json and
+OUT/results.png.
 
     dvos bench                                  # defaults: 480p, videos of 50/200/1000 frames
     dvos bench --quick                          # a tiny smoke version (seconds)
     dvos bench --device cuda --lengths 50 200 1000 --out bench-gpu
     dvos bench --ckpt runs/x/checkpoints/last.ckpt --skip accuracy loading
+    dvos bench --teachers dino-vits8 --export onnx onnx-int8 --calibration ../shared/data/davis2016-train-videos
 
 What is measured, and how, is in `dvos.bench` (runner, cells, measure); defaults depend on the
 device: on a CPU long videos are timed on a window of frames at their end after the state was
@@ -75,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `bench` sub-command."""
     from dvos.bench.cells import MODELS
     from dvos.bench.runner import SECTIONS
+    from dvos.bench.teachers import TEACHERS
 
     parser = add_intermixed_parser(
         subparsers,
@@ -153,9 +157,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--export",
         nargs="+",
-        choices=("onnx", "torchscript", "none"),
+        choices=("onnx", "onnx-int8", "torchscript", "none"),
         metavar="FMT",
-        help="exported student formats to time (default: torchscript, and onnx when onnxruntime is installed; none with --quick)",
+        help="exported student formats to time (default: torchscript, and onnx and onnx-int8 when "
+        "onnxruntime is installed; none with --quick)",
+    )
+    parser.add_argument(
+        "--teachers",
+        nargs="+",
+        choices=(*TEACHERS, "all", "none"),
+        metavar="T",
+        help=f"larger teachers timed beside the student, random weights ({' '.join(TEACHERS)}; "
+        "default: all, none with --quick)",
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="DIR",
+        help="videos (mp4 files or frame folders) calibrating the int8 student (default: the embedded "
+        "training videos)",
     )
     parser.add_argument("--no-amp", dest="amp", action="store_false", help="no fp16 autocast on CUDA")
     parser.add_argument(
@@ -222,8 +242,21 @@ def default_export_formats() -> list[str]:
 
     formats = ["torchscript"]
     if all(importlib.util.find_spec(name) for name in ("onnx", "onnxscript", "onnxruntime")):
-        formats.append("onnx")
+        formats += ["onnx", "onnx-int8"]
     return formats
+
+
+def resolve_teachers(given: list[str] | None, *, quick: bool) -> list[str]:
+    """--teachers: the names given ("all": every one; "none": none); default all, none with --quick."""
+    from dvos.bench.teachers import TEACHERS
+
+    if not given:
+        return [] if quick else list(TEACHERS)
+    if "none" in given:
+        return []
+    if "all" in given:
+        return list(TEACHERS)
+    return list(dict.fromkeys(given))
 
 
 def build_options(args: argparse.Namespace, device: Any) -> Any:
@@ -266,6 +299,10 @@ def build_options(args: argparse.Namespace, device: Any) -> Any:
         options.export_formats = [] if "none" in args.export else list(dict.fromkeys(args.export))
     else:
         options.export_formats = [] if args.quick else default_export_formats()
+    options.teachers = resolve_teachers(args.teachers, quick=bool(args.quick))
+    options.calibration = args.calibration
+    if options.calibration is not None and not options.calibration.exists():
+        raise ConfigError(f"--calibration: {options.calibration} does not exist")
     if options.window < 0 or options.warmup < 0:
         raise ConfigError("--window and --warmup must be >= 0")
     if min(options.lengths) < options.warmup + 2:

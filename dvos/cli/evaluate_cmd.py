@@ -55,9 +55,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def default_out_dir(cfg: Any, checkpoint: Path | None) -> Path:
-    """`<run>/eval-<data.name>` for a run checkpoint, else `eval/<data.name>-<date>-<time>`."""
+    """`<run>/eval-<data.name>` for a run checkpoint, `<folder>/eval-<data.name>-<stem>` for an exported
+    .onnx file, else `eval/<data.name>-<date>-<time>`."""
     from dvos.inference.checkpoints import run_dir_of
 
+    if checkpoint is not None and Path(checkpoint).suffix.lower() == ".onnx":  # beside the exported file
+        return Path(checkpoint).parent / f"eval-{cfg.data.name}-{Path(checkpoint).stem}"
     if checkpoint is not None:
         return run_dir_of(checkpoint) / f"eval-{cfg.data.name}"
     return Path("eval") / f"{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"

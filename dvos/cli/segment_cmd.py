@@ -92,8 +92,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, baseline: bool = Fal
         "--ckpt",
         type=Path,
         metavar="C",
-        help="student checkpoint (a run's .ckpt or a student state dict); default: the newest "
-        "<paths.runs_dir>/*/checkpoints/last.ckpt, else a random student (with a warning)",
+        help="student checkpoint (a run's .ckpt, a student state dict, or a file of `dvos export --format onnx`, "
+        "fp32 or int8); default: the newest <paths.runs_dir>/*/checkpoints/last.ckpt, else a random student",
     )
     method.add_argument(
         "--teacher",
@@ -209,8 +209,41 @@ def size_limit_of(args: argparse.Namespace, cfg: Any, key: str) -> int | None:
     return None if value is None else int(value)
 
 
+def is_exported_file(path: str | Path) -> bool:
+    """An exported ONNX frame step (`dvos export`), by its suffix."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def exported_segmenter(
+    path: Path, cfg: Any, sizes: dict[str, int | None], reading: dict[str, Any]
+) -> tuple[Any, str]:
+    """An exported ONNX file (fp32 or int8) in the engine (`ExportedSegmenter`, onnxruntime on the CPU,
+    torch's thread count): frames go in at the graph's fixed size, whatever --max-size / --min-size
+    say, and the edge refinement is not in the graph (both noted in the log)."""
+    import torch
+
+    from dvos.cli.common import log
+    from dvos.inference.export import ExportedSegmenter, load_exported
+
+    step = load_exported(path, "onnx", threads=torch.get_num_threads())
+    spec = step.spec
+    quantized = "int8" if spec.get("quantization") else "fp32"
+    if any(value is not None for value in sizes.values()) or reading.get("refine") is not None:
+        log.info(
+            "%s runs at its exported size %s×%s without edge refinement (eval.max_size / min_size / "
+            "refine_* apply to checkpoints only)",
+            path,
+            spec.get("height"),
+            spec.get("width"),
+        )
+    description = f"exported student {path} (ONNX {quantized}, {spec.get('height')}×{spec.get('width')})"
+    return ExportedSegmenter(step), description
+
+
 def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[Any, str, Path | None]:
     """The segmenter the arguments ask for.
+
+    `--ckpt FILE.onnx` runs an exported frame step (`exported_segmenter`).
 
     Returns:
         (segmenter, description, checkpoint): checkpoint is the student's file (None for the teacher,
@@ -242,6 +275,8 @@ def build_segmenter(args: argparse.Namespace, cfg: Any, device: Any) -> tuple[An
         )
         return TeacherSegmenter(teacher, device=device, **sizes, refine=reading["refine"]), description, None
     checkpoint = args.ckpt
+    if checkpoint is not None and is_exported_file(checkpoint):
+        return (*exported_segmenter(Path(checkpoint), cfg, sizes, reading), Path(checkpoint))
     if checkpoint is None:
         checkpoint = find_latest_checkpoint(cfg.paths.runs_dir)
         if checkpoint is None:

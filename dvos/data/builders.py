@@ -5,7 +5,9 @@ and the benchmark."""
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -41,6 +43,39 @@ def prepare_data(cfg: DictConfig) -> None:
         progress=lambda line: log.info("synthetic data: %s", line),
     )
     log.info("synthetic data ready in %s (%.1f s)", synth.out, time.perf_counter() - started)
+
+
+def calibration_videos(
+    cfg: DictConfig, path: str | os.PathLike | None = None, *, limit: int = 8
+) -> tuple[list[Path], str]:
+    """Videos to calibrate an int8 student on: those under `path` (files or frame folders), else the
+    embedded synthetic training videos (built if needed); at most `limit`, spread evenly over the
+    sorted list.
+
+    Returns:
+        (videos, one line saying where they come from).
+
+    Raises:
+        DataError: `path` missing or without videos.
+    """
+    if path is None:
+        synth = cfg.data.synth
+        root = ensure_synthetic(
+            synth.out,
+            num_train=synth.num_train,
+            num_val=synth.num_val,
+            seed=synth.seed,
+            size=(synth.height, synth.width),
+            train_frames=synth.train_frames,
+            val_frames=synth.val_frames,
+        )
+        root, what = Path(root) / "train", "the embedded synthetic training videos"
+    else:
+        root, what = Path(path), str(path)
+    videos = list_videos(root)
+    if len(videos) > limit:
+        videos = [videos[round(index * (len(videos) - 1) / max(1, limit - 1))] for index in range(limit)]
+    return videos, f"{len(videos)} of {what}"
 
 
 def build_clip_datamodule(cfg: DictConfig, *, val_dataloader_fn=None, **overrides) -> VideoClipDataModule:

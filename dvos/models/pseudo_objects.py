@@ -4,6 +4,9 @@ k-means of the features plus a small weight on position (and optionally on the f
 weak teacher's features need that); the segment touching the image border most is the background
 (id 0). With `components`, every connected piece of a segment is its own object
 (docs/METHOD.md, "Pseudo-objects").
+
+The k-means runs on the features' device for the whole batch at once (it sits inside every training
+step); only the connected components (`split_components`, OpenCV) run on the CPU, per sample.
 """
 
 from __future__ import annotations
@@ -14,55 +17,129 @@ import torch.nn.functional as F
 from dvos.models.grid import cell_means, upsample_probabilities
 
 
-def _kmeans_plus_plus(points: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: N × D points → k × D centres (CPU, reproducible with `generator`)."""
-    first = torch.randint(points.shape[0], (1,), generator=generator)
-    centres = [points[first[0]]]
-    nearest = ((points - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        if float(nearest.sum()) <= 0:  # fewer distinct points than k: repeat one
-            choice = torch.randint(points.shape[0], (1,), generator=generator)
-        else:
-            choice = torch.multinomial(nearest, 1, generator=generator)
-        centres.append(points[choice[0]])
-        nearest = torch.minimum(nearest, ((points - centres[-1]) ** 2).sum(1))
-    return torch.stack(centres)
+def seeding_noise(num_points: int, k: int, restarts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of k-means++ seeding, from a CPU generator seeded with `seed`: for each
+    restart, the first centre's index and one Exp(1) vector per further centre.
+
+    A later centre is drawn with probability ∝ its squared distance d² to the nearest chosen one as
+    argmax(d² / e), e ~ Exp(1) i.i.d. (the exponential race): what `torch.multinomial(d², 1)` does on
+    the CPU with the same draws, so a run reproduces the per-sample CPU implementation's centres.
+    Every sample of a batch uses the same draws (each sample used to get a generator of the same seed).
+
+    Returns:
+        (first R int64, noise R × (k − 1) × N float32), R = restarts, N = num_points (on the CPU).
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    firsts, noise = [], []
+    for _ in range(restarts):
+        firsts.append(torch.randint(num_points, (1,), generator=generator))
+        draws = [torch.empty(num_points).exponential_(generator=generator) for _ in range(k - 1)]
+        noise.append(torch.stack(draws) if draws else torch.empty(0, num_points))
+    return torch.cat(firsts), torch.stack(noise)
 
 
-def _lloyd(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple[torch.Tensor, float]:
-    """Lloyd iterations: returns (assignment N int64, inertia = Σ squared distances)."""
-    k = centres.shape[0]
+def kmeans_plus_plus(points: torch.Tensor, first: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """k-means++ seeding of S point clouds at once: S × N × D points → S × k × D centres.
+
+    Args:
+        points: S × N × D.
+        first: S int64, the first centre of each cloud.
+        noise: S × (k − 1) × N positive draws (`seeding_noise`); centre i + 1 is the point of the
+            largest d² / noise[:, i] (index 0 when every d² is 0: fewer distinct points than k, any
+            point repeats a centre).
+    """
+    clouds = torch.arange(points.shape[0], device=points.device)
+    centre = points[clouds, first]
+    centres = [centre]
+    nearest = squared_distances_to(points, centre)
+    for index in range(noise.shape[1]):
+        centre = points[clouds, (nearest / noise[:, index]).argmax(1)]
+        centres.append(centre)
+        nearest = torch.minimum(nearest, squared_distances_to(points, centre))
+    return torch.stack(centres, 1)
+
+
+# On a CPU, element-wise work over every cloud at once allocates S × N × D temporaries that are slower
+# to touch than the arithmetic; blocks of clouds of at most this many elements stay in the cache.
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def squared_distances_to(points: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    """Σ (p − c)² of each point to its cloud's centre: S × N × D, S × D → S × N (blocks of clouds on a CPU)."""
+    count = points.shape[0]
+    step = count if points.device.type != "cpu" else max(1, CPU_BLOCK_ELEMENTS // points[0].numel())
+    return torch.cat(
+        [((points[i : i + step] - centre[i : i + step, None]) ** 2).sum(-1) for i in range(0, count, step)]
+    )
+
+
+def distance_operand(points: torch.Tensor) -> torch.Tensor:
+    """S × N × (D + 2): [−2p, ‖p‖², 1], the points' side of `distances` (made once per clustering)."""
+    norm = points.pow(2).sum(-1, keepdim=True)
+    return torch.cat([points.mul(-2), norm, torch.ones_like(norm)], -1)
+
+
+def distances(operand: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances S × N × k from the points (`distance_operand`) to S × k × D centres,
+    computed as `torch.cdist` computes them for one cloud (‖p‖² + ‖c‖² − 2 p·c in one product,
+    clamped at 0): its batched form runs several times slower on CPUs than a loop over the clouds."""
+    norm = centres.pow(2).sum(-1, keepdim=True)
+    right = torch.cat([centres, torch.ones_like(norm), norm], -1)
+    return (operand @ right.transpose(1, 2)).clamp_min_(0).sqrt_()
+
+
+def lloyd(points: torch.Tensor, centres: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations on S clouds at once (an empty cluster keeps its centre).
+
+    Args:
+        points: S × N × D.
+        centres: S × k × D.
+
+    Returns:
+        (assignment S × N int64, inertia S = Σ squared distances to the assigned centres).
+    """
+    k = centres.shape[1]
+    operand = distance_operand(points)
     for _ in range(iterations):
-        assignment = torch.cdist(points, centres).argmin(1)
-        sums = torch.zeros_like(centres).index_add_(0, assignment, points)
-        counts = torch.bincount(assignment, minlength=k).unsqueeze(1)
-        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)  # empty: keep
-    distances = torch.cdist(points, centres)
-    assignment = distances.argmin(1)
-    return assignment, float((distances.gather(1, assignment[:, None]) ** 2).sum())
+        assignment = distances(operand, centres).argmin(-1)
+        # Sums and counts per cluster as one batched product (a scatter over S × N × D is slow on CPUs).
+        members = torch.nn.functional.one_hot(assignment, k).to(points.dtype)  # S × N × k
+        sums = members.transpose(1, 2) @ points
+        counts = members.sum(1)[..., None]
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+    final = distances(operand, centres)
+    assignment = final.argmin(-1)
+    inertia = (final.gather(-1, assignment[..., None]) ** 2).sum((1, 2))
+    return assignment, inertia
 
 
 def order_segments(segments: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Relabel an h × w segment map: the background first (id 0), then by decreasing area.
+    """Relabel segment maps (h × w, or B × h × w each on its own): the background first (id 0), then
+    by decreasing area.
 
     The background is the segment holding the most cells of the map's outer ring (border), ties
-    broken by the larger area. The other segments get ids 1, 2, ... by decreasing area (ties by
-    their old id), so empty segments take the last ids and never appear.
+    broken by the larger area (then the lower id). The other segments get ids 1, 2, ... by
+    decreasing area (ties by their old id), so empty segments take the last ids and never appear.
     """
-    height, width = segments.shape
-    flat = segments.reshape(-1)
-    areas = torch.bincount(flat, minlength=num_segments)
-    ring = (
-        torch.cat([segments[0], segments[-1], segments[1:-1, 0], segments[1:-1, -1]]) if height > 1 else flat
-    )
-    border = torch.bincount(ring.reshape(-1), minlength=num_segments)
-    background = int(torch.argmax(border * (flat.numel() + 1) + areas))
-    others = sorted((s for s in range(num_segments) if s != background), key=lambda s: (-int(areas[s]), s))
-    mapping = torch.empty(num_segments, dtype=torch.long)
-    mapping[background] = 0
-    for new_id, old_id in enumerate(others, start=1):
-        mapping[old_id] = new_id
-    return mapping.to(segments.device)[segments]
+    single = segments.dim() == 2
+    maps = segments[None] if single else segments
+    batch, height, width = maps.shape
+    flat = maps.reshape(batch, -1)
+    ones = torch.ones_like(flat)
+    areas = torch.zeros(batch, num_segments, dtype=torch.long, device=maps.device).scatter_add_(1, flat, ones)
+    if height > 1:
+        ring = torch.cat([maps[:, 0], maps[:, -1], maps[:, 1:-1, 0], maps[:, 1:-1, -1]], 1)
+    else:
+        ring = flat
+    border = torch.zeros_like(areas).scatter_add_(1, ring, torch.ones_like(ring))
+    background = torch.argmax(border * (flat.shape[1] + 1) + areas, dim=1)
+    # Order: the background first, then decreasing area; a stable sort keeps the lower id first on ties.
+    key = (-areas).scatter(1, background[:, None], -(flat.shape[1] + 1))
+    order = torch.sort(key, dim=1, stable=True).indices
+    ranks = torch.arange(num_segments, device=maps.device).expand(batch, -1)
+    mapping = torch.empty_like(order).scatter_(1, order, ranks)
+    out = mapping.gather(1, flat).view(batch, height, width)
+    return out[0] if single else out
 
 
 def split_components(
@@ -168,8 +245,12 @@ def kmeans_segments(
     Points are `feature_weight` · the L2-normalised features (distance between two points ≤ 2),
     concatenated with `colour_weight` · `colours` (e.g. `cell_colours`, RGB in [0, 1] centred) and
     `position_weight` · (y, x) / (max(h, w) − 1), so that a segment prefers compact regions. k-means++
-    seeding from a CPU generator seeded with `seed`, `restarts` runs of `iterations` Lloyd steps,
-    the lowest inertia kept; then `order_segments` (background = most border cells = id 0).
+    seeding with draws from a CPU generator seeded with `seed` (`seeding_noise`), `restarts` runs of
+    `iterations` Lloyd steps, the lowest inertia kept (the first on ties); then `order_segments`
+    (background = most border cells = id 0).
+
+    Runs on the device of `features`, every sample and restart at once (torch ops, no host loop
+    over samples): the same segments on any device up to ties in float rounding.
 
     Args:
         features: B × C × h × w.
@@ -181,33 +262,39 @@ def kmeans_segments(
     """
     if num_segments < 1:
         raise ValueError(f"num_segments must be ≥ 1, got {num_segments}")
-    batch, channels, height, width = features.shape
+    batch, _, height, width = features.shape
     k = min(int(num_segments), height * width)
     if colour_weight < 0 or feature_weight < 0 or position_weight < 0:
         raise ValueError(
             f"clustering weights must be ≥ 0, got feature {feature_weight}, colour {colour_weight}, "
             f"position {position_weight}"
         )
-    points = F.normalize(features.detach().float().cpu(), dim=1) * float(feature_weight)
+    # Zero-weight parts add nothing to any distance: left out (the CPU recipe clusters colours only).
+    parts = []
+    if feature_weight > 0:
+        parts.append(F.normalize(features.detach().float(), dim=1) * float(feature_weight))
     if colour_weight > 0:
         if colours is None or colours.shape[-2:] != features.shape[-2:]:
             raise ValueError("colour_weight > 0 needs colours B × 3 × h × w on the features' grid")
-        points = torch.cat([points, float(colour_weight) * colours.detach().float().cpu()], 1)
-    channels = points.shape[1]
-    points = points.permute(0, 2, 3, 1).reshape(batch, -1, channels)
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    position = torch.stack([ys, xs], -1).reshape(-1, 2).float() / max(max(height, width) - 1, 1)
-    out = []
-    for index in range(batch):
-        cloud = torch.cat([points[index], position_weight * position], 1)
-        generator = torch.Generator().manual_seed(int(seed))
-        best: tuple[torch.Tensor, float] | None = None
-        for _ in range(max(1, restarts)):
-            assignment, inertia = _lloyd(cloud, _kmeans_plus_plus(cloud, k, generator), iterations)
-            if best is None or inertia < best[1]:
-                best = (assignment, inertia)
-        out.append(order_segments(best[0].view(height, width), k))
-    return torch.stack(out).to(features.device)
+        parts.append(float(colour_weight) * colours.detach().float().to(features.device))
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=features.device),
+        torch.arange(width, device=features.device),
+        indexing="ij",
+    )
+    position = torch.stack([ys, xs]).float()[None] / max(max(height, width) - 1, 1)
+    parts.append(float(position_weight) * position.expand(batch, -1, -1, -1))
+    points = torch.cat(parts, 1).flatten(2).transpose(1, 2).contiguous()  # B × N × D, D contiguous
+    # Every restart of every sample at once: S = B · R clouds, restart r of sample b at b · R + r.
+    restarts = max(1, int(restarts))
+    first, noise = seeding_noise(height * width, k, restarts, seed)
+    clouds = points.repeat_interleave(restarts, dim=0)
+    first = first.to(features.device).repeat(batch)
+    noise = noise.to(features.device).repeat(batch, 1, 1)
+    assignment, inertia = lloyd(clouds, kmeans_plus_plus(clouds, first, noise), iterations)
+    best = inertia.view(batch, restarts).argmin(1)  # the first of equal inertias, as one at a time
+    chosen = assignment.view(batch, restarts, -1)[torch.arange(batch, device=features.device), best]
+    return order_segments(chosen.view(batch, height, width), k)
 
 
 @torch.no_grad()

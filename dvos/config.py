@@ -607,8 +607,8 @@ PRECISIONS = (
 # Keys that take one of a few values.
 CHOICES: dict[str, tuple[Any, ...]] = {
     "data.format": ("davis", "youtubevos"),
-    "model.name": ("deaot_t_deform",),
-    "teacher.name": ("label_propagation",),
+    "model.name": ("deaot_t_deform", "deaot_t", "deaot_b", "deaot_l"),
+    "teacher.name": ("label_propagation", "deformable"),
     "teacher.encoder": ("resnet", "vit_small", "vit_base"),
     "teacher.patch_size": (8, 16),
     "distill.ref_masks": ("pseudo", "annotation"),

@@ -147,7 +147,9 @@ class DeformableTeacherConfig:
     # its weights (a `dvos train` checkpoint or a stage-1 file); null: `dvos train` distils it first
     # and caches it under ${paths.data_dir}/teachers/ by the hash of its settings
     checkpoint: str | None = None
-    max_steps: int | None = None  # stage 1's optimizer steps (null: trainer.max_steps / max_epochs, as stage 2)
+    max_steps: int | None = (
+        None  # stage 1's optimizer steps (null: trainer.max_steps / max_epochs, as stage 2)
+    )
     model: ModelConfig = field(default_factory=ModelConfig)  # its network (same keys as `model`)
 
 

@@ -153,6 +153,8 @@ def test_bench_quick_writes_results_and_picture(tmp_path, capsys):
     assert "Inference at 64×112" in printed and "J&F against FPS" in printed
     assert "The student's attention at inference, whole map against row blocks" in printed
     assert "of which pseudo_objects:" in printed
+    assert "Model group files: parameters and FLOPs per 64×112 frame" in printed
+    assert "model=deaot_t" in printed and "DeAOT's published: 7.2 M" in printed
 
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "dvos-bench/1" and results["complete"] is True

@@ -691,7 +691,7 @@ RANGES: dict[str, Range] = {
     **{f"model.{key}": _at_least(1) for key in ("d_model", "max_objects", "num_heads", "num_groups")},
     **{f"model.{key}": _at_least(1) for key in ("deform_stride", "offset_kernel", "decoder_dim")},
     "model.offset_range": _POSITIVE,
-    "model.ffn_ratio": _POSITIVE,
+    "model.ffn_ratio": _at_least(0, text="≥ 0 (0: no feed-forward)"),
     "model.permute_slots": _at_least(1, null=True, text="≥ 1 (null: all model.max_objects slots)"),
     "model.attention_scale": _at_least(0, text="≥ 0 (0: q·k/√d)"),
     "model.attention_topk": _at_least(0, text="≥ 0 (0: all points)"),

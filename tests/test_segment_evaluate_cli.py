@@ -357,7 +357,8 @@ def test_export_int8_then_evaluate_the_onnx_file(tmp_path, synthetic_val, monkey
     assert 0 <= results["global"]["J&F-Mean"] <= 1
     timing = json.loads((out / "timing.json").read_text())
     assert timing["frames"] == 16 and "ONNX int8, 64×96" in timing["method"]
-    with Image.open(out / sorted(p.name for p in out.iterdir() if p.is_dir())[0] / "00003.png") as image:
+    sequence = sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))[0]
+    with Image.open(out / sequence / "00003.png") as image:
         assert image.size == (96, 64)  # predictions at the frames' size
 
     capsys.readouterr()

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             )
 
     if args.quantize:
-        return export_int8(args, cfg, student, out, reading, check=compare_with_pytorch)
+        return export_int8(args, cfg, student, out, reading, check=compare_with_pytorch, verified=verified)
 
     path = export_student(
         student,
@@ -157,7 +157,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_int8(
-    args: argparse.Namespace, cfg: Any, student: Any, out: Path, reading: dict[str, Any], *, check: Any
+    args: argparse.Namespace,
+    cfg: Any,
+    student: Any,
+    out: Path,
+    reading: dict[str, Any],
+    *,
+    check: Any,
+    verified: dict[str, float],
 ) -> int:
     """Export the fp32 graph to a temporary file, checked against PyTorch by `check` (unless
     --no-verify), then quantize it into `out`."""
@@ -179,6 +186,9 @@ def export_int8(
             check=check,
             **reading,
         )
+        if verified:  # the fp32 graph the int8 one is made from computes what the student computes
+            worst = max(value for name, value in verified.items() if name != "labels")
+            print(f"fp32 graph verified against PyTorch: largest difference {worst:.2e}")
         entry = quantize_student(fp32, out, videos, source=source)
         fp32_mb = fp32.stat().st_size / 2**20
     print(

@@ -454,19 +454,10 @@ def run_stream(cfg: Any, options: BenchOptions, weights: Weights) -> dict[str, A
 
 def _synthetic_roots(cfg: Any) -> tuple[Path, Path]:
     """(mp4 training videos, JPEG frame folders) of the embedded set, built if needed."""
-    from dvos.data.synth import ensure_synthetic
+    from dvos.data.builders import synthetic_root
 
-    synth = cfg.data.synth
-    root = ensure_synthetic(
-        synth.out,
-        num_train=synth.num_train,
-        num_val=synth.num_val,
-        seed=synth.seed,
-        size=(synth.height, synth.width),
-        train_frames=synth.train_frames,
-        val_frames=synth.val_frames,
-    )
-    return Path(root) / "train", Path(root) / "val" / "JPEGImages" / "480p"
+    root = synthetic_root(cfg)
+    return root / "train", root / "val" / "JPEGImages" / "480p"
 
 
 def run_data_loading(cfg: Any, options: BenchOptions, device: torch.device) -> dict[str, Any]:

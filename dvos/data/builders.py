@@ -32,17 +32,25 @@ def prepare_data(cfg: DictConfig) -> None:
     if not synth.generate:
         return
     started = time.perf_counter()
-    ensure_synthetic(
-        synth.out,
-        num_train=synth.num_train,
-        num_val=synth.num_val,
-        seed=synth.seed,
-        size=(synth.height, synth.width),
-        train_frames=synth.train_frames,
-        val_frames=synth.val_frames,
-        progress=lambda line: log.info("synthetic data: %s", line),
-    )
+    synthetic_root(cfg, progress=lambda line: log.info("synthetic data: %s", line))
     log.info("synthetic data ready in %s (%.1f s)", synth.out, time.perf_counter() - started)
+
+
+def synthetic_root(cfg: DictConfig, *, progress=None) -> Path:
+    """The embedded synthetic set `data.synth` describes, built if needed (`train/`, `val/`)."""
+    synth = cfg.data.synth
+    return Path(
+        ensure_synthetic(
+            synth.out,
+            num_train=synth.num_train,
+            num_val=synth.num_val,
+            seed=synth.seed,
+            size=(synth.height, synth.width),
+            train_frames=synth.train_frames,
+            val_frames=synth.val_frames,
+            progress=progress,
+        )
+    )
 
 
 def calibration_videos(
@@ -59,17 +67,7 @@ def calibration_videos(
         DataError: `path` missing or without videos.
     """
     if path is None:
-        synth = cfg.data.synth
-        root = ensure_synthetic(
-            synth.out,
-            num_train=synth.num_train,
-            num_val=synth.num_val,
-            seed=synth.seed,
-            size=(synth.height, synth.width),
-            train_frames=synth.train_frames,
-            val_frames=synth.val_frames,
-        )
-        root, what = Path(root) / "train", "the embedded synthetic training videos"
+        root, what = synthetic_root(cfg) / "train", "the embedded synthetic training videos"
     else:
         root, what = Path(path), str(path)
     videos = list_videos(root)

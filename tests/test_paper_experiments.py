@@ -82,7 +82,8 @@ def youtubevos_root(shared: Path, root: Path) -> Path:
         for path in frames:
             (root / "valid" / "JPEGImages" / name / path.name).symlink_to(path)
         (root / "valid" / "Annotations" / name / masks[0].name).symlink_to(masks[0])
-        meta["videos"][name] = {"objects": {"1": {"category": "thing", "frames": [masks[0].stem]}}}
+        # valid's meta.json lists the frames to predict (here every frame kept)
+        meta["videos"][name] = {"objects": {"1": {"category": "thing", "frames": [f.stem for f in frames]}}}
     (root / "valid" / "meta.json").write_text(json.dumps(meta))
     return root
 
